@@ -1,0 +1,342 @@
+"""The batcher: owns every batching decision for one model.
+
+* Coalesces sequences from concurrent calls into batches filled up to a token budget.
+* Sorts by token length inside a window of queued sequences (longest first), so a batch holds
+  sequences of similar length and padding waste stays small.
+* Pads each batch to a fixed shape from a small bucket set (``seq_buckets`` x ``batch_sizes``)
+  when the backend compiles per shape (``static_shapes()``); every such shape is run once by
+  ``warmup()`` before the service reports SERVING. Dynamic-shape backends (ONNX Runtime CPU)
+  get batches padded only to a multiple of 8 — padding to a bucket would burn CPU for nothing.
+* One batch in flight plus one prepared: the next batch is formed and padded while the
+  current one runs in the model thread.
+* Drops work whose call was cancelled or whose deadline passed before it ran.
+* Bounded queue: ``submit`` raises ``Overloaded`` at once when it is full.
+* A failed batch fails every call waiting on it; no call is ever left hanging.
+
+Model work runs on one dedicated thread per batcher, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .config import BatchConfig
+from .errors import BackendError, DeadlineExceeded, Overloaded
+from .tokenization import Encoded
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Call:
+    future: asyncio.Future
+    results: list
+    remaining: int
+    deadline: float | None  # loop.time() based
+    submitted: float
+    started: float | None = None
+
+
+@dataclass(eq=False)
+class _Item:
+    call: _Call
+    index: int
+    seq: Encoded
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    sequences: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    dropped: int = 0
+    failed_batches: int = 0
+    rejected_calls: int = 0
+    shapes: dict = field(default_factory=dict)
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    items: list[_Item]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    real_tokens: int
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        forward: Forward,
+        config: BatchConfig,
+        *,
+        max_length: int,
+        static_shapes: bool,
+        pad_id: int = 0,
+        on_batch: Callable[[str, Prepared, float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._forward = forward
+        self.config = config
+        self.max_length = max_length
+        self.static = static_shapes
+        self.pad_id = pad_id
+        self._on_batch = on_batch
+        self.seq_buckets = sorted({b for b in config.seq_buckets if b < max_length} | {max_length})
+        self.batch_sizes = sorted(set(config.batch_sizes))
+        if not self.batch_sizes or self.batch_sizes[0] < 1:
+            raise ValueError("batch_sizes must be positive")
+        if self.batch_sizes[0] != 1:
+            # Without a bucket of 1 a lone sequence would need padding rows; keep it simple.
+            self.batch_sizes = [1, *self.batch_sizes]
+        if config.max_batch_tokens < max_length:
+            raise ValueError(f"max_batch_tokens={config.max_batch_tokens} is below max_length={max_length}")
+        self._queue: deque[_Item] = deque()
+        self._queued = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._ready: asyncio.Queue[Prepared] | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self.stats = BatchStats()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(2)  # one batch in flight + one prepared
+        self._ready = asyncio.Queue()
+        self._tasks = [
+            asyncio.create_task(self._former(), name=f"batcher-{self.name}-former"),
+            asyncio.create_task(self._runner(), name=f"batcher-{self.name}-runner"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.call.future.done():
+                item.call.future.set_exception(BackendError(f"{self.name}: shutting down"))
+        self._queued = 0
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def seq_bucket(self, length: int) -> int:
+        if not self.static:
+            return min(self.max_length, -(-length // 8) * 8)
+        i = bisect.bisect_left(self.seq_buckets, length)
+        return self.seq_buckets[min(i, len(self.seq_buckets) - 1)]
+
+    def max_rows(self, padded_len: int) -> int:
+        return max(1, min(self.batch_sizes[-1], self.config.max_batch_tokens // padded_len))
+
+    def batch_bucket(self, n: int) -> int:
+        """Largest batch size bucket <= n (dynamic backends take n itself)."""
+        if not self.static:
+            return n
+        i = bisect.bisect_right(self.batch_sizes, n)
+        return self.batch_sizes[max(i - 1, 0)]
+
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        if self.static:
+            return [(b, t) for t in self.seq_buckets for b in self.batch_sizes if b <= self.max_rows(t)]
+        # Dynamic backends: one small and one full-size batch per bucket is enough to warm caches.
+        return sorted({(1, t) for t in self.seq_buckets} | {(self.max_rows(t), t) for t in self.seq_buckets})
+
+    def warmup(self) -> int:
+        """Run every shape this batcher can produce once (blocking; call before SERVING)."""
+        shapes = self.warm_shapes()
+        for b, t in shapes:
+            ids = np.full((b, t), self.pad_id, dtype=np.int64)
+            ids[:, 0] = 101 if self.pad_id == 0 else self.pad_id
+            self._forward(ids, np.ones((b, t), dtype=np.int64), np.zeros((b, t), dtype=np.int64))
+        return len(shapes)
+
+    # -- submit ---------------------------------------------------------------------------------
+    async def submit(self, seqs: list[Encoded], deadline: float | None = None) -> tuple[list, float]:
+        """Run ``seqs`` through the model; returns (one result row per sequence, queue wait in s).
+
+        ``deadline`` is an absolute ``loop.time()``; raises ``Overloaded`` when the queue is full,
+        ``DeadlineExceeded`` when the deadline passes first, ``BackendError`` when a batch fails.
+        """
+        if not seqs:
+            return [], 0.0
+        if not self._tasks:
+            raise BackendError(f"{self.name}: batcher not started")
+        n = len(seqs)
+        if self._queued + n > self.config.max_queue:
+            self.stats.rejected_calls += 1
+            raise Overloaded(f"{self.name} queue full ({self._queued} queued, limit {self.config.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now)
+        longest = max(len(s) for s in seqs)
+        if longest > self.max_length:
+            raise ValueError(f"sequence of {longest} tokens exceeds max_length {self.max_length}")
+        self._queue.extend(_Item(call, i, s) for i, s in enumerate(seqs))
+        self._queued += n
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            if deadline is None:
+                results = await call.future
+            else:
+                results = await asyncio.wait_for(call.future, timeout=max(deadline - now, 0.0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded waiting for {self.name}") from None
+        # (On cancellation the awaited future is cancelled too; queued items are dropped later.)
+        return results, (call.started or loop.time()) - call.submitted
+
+    # -- internals -------------------------------------------------------------------------------
+    def _alive(self, item: _Item, now: float) -> bool:
+        call = item.call
+        if call.future.done():
+            return False
+        if call.deadline is not None and now >= call.deadline:
+            call.future.set_exception(DeadlineExceeded(f"deadline exceeded before {self.name} ran"))
+            return False
+        return True
+
+    def _take_batch(self) -> list[_Item]:
+        now = asyncio.get_running_loop().time()
+        window: list[_Item] = []
+        while self._queue and len(window) < self.config.sort_window:
+            item = self._queue.popleft()
+            if self._alive(item, now):
+                window.append(item)
+            else:
+                self._queued -= 1
+                self.stats.dropped += 1
+        if not window:
+            return []
+        window.sort(key=lambda it: len(it.seq), reverse=True)
+        padded = self.seq_bucket(len(window[0].seq))
+        n = self.batch_bucket(min(len(window), self.max_rows(padded)))
+        batch, rest = window[:n], window[n:]
+        # Put the rest back at the head, in arrival order, so older work goes first next time.
+        rest.sort(key=lambda it: (it.call.submitted, it.index))
+        self._queue.extendleft(reversed(rest))
+        self._queued -= len(batch)
+        return batch
+
+    def _prepare(self, batch: list[_Item]) -> Prepared:
+        t = self.seq_bucket(max(len(it.seq) for it in batch))
+        b = len(batch)
+        ids = np.full((b, t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, t), dtype=np.int64)
+        types = np.zeros((b, t), dtype=np.int64)
+        real = 0
+        for r, it in enumerate(batch):
+            n = len(it.seq)
+            ids[r, :n] = it.seq.input_ids
+            mask[r, :n] = 1
+            types[r, :n] = it.seq.token_type_ids
+            real += n
+        return Prepared(batch, ids, mask, types, real)
+
+    async def _former(self) -> None:
+        assert self._wakeup is not None and self._slots is not None and self._ready is not None
+        while True:
+            await self._slots.acquire()
+            batch: list[_Item] = []
+            while not batch:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                batch = self._take_batch()
+            try:
+                prepared = self._prepare(batch)
+            except Exception as e:  # never leave a waiter hanging
+                log.exception("%s: failed to prepare a batch", self.name)
+                self._fail(batch, BackendError(f"{self.name}: failed to prepare batch: {e}"))
+                self._slots.release()
+                continue
+            self._ready.put_nowait(prepared)
+
+    async def _runner(self) -> None:
+        assert self._slots is not None and self._ready is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            prepared = await self._ready.get()
+            try:
+                now = loop.time()
+                if not any(self._alive(it, now) for it in prepared.items):
+                    self.stats.dropped += len(prepared.items)
+                    continue
+                for it in prepared.items:
+                    if it.call.started is None:
+                        it.call.started = now
+                t0 = time.perf_counter()
+                try:
+                    out = await loop.run_in_executor(
+                        self._executor, self._forward, prepared.input_ids, prepared.attention_mask, prepared.token_type_ids
+                    )
+                    if len(out) != len(prepared.items):
+                        raise BackendError(f"{self.name}: backend returned {len(out)} rows for {len(prepared.items)}")
+                except Exception as e:
+                    log.error("%s: batch of shape %s failed: %s", self.name, prepared.input_ids.shape, e)
+                    self.stats.failed_batches += 1
+                    err = e if isinstance(e, BackendError) else BackendError(f"{self.name}: batch failed: {e}")
+                    self._fail(prepared.items, err)
+                    continue
+                seconds = time.perf_counter() - t0
+                self._record(prepared, seconds)
+                for row, it in zip(out, prepared.items):
+                    call = it.call
+                    if call.future.done():
+                        continue
+                    call.results[it.index] = row
+                    call.remaining -= 1
+                    if call.remaining == 0:
+                        call.future.set_result(call.results)
+            finally:
+                self._slots.release()
+
+    def _record(self, p: Prepared, seconds: float) -> None:
+        s = self.stats
+        s.batches += 1
+        s.sequences += len(p.items)
+        s.real_tokens += p.real_tokens
+        s.padded_tokens += int(p.input_ids.size)
+        shape = tuple(p.input_ids.shape)
+        s.shapes[shape] = s.shapes.get(shape, 0) + 1
+        if self._on_batch is not None:
+            try:
+                self._on_batch(self.name, p, seconds)
+            except Exception:  # metrics must never break serving
+                log.exception("on_batch hook failed")
+
+    @staticmethod
+    def _fail(items: list[_Item], err: Exception) -> None:
+        for it in items:
+            if not it.call.future.done():
+                it.call.future.set_exception(err)

@@ -1,0 +1,135 @@
+"""The ``rerankd`` command: serve, export, train-reranker, index, eval, bench, health, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from . import config as cfg
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = cfg.settings_from_args(args)
+    _setup_logging(settings.server.log_level)
+    return asyncio.run(serve(settings))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _setup_logging()
+    try:
+        from rerankd_export.export import run_export
+    except ImportError as e:
+        print(f"rerankd export needs the export extra ({e}): pip install torch==2.13.0 -e '.[export]'", file=sys.stderr)
+        return 2
+    return run_export(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    try:
+        from rerankd_export.train_reranker import run_train
+    except ImportError as e:
+        print(f"rerankd train-reranker needs the export extra ({e}): pip install torch==2.13.0 -e '.[export]'", file=sys.stderr)
+        return 2
+    return run_train(args)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.target) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(cfg.markdown_table())
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .backends import REGISTRY
+
+    for name, (_, _, extra) in sorted(REGISTRY.items()):
+        print(f"{name}\t(pip install '{extra}')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rerankd", description="Two-stage retrieval over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cfg.add_arguments(s)
+    s.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("export", help="export models to ONNX bundles (needs the export extra)")
+    try:
+        from rerankd_export.export import add_export_arguments
+
+        add_export_arguments(e)
+    except ImportError:
+        e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=_cmd_export)
+
+    t = sub.add_parser("train-reranker", help="fine-tune the cross-encoder (needs the export extra)")
+    try:
+        from rerankd_export.train_reranker import add_train_arguments
+
+        add_train_arguments(t)
+    except ImportError:
+        t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_cmd_train)
+
+    for name, module, help_text in (
+        ("index", "rerankd.ingest", "bulk-ingest a JSONL file (embedded or --target server)"),
+        ("eval", "rerankd.evaluate", "measure retrieval quality on a BEIR dataset"),
+        ("bench", "rerankd.bench", "benchmark rerank and Search latency"),
+    ):
+        try:
+            mod = __import__(module, fromlist=["add_arguments", "run"])
+        except ImportError:
+            continue
+        sp = sub.add_parser(name, help=help_text)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+
+    h = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING)")
+    h.add_argument("--target", default=os.environ.get("RERANKD_TARGET", "localhost:50051"))
+    h.add_argument("--service", default="")
+    h.add_argument("--timeout", type=float, default=3.0)
+    h.set_defaults(func=_cmd_health)
+
+    c = sub.add_parser("config", help="print the configuration table (flags, env vars, defaults)")
+    c.set_defaults(func=_cmd_config)
+    b = sub.add_parser("backends", help="list inference backends")
+    b.set_defaults(func=_cmd_backends)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

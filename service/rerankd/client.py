@@ -1,0 +1,131 @@
+"""A small synchronous Python client, shaped like the Superlinked SIE client.
+
+    from rerankd.client import Client
+    with Client("localhost:50051") as c:
+        c.upsert([{"id": "d1", "text": "Aspirin lowers colorectal cancer risk."}])
+        hits = c.search("does aspirin prevent cancer?", top_n=5)
+        vecs = c.encode(["a query"], is_query=True)              # np.ndarray [n, dim]
+        ranked = c.score("a query", [{"id": "a", "text": "..."}, {"id": "b", "text": "..."}])
+        # -> [{"item_id": "b", "score": 3.1, "rank": 1}, {"item_id": "a", "score": -2.0, "rank": 2}]
+
+``model=`` arguments are optional and, when given, must match the model the server runs
+(a server serves one embedder and one reranker), so SIE-style calls ``score(model, ...)``
+port with a keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .v1 import rerankd_pb2 as pb
+from .v1 import rerankd_pb2_grpc as pb_grpc
+
+_STAGES = {"dense": pb.FIRST_STAGE_DENSE, "bm25": pb.FIRST_STAGE_BM25, "hybrid": pb.FIRST_STAGE_HYBRID, None: pb.FIRST_STAGE_UNSPECIFIED}
+
+ItemLike = str | Mapping[str, Any]
+
+
+def _items(items: Iterable[ItemLike]) -> list[pb.Item]:
+    out = []
+    for i, it in enumerate(items):
+        if isinstance(it, str):
+            out.append(pb.Item(id=str(i), text=it))
+        else:
+            out.append(pb.Item(id=str(it.get("id", it.get("item_id", i))), text=it["text"]))
+    return out
+
+
+def _doc(d: Mapping[str, Any]) -> pb.Document:
+    return pb.Document(
+        id=str(d.get("id", d.get("_id", ""))), text=d["text"], title=d.get("title", "") or "",
+        metadata={str(k): str(v) for k, v in (d.get("metadata") or {}).items()},
+    )
+
+
+class Client:
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
+                 options: list[tuple[str, Any]] | None = None) -> None:
+        opts = options or [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self._channel = grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
+        self._stub = pb_grpc.RetrievalStub(self._channel)
+        self.timeout = timeout
+        self.metadata = metadata
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+    def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None, rerank: bool | None = None,
+               first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
+               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+        req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_STAGES[first_stage],
+                               include_text=include_text, include_metadata=include_metadata)
+        resp = self._stub.Search(req, **self._kw(timeout))
+        if raw:
+            return resp
+        out = []
+        for h in resp.hits:
+            d: dict[str, Any] = {"id": h.id, "score": h.score, "rank": h.rank,
+                                 "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank}
+            if h.HasField("text"):
+                d["text"] = h.text
+                d["title"] = h.title
+            if include_metadata:
+                d["metadata"] = dict(h.metadata)
+            out.append(d)
+        return out
+
+    def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
+               timeout: float | None = None) -> np.ndarray:
+        single = isinstance(items, (str, Mapping))
+        resp = self._stub.Encode(pb.EncodeRequest(items=_items([items] if single else items), is_query=is_query), **self._kw(timeout))
+        self._check_model(model, resp.model)
+        vecs = np.asarray([list(e.vector) for e in resp.embeddings], dtype=np.float32).reshape(-1, resp.dimension)
+        return vecs[0] if single else vecs
+
+    def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        resp = self._stub.Score(pb.ScoreRequest(query=query, items=_items(items)), **self._kw(timeout))
+        self._check_model(model, resp.model)
+        return [{"item_id": s.item_id, "score": s.score, "rank": s.rank} for s in resp.scores]
+
+    def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
+        return self._stub.Upsert(pb.UpsertRequest(documents=[_doc(d) for d in documents]), **self._kw(timeout))
+
+    def upsert_stream(self, batches: Iterable[Iterable[Mapping[str, Any]]], *, timeout: float | None = None) -> pb.UpsertResponse:
+        def gen() -> Iterator[pb.UpsertRequest]:
+            for batch in batches:
+                yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+
+        return self._stub.UpsertStream(gen(), **self._kw(timeout))
+
+    def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
+        return self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))
+
+    def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
+        return self._stub.Stats(pb.StatsRequest(), **self._kw(timeout))
+
+    def compact(self, *, timeout: float | None = None) -> pb.CompactResponse:
+        return self._stub.Compact(pb.CompactRequest(), **self._kw(timeout if timeout is not None else 600))
+
+    @staticmethod
+    def _check_model(wanted: str | None, served: str) -> None:
+        if wanted is not None and wanted != served:
+            raise ValueError(f"server runs model {served!r}, not {wanted!r}")

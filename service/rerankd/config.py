@@ -1,0 +1,184 @@
+"""Configuration: one frozen keyword-only dataclass per component.
+
+Every field is settable by a CLI flag and an environment variable; both are derived from the
+field name (``ef_search`` in ``IndexConfig`` -> ``--ef-search`` / ``RERANKD_EF_SEARCH``) and
+documented once, in the field's ``help`` metadata. ``rerankd config`` prints the table that
+the README embeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+DEFAULT_RERANKER = "rerankd-ce-MiniLM-L6"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda d=tuple(default): d, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    listen: str = _f("[::]:50051", "gRPC listen address(es), comma-separated: host:port or unix:///path")
+    grace_period_s: float = _f(10.0, "SIGTERM: seconds to finish in-flight calls before cancelling them")
+    max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
+    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method; beyond it RESOURCE_EXHAUSTED")
+    log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    models_dir: Path = _f(Path("models"), "Directory of exported model bundles (rerankd export)")
+    embedder: str = _f(DEFAULT_EMBEDDER, "Embedder bundle name under --models-dir")
+    reranker: str = _f(DEFAULT_RERANKER, "Cross-encoder bundle name under --models-dir")
+    backend: str = _f("onnxruntime", "Inference backend (see `rerankd backends`)")
+    precision: str = _f("fp32", "Model variant from the bundle manifest: fp32 | int8")
+    threads: int = _f(0, "Intra-op threads per model (0 = number of CPU cores)")
+    score_activation: str = _f("none", "Reranker score: none (raw logit) | sigmoid")
+    max_query_tokens: int = _f(64, "Reranker: query tokens kept whole; longer queries are rejected")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    batch_sizes: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "Batch-size buckets (fixed shapes)", type=int, nargs="+")
+    seq_buckets: tuple[int, ...] = _f((32, 64, 128, 192, 256), "Sequence-length buckets (fixed shapes)", type=int, nargs="+")
+    max_batch_tokens: int = _f(8192, "Token budget per batch (batch size x padded length)")
+    max_queue: int = _f(4096, "Sequences waiting per model; beyond it calls get RESOURCE_EXHAUSTED")
+    sort_window: int = _f(256, "Queued sequences considered together for length sorting")
+    warmup: bool = _f(True, "Run every (batch, length) bucket once before reporting SERVING")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    data_dir: Path = _f(Path("data"), "Data directory: SQLite document store + HNSW snapshot")
+    hnsw_m: int = _f(32, "HNSW M (graph degree)")
+    ef_construction: int = _f(200, "HNSW ef_construction")
+    ef_search: int = _f(256, "HNSW ef at query time (raised to k when k is larger)")
+    rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for hybrid retrieval")
+    first_stage: str = _f("hybrid", "Default first stage: dense | bm25 | hybrid")
+    hybrid_depth: int = _f(100, "Hybrid: candidates taken from each leg before fusion (at least k)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_candidates: int = _f(1000, "Largest `candidates` (k) a Search may ask for")
+    max_top_n: int = _f(1000, "Largest `top_n` a Search may ask for")
+    max_items: int = _f(512, "Most items/documents/ids per Encode, Score, Upsert or Delete call")
+    max_text_bytes: int = _f(65536, "Largest text of one item or document (UTF-8 bytes)")
+    max_query_bytes: int = _f(4096, "Largest query (UTF-8 bytes)")
+    max_id_bytes: int = _f(512, "Largest id (UTF-8 bytes)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def replace(self, **sections: Any) -> "Settings":
+        """``settings.replace(index={"ef_search": 64})`` -> a copy with those fields changed."""
+        out = {}
+        for name, changes in sections.items():
+            out[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **out)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "model": ModelConfig,
+    "batch": BatchConfig,
+    "index": IndexConfig,
+    "limits": LimitsConfig,
+}
+
+T = TypeVar("T")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "RERANKD_" + name.upper()
+
+
+def _parse_value(f: dataclasses.Field, raw: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(default, bool):
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{env_name(f.name)}: expected a boolean, got {raw!r}")
+    if isinstance(default, tuple):
+        return tuple(int(x) for x in raw.replace(",", " ").split())
+    if isinstance(default, Path):
+        return Path(raw)
+    return type(default)(raw)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """Add one flag per config field. Defaults are resolved later (flag > env > default)."""
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            default = _default(f)
+            help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(default)}]"
+            kw: dict[str, Any] = {"dest": f"{section}__{f.name}", "default": None, "help": help_text}
+            if not isinstance(default, bool):
+                kw["metavar"] = f.name.upper()
+            if isinstance(default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, tuple):
+                kw["type"] = int
+                kw["nargs"] = "+"
+            elif isinstance(default, Path):
+                kw["type"] = Path
+            else:
+                kw["type"] = type(default)
+            group.add_argument(flag_name(f.name), **kw)
+
+
+def settings_from_args(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            given = getattr(args, f"{section}__{f.name}", None) if args is not None else None
+            if given is not None:
+                kwargs[f.name] = tuple(given) if isinstance(given, list) else given
+            elif env_name(f.name) in env:
+                kwargs[f.name] = _parse_value(f, env[env_name(f.name)])
+        values[section] = cls(**kwargs)
+    return Settings(**values)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+def markdown_table() -> str:
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{_show(_default(f))}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,380 @@
+"""The pipeline: composes the stages into Search / Encode / Score / Upsert / Delete.
+
+Knows nothing about gRPC: takes and returns plain domain types and raises ``rerankd.errors``.
+Model work goes through the batchers (model threads); index, BM25 and SQLite work runs in
+worker threads (``asyncio.to_thread``) so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import snapshot
+from .backends import BackendOptions, create_backend
+from .bundle import ModelBundle
+from .config import Settings
+from .errors import InvalidArgument, NotReady
+from .stages.bm25 import BM25Index
+from .stages.dense_index import DenseIndex
+from .stages.embedder import Embedder
+from .stages.fusion import rrf
+from .stages.reranker import Reranker
+from .store import DocumentStore, NewDocument, join_title
+from .validation import check_count, check_first_stage, check_ids, check_query, check_text, resolve_search
+
+log = logging.getLogger(__name__)
+
+
+# -- domain types ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchParams:
+    query: str
+    top_n: int | None = None
+    candidates: int | None = None
+    rerank: bool | None = None
+    include_text: bool = False
+    include_metadata: bool = False
+    first_stage: str | None = None
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    rank: int
+    first_stage_score: float
+    first_stage_rank: int
+    text: str | None = None
+    title: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    embed_us: int = 0
+    ann_us: int = 0
+    bm25_us: int = 0
+    fusion_us: int = 0
+    rerank_us: int = 0
+    queue_us: int = 0
+    total_us: int = 0
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    timings: Timings
+    embedder: str
+    reranker: str
+    first_stage: str
+    reranked: bool
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    upserted: int
+    replaced: int
+    sequence: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: int
+    not_found: list[str]
+    sequence: int
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1e6)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, on_batch=None) -> None:
+        """Blocking: loads the model bundles, opens the store, brings the indexes up to date."""
+        self.settings = settings
+        s = settings
+        opts = BackendOptions(precision=s.model.precision, threads=s.model.threads)
+        emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
+        rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
+        self.backend_name = s.model.backend
+        self.embedder = Embedder(emb_bundle, create_backend(s.model.backend, emb_bundle, opts), s.batch, on_batch=on_batch)
+        self.reranker = Reranker(
+            rr_bundle, create_backend(s.model.backend, rr_bundle, opts), s.batch,
+            max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
+        )
+        if not self.reranker.trained:
+            log.warning("reranker %r has an UNTRAINED head: its scores are meaningless", self.reranker.name)
+        self.dim = self.embedder.dimension
+        data = Path(s.index.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = DocumentStore(data / "documents.sqlite3")
+        self._check_store_models(emb_bundle, rr_bundle)
+        self.snapshot_dir = data / "hnsw"
+        self.dense, self.snapshot_info, how = snapshot.load_or_rebuild(
+            self.store, self.snapshot_dir, self.dim,
+            m=s.index.hnsw_m, ef_construction=s.index.ef_construction, ef_search=s.index.ef_search,
+        )
+        self.index_load = how
+        self.bm25 = BM25Index(self.store.texts)
+        self.bm25.refresh()
+        self._write_lock: asyncio.Lock | None = None
+        self._changes_since_snapshot = 0
+        self.ready = False
+
+    def _check_store_models(self, emb: ModelBundle, rr: ModelBundle) -> None:
+        """Stored vectors belong to one embedder; cached token ids to one reranker tokenizer."""
+        emb_key = f"{emb.name}:{emb.manifest['source']['sha256']}"
+        have = self.store.get_meta("embedder")
+        if have is not None and have != emb_key and self.store.count() > 0:
+            raise NotReady(
+                f"data dir {self.settings.index.data_dir} was indexed with embedder {have!r}, "
+                f"not {emb_key!r}: re-index into a fresh --data-dir"
+            )
+        self.store.set_meta("embedder", emb_key)
+        tok_key = hashlib.sha256(rr.tokenizer_path.read_bytes()).hexdigest() + f":{rr.max_length}"
+        if self.store.get_meta("reranker_tokenizer") != tok_key and self.store.count() > 0:
+            log.info("reranker tokenizer changed: recomputing cached passage token ids")
+            rows = self.store.iter_token_ids()
+            ids = self.reranker.passage_ids([join_title(t, x) for _, t, x in rows])
+            self.store.set_token_ids(zip((r[0] for r in rows), ids))
+        self.store.set_meta("reranker_tokenizer", tok_key)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._write_lock = asyncio.Lock()
+        await self.embedder.batcher.start()
+        await self.reranker.batcher.start()
+
+    def warmup(self) -> int:
+        if not self.settings.batch.warmup:
+            return 0
+        return self.embedder.batcher.warmup() + self.reranker.batcher.warmup()
+
+    async def close(self, save_snapshot: bool = True) -> None:
+        self.ready = False
+        await self.embedder.batcher.close()
+        await self.reranker.batcher.close()
+        if save_snapshot and self._changes_since_snapshot:
+            try:
+                await asyncio.to_thread(self._save_snapshot)
+            except Exception:
+                log.exception("saving the HNSW snapshot at shutdown failed (it is rebuilt on start)")
+        self.store.close()
+
+    @property
+    def models(self) -> tuple[str, str]:
+        return self.embedder.name, self.reranker.name
+
+    # -- Search ---------------------------------------------------------------------------------------
+    async def search(self, p: SearchParams, deadline: float | None = None) -> SearchResult:
+        t_start = time.perf_counter()
+        limits = self.settings.limits
+        check_query(p.query, limits)
+        top_n, k = resolve_search(p.top_n, p.candidates, limits)
+        stage = check_first_stage(p.first_stage or self.settings.index.first_stage)
+        rerank = True if p.rerank is None else p.rerank
+        q_ids = self.reranker.query_ids(p.query) if rerank else None
+        t = Timings()
+
+        async def dense_leg(depth: int) -> list[tuple[int, float]]:
+            t0 = time.perf_counter()
+            vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
+            t1 = time.perf_counter()
+            labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
+            t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
+            t.queue_us += _us(queued)
+            return list(zip(labels.tolist(), scores.tolist()))
+
+        async def bm25_leg(depth: int) -> list[tuple[int, float]]:
+            t0 = time.perf_counter()
+            labels, scores = await asyncio.to_thread(self.bm25.search, p.query, depth)
+            t.bm25_us = _us(time.perf_counter() - t0)
+            return list(zip(labels.tolist(), scores.tolist()))
+
+        if stage == "dense":
+            first = await dense_leg(k)
+        elif stage == "bm25":
+            first = await bm25_leg(k)
+        else:
+            depth = max(k, self.settings.index.hybrid_depth)
+            d, b = await asyncio.gather(dense_leg(depth), bm25_leg(depth))
+            t0 = time.perf_counter()
+            first = rrf([[lb for lb, _ in d], [lb for lb, _ in b]], k=self.settings.index.rrf_k, limit=k)
+            t.fusion_us = _us(time.perf_counter() - t0)
+        first = first[:k]
+
+        docs = await asyncio.to_thread(self.store.fetch, [lb for lb, _ in first])
+        cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1) if lb in docs]  # drop deleted meanwhile
+
+        if rerank and cands:
+            t0 = time.perf_counter()
+            passages = [docs[lb].token_ids for lb, _, _ in cands]
+            if any(x is None for x in passages):
+                missing = [i for i, x in enumerate(passages) if x is None]
+                fresh = await asyncio.to_thread(self.reranker.passage_ids, [docs[cands[i][0]].full_text for i in missing])
+                for i, ids in zip(missing, fresh):
+                    passages[i] = ids
+            scores, queued = await self.reranker.score_cached(
+                p.query, q_ids, passages, [docs[lb].full_text for lb, _, _ in cands], deadline
+            )
+            t.rerank_us = _us(time.perf_counter() - t0)
+            t.queue_us += _us(queued)
+            order = sorted(range(len(cands)), key=lambda i: (-float(scores[i]), cands[i][2]))
+            ranked = [(cands[i], float(scores[i])) for i in order]
+        else:
+            ranked = [(c, float(c[1])) for c in cands]
+
+        hits = []
+        for rank, ((lb, fs, fr), score) in enumerate(ranked[:top_n], start=1):
+            d = docs[lb]
+            hits.append(Hit(
+                id=d.id, score=score, rank=rank, first_stage_score=float(fs), first_stage_rank=fr,
+                text=d.text if p.include_text else None, title=d.title if p.include_text else None,
+                metadata=d.metadata if p.include_metadata else {},
+            ))
+        t.total_us = _us(time.perf_counter() - t_start)
+        return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank))
+
+    # -- Encode / Score -------------------------------------------------------------------------------
+    async def encode(self, items: list[Item], is_query: bool, deadline: float | None = None) -> tuple[np.ndarray, Timings]:
+        limits = self.settings.limits
+        check_count(len(items), limits, "items")
+        check_ids([it.id for it in items], limits, "items", required=False)
+        for i, it in enumerate(items):
+            check_text(it.text, limits, f"items[{i}].text")
+        t0 = time.perf_counter()
+        vecs, queued = await self.embedder.encode([it.text for it in items], is_query=is_query, deadline=deadline)
+        return vecs, Timings(embed_us=_us(time.perf_counter() - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0))
+
+    async def score(self, query: str, items: list[Item], deadline: float | None = None) -> tuple[list[ScoredItem], Timings]:
+        limits = self.settings.limits
+        check_query(query, limits)
+        check_count(len(items), limits, "items")
+        check_ids([it.id for it in items], limits, "items")
+        for i, it in enumerate(items):
+            check_text(it.text, limits, f"items[{i}].text")
+        t0 = time.perf_counter()
+        scores, queued = await self.reranker.score_texts(query, [it.text for it in items], deadline)
+        order = sorted(range(len(items)), key=lambda i: (-float(scores[i]), i))
+        out = [ScoredItem(items[i].id, float(scores[i]), r) for r, i in enumerate(order, start=1)]
+        el = _us(time.perf_counter() - t0)
+        return out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el)
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def validate_documents(self, docs: list[Document], field_name: str = "documents") -> None:
+        limits = self.settings.limits
+        check_count(len(docs), limits, field_name)
+        check_ids([d.id for d in docs], limits, field_name)
+        for i, d in enumerate(docs):
+            check_text(d.text, limits, f"{field_name}[{i}].text")
+            if len(d.title.encode("utf-8", errors="surrogatepass")) > limits.max_text_bytes:
+                raise InvalidArgument(f"{field_name}[{i}].title", f"exceeds the limit of {limits.max_text_bytes} bytes")
+
+    async def upsert(self, docs: list[Document], deadline: float | None = None) -> UpsertResult:
+        self.validate_documents(docs)
+        t0 = time.perf_counter()
+        texts = [join_title(d.title, d.text) for d in docs]
+        vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
+        t1 = time.perf_counter()
+        token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
+        rows = [NewDocument(d.id, d.text, d.title, dict(d.metadata), v, tok) for d, v, tok in zip(docs, vecs, token_ids)]
+        assert self._write_lock is not None
+        async with self._write_lock:
+            # Durable commit, then the in-memory indexes; the lock keeps both in one order.
+            labels, replaced, seq = await asyncio.to_thread(self._apply_upsert, rows, vecs)
+        return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0)))
+
+    def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
+        labels, replaced, seq = self.store.upsert(rows)
+        self.dense.upsert(np.asarray(labels, dtype=np.int64), vecs)
+        self.bm25.mark_dirty()
+        self._changes_since_snapshot += len(rows)
+        return labels, replaced, seq
+
+    async def delete(self, ids: list[str]) -> DeleteResult:
+        limits = self.settings.limits
+        check_count(len(ids), limits, "ids")
+        check_ids(ids, limits, "ids")
+        assert self._write_lock is not None
+        async with self._write_lock:
+            labels, missing, seq = await asyncio.to_thread(self._apply_delete, ids)
+        return DeleteResult(len(labels), missing, seq)
+
+    def _apply_delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
+        labels, missing, seq = self.store.delete(ids)
+        self.dense.delete(labels)
+        if labels:
+            self.bm25.mark_dirty()
+            self._changes_since_snapshot += len(labels)
+        return labels, missing, seq
+
+    # -- operations ------------------------------------------------------------------------------------
+    def _save_snapshot(self) -> snapshot.SnapshotInfo:
+        seq = self.store.last_seq()
+        info = snapshot.save(self.dense, self.snapshot_dir, seq)
+        self.snapshot_info = info
+        self._changes_since_snapshot = 0
+        return info
+
+    async def compact(self) -> tuple[snapshot.SnapshotInfo, float]:
+        """Rebuild the HNSW graph without deleted entries and snapshot it. Reads go on meanwhile."""
+        assert self._write_lock is not None
+        t0 = time.perf_counter()
+        async with self._write_lock:  # writes wait; searches keep using the old graph
+            s = self.settings.index
+            fresh = await asyncio.to_thread(
+                snapshot.rebuild, self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search
+            )
+            self.dense = fresh
+            info = await asyncio.to_thread(self._save_snapshot)
+        return info, time.perf_counter() - t0
+
+    async def flush(self) -> None:
+        """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""
+        await asyncio.to_thread(self.bm25.refresh)
+
+    def stats(self) -> dict:
+        info = self.snapshot_info
+        return {
+            "documents": self.store.count(),
+            "dimension": self.dim,
+            "embedder_model": self.embedder.name,
+            "reranker_model": self.reranker.name,
+            "deleted_not_compacted": self.dense.deleted_count,
+            "sequence": self.store.last_seq(),
+            "snapshot_sequence": info.sequence if info else 0,
+            "snapshot_age_seconds": (time.time() - info.created_at) if info else 0.0,
+            "data_dir_bytes": sum(p.stat().st_size for p in Path(self.settings.index.data_dir).rglob("*") if p.is_file()),
+            "backend": self.backend_name,
+            "precision": self.settings.model.precision,
+        }
+

@@ -1,0 +1,346 @@
+"""gRPC transport: maps proto <-> domain types and domain errors <-> status codes. Nothing else.
+
+``create_server(settings)`` binds (port 0 allowed), starts serving at once with health
+NOT_SERVING, then loads and warms the models in the background and flips health to SERVING.
+``serve(settings)`` adds signal handling: SIGTERM/SIGINT -> NOT_SERVING, stop accepting, let
+in-flight calls finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import errors
+from .config import Settings
+from .pipeline import Document, Item, Pipeline, SearchParams, Timings
+from .v1 import rerankd_pb2 as pb
+from .v1 import rerankd_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rerankd.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
+
+# One mapping table, domain error -> gRPC status. Anything else is a bug -> INTERNAL (logged).
+STATUS_FOR: dict[type[errors.RerankdError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.BackendError: grpc.StatusCode.INTERNAL,
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+_STAGE_TO_PB = {
+    "dense": pb.FIRST_STAGE_DENSE,
+    "bm25": pb.FIRST_STAGE_BM25,
+    "hybrid": pb.FIRST_STAGE_HYBRID,
+}
+_PB_TO_STAGE = {v: k for k, v in _STAGE_TO_PB.items()}
+
+
+def status_for(err: errors.RerankdError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in STATUS_FOR:
+            return STATUS_FOR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _timings(t: Timings) -> pb.StageTimings:
+    return pb.StageTimings(
+        embed_us=t.embed_us, ann_us=t.ann_us, bm25_us=t.bm25_us, fusion_us=t.fusion_us,
+        rerank_us=t.rerank_us, total_us=t.total_us, queue_us=t.queue_us,
+    )
+
+
+@dataclass
+class App:
+    """What ``create_server`` returns besides the server: state shared with the servicer."""
+
+    settings: Settings
+    health: health.aio.HealthServicer
+    pipeline: Pipeline | None = None
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    load_error: BaseException | None = None
+    draining: bool = False
+    semaphores: dict[str, int] = field(default_factory=dict)
+    on_call: object = None  # hook(method, code, seconds) for metrics
+    on_batch: object = None  # hook(name, prepared, seconds) for metrics
+
+    loader: asyncio.Task | None = None
+
+    def start_loading(self) -> None:
+        if self.loader is None:
+            self.loader = asyncio.create_task(_load(self))
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.ready_event.wait(), timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._inflight: dict[str, int] = {}
+
+    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn):
+        """Admission, deadline, error mapping and logging around one call."""
+        app = self.app
+        request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        limit = app.settings.server.max_concurrent_calls
+        admitted = False
+        try:
+            if app.pipeline is None or not app.pipeline.ready or app.draining:
+                if app.load_error is not None:
+                    raise errors.NotReady(f"models failed to load: {app.load_error}")
+                raise errors.NotReady("draining" if app.draining else "models are loading and warming up; retry shortly")
+            if self._inflight.get(method, 0) >= limit:
+                raise errors.Overloaded(f"{method}: {limit} calls already in flight; retry later")
+            self._inflight[method] = self._inflight.get(method, 0) + 1
+            admitted = True
+            remaining = context.time_remaining()
+            deadline = None
+            if remaining is not None:
+                if remaining <= 0:
+                    raise errors.DeadlineExceeded("deadline already expired on arrival")
+                deadline = asyncio.get_running_loop().time() + remaining
+            return await fn(app.pipeline, deadline)
+        except errors.RerankdError as e:
+            code = status_for(e)
+            if isinstance(e, errors.Overloaded):
+                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("request %s %s failed: %s", request_id, method, e)
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: log it with the request id, never crash the server
+            code = grpc.StatusCode.INTERNAL
+            log.exception("request %s %s: unexpected error", request_id, method)
+            await context.abort(code, f"internal error (request id {request_id}): {type(e).__name__}")
+        finally:
+            if admitted:
+                self._inflight[method] -= 1
+            seconds = time.perf_counter() - t0
+            log.debug("request %s %s %s %.1f ms", request_id, method, code.name, seconds * 1e3)
+            if app.on_call is not None:
+                app.on_call(method, code, seconds)  # type: ignore[operator]
+
+    # -- RPCs --------------------------------------------------------------------------------------------
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        async def fn(p: Pipeline, deadline):
+            params = SearchParams(
+                query=request.query,
+                top_n=request.top_n if request.HasField("top_n") else None,
+                candidates=request.candidates if request.HasField("candidates") else None,
+                rerank=request.rerank if request.HasField("rerank") else None,
+                include_text=request.include_text,
+                include_metadata=request.include_metadata,
+                first_stage=_stage_name(request.first_stage),
+            )
+            r = await p.search(params, deadline)
+            return pb.SearchResponse(
+                hits=[
+                    pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
+                           first_stage_rank=h.first_stage_rank, text=h.text, title=h.title, metadata=h.metadata)
+                    for h in r.hits
+                ],
+                timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
+                first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked,
+            )
+
+        return await self._run("Search", context, fn)
+
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        async def fn(p: Pipeline, deadline):
+            items = [Item(it.id, it.text) for it in request.items]
+            vecs, t = await p.encode(items, request.is_query, deadline)
+            return pb.EncodeResponse(
+                embeddings=[pb.Embedding(id=it.id, vector=v.tolist()) for it, v in zip(items, vecs)],
+                dimension=p.dim, model=p.embedder.name, timings=_timings(t),
+            )
+
+        return await self._run("Encode", context, fn)
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        async def fn(p: Pipeline, deadline):
+            scored, t = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline)
+            return pb.ScoreResponse(
+                scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank) for s in scored],
+                model=p.reranker.name, timings=_timings(t),
+            )
+
+        return await self._run("Score", context, fn)
+
+    async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
+        async def fn(p: Pipeline, deadline):
+            r = await p.upsert(_documents(request), deadline)
+            return pb.UpsertResponse(upserted=r.upserted, replaced=r.replaced, sequence=r.sequence, timings=_timings(r.timings))
+
+        return await self._run("Upsert", context, fn)
+
+    async def UpsertStream(self, request_iterator, context) -> pb.UpsertResponse:
+        async def fn(p: Pipeline, deadline):
+            upserted = replaced = seq = 0
+            t0 = time.perf_counter()
+            n = 0
+            async for request in request_iterator:
+                try:
+                    r = await p.upsert(_documents(request), deadline)
+                except errors.InvalidArgument as e:
+                    # Earlier batches are committed; say exactly where the stream stopped.
+                    raise errors.InvalidArgument(
+                        f"batch[{n}].{e.field}",
+                        f"{str(e).split(': ', 1)[-1]} (batches 0..{n - 1} with {upserted} documents were committed)",
+                    ) from e
+                upserted += r.upserted
+                replaced += r.replaced
+                seq = r.sequence
+                n += 1
+            return pb.UpsertResponse(upserted=upserted, replaced=replaced, sequence=seq,
+                                     timings=pb.StageTimings(total_us=int((time.perf_counter() - t0) * 1e6)))
+
+        return await self._run("UpsertStream", context, fn)
+
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        async def fn(p: Pipeline, deadline):
+            r = await p.delete(list(request.ids))
+            return pb.DeleteResponse(deleted=r.deleted, not_found=r.not_found, sequence=r.sequence)
+
+        return await self._run("Delete", context, fn)
+
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        async def fn(p: Pipeline, deadline):
+            return pb.StatsResponse(**await asyncio.to_thread(p.stats))
+
+        return await self._run("Stats", context, fn)
+
+    async def Compact(self, request: pb.CompactRequest, context) -> pb.CompactResponse:
+        async def fn(p: Pipeline, deadline):
+            info, seconds = await p.compact()
+            return pb.CompactResponse(snapshot_sequence=info.sequence, documents=len(p.dense), seconds=seconds)
+
+        return await self._run("Compact", context, fn)
+
+
+def _stage_name(value: int) -> str | None:
+    if value == pb.FIRST_STAGE_UNSPECIFIED:
+        return None
+    if value not in _PB_TO_STAGE:
+        raise errors.InvalidArgument("first_stage", f"unknown enum value {value}")
+    return _PB_TO_STAGE[value]
+
+
+def _documents(request: pb.UpsertRequest) -> list[Document]:
+    return [Document(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in request.documents]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    n = settings.server.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", n),
+        ("grpc.max_send_message_length", n),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.aio.Server, int, App]:
+    """Bind and start; health NOT_SERVING until the models are loaded and warmed.
+
+    Returns (server, bound TCP port of the first TCP address or 0, app). ``await
+    app.wait_ready()`` waits for SERVING (re-raises a load failure).
+    """
+    health_servicer = health.aio.HealthServicer()
+    app = App(settings=settings, health=health_servicer)
+    server = grpc.aio.server(options=server_options(settings))
+    pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(app), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = 0
+    for addr in [a.strip() for a in settings.server.listen.split(",") if a.strip()]:
+        bound = server.add_insecure_port(addr)
+        if not addr.startswith("unix:") and port == 0:
+            port = bound
+    await app.set_serving(False)
+    await server.start()
+    if load:
+        app.start_loading()
+    return server, port, app
+
+
+async def _load(app: App) -> None:
+    try:
+        t0 = time.perf_counter()
+        pipeline = await asyncio.to_thread(Pipeline, app.settings, app.on_batch)
+        await pipeline.start()
+        shapes = await asyncio.to_thread(pipeline.warmup)
+        pipeline.ready = True
+        app.pipeline = pipeline
+        await app.set_serving(True)
+        log.info(
+            "SERVING: embedder=%s reranker=%s backend=%s documents=%d index=%s, %d shapes warmed, %.1f s",
+            pipeline.embedder.name, pipeline.reranker.name, pipeline.backend_name, pipeline.store.count(),
+            pipeline.index_load, shapes, time.perf_counter() - t0,
+        )
+    except BaseException as e:
+        app.load_error = e
+        log.error("failed to load models: %s", e)
+    finally:
+        app.ready_event.set()
+
+
+async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None) -> None:
+    """NOT_SERVING, stop accepting, finish in-flight calls within the grace period, close."""
+    app.draining = True
+    await app.set_serving(False)
+    await server.stop(app.settings.server.grace_period_s if grace is None else grace)
+    loader = app.loader
+    if loader is not None and not loader.done():
+        loader.cancel()
+        with contextlib.suppress(BaseException):
+            await loader
+    if app.pipeline is not None:
+        await app.pipeline.close()
+
+
+async def serve(settings: Settings) -> int:
+    server, port, app = await create_server(settings)
+    log.info("listening on %s (health NOT_SERVING until models are warm)", settings.server.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    assert app.loader is not None
+    await asyncio.wait({waiter, app.loader}, return_when=asyncio.FIRST_COMPLETED)
+    if app.load_error is not None:
+        await shutdown(server, app, grace=0)
+        return 1
+    await waiter
+    log.info("signal received: NOT_SERVING, draining for up to %.0f s", settings.server.grace_period_s)
+    await shutdown(server, app)
+    log.info("stopped")
+    return 0

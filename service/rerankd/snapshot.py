@@ -1,0 +1,136 @@
+"""HNSW snapshots: a derived artifact of the document store.
+
+``<data-dir>/hnsw/index.bin`` plus ``manifest.json`` with the store sequence number it covers,
+its sha256, and the HNSW parameters. On start the snapshot is loaded and brought up to date by
+replaying later changes from the store; a missing, corrupt (checksum) or incompatible snapshot
+is rebuilt from the stored vectors — never by re-embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .stages.dense_index import DenseIndex
+from .store import DocumentStore
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rerankd-hnsw/1"
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    sequence: int
+    created_at: float
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(index: DenseIndex, directory: Path, sequence: int) -> SnapshotInfo:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "index.bin.tmp"
+    index.save(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    manifest = {
+        "format": FORMAT,
+        "sequence": sequence,
+        "sha256": _sha256(tmp),
+        "dim": index.dim,
+        "m": index.m,
+        "ef_construction": index.ef_construction,
+        "live": len(index),
+        "created_at": time.time(),
+    }
+    # Manifest first under a temp name, then the index, then the manifest: a crash anywhere
+    # leaves either the old pair, or a pair whose checksum does not match (-> rebuild).
+    os.replace(tmp, directory / "index.bin")
+    mtmp = directory / "manifest.json.tmp"
+    mtmp.write_text(json.dumps(manifest, indent=2))
+    with open(mtmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(mtmp, directory / "manifest.json")
+    _fsync_dir(directory)
+    return SnapshotInfo(sequence, manifest["created_at"], directory)
+
+
+def load_or_rebuild(
+    store: DocumentStore, directory: Path, dim: int, *, m: int, ef_construction: int, ef_search: int
+) -> tuple[DenseIndex, SnapshotInfo | None, str]:
+    """Returns (index up to date with the store, the snapshot used or None, how: loaded|rebuilt)."""
+    reason = _check(directory, dim, m, ef_construction)
+    if reason is None:
+        mf = json.loads((directory / "manifest.json").read_text())
+        seq = int(mf["sequence"])
+        try:
+            live_before = set(store.labels_changed_at_or_before(seq))
+            index = DenseIndex.load(directory / "index.bin", dim, m=m, ef_construction=ef_construction,
+                                    ef_search=ef_search, live=live_before)
+            labels, vecs = store.vectors(dim, after_seq=seq)
+            index.upsert(labels, vecs)
+            index.mark_deleted_raw(store.deletes_after(seq))
+            log.info("HNSW snapshot at seq %d loaded; replayed %d upserts", seq, len(labels))
+            return index, SnapshotInfo(seq, float(mf["created_at"]), directory), "loaded"
+        except Exception as e:  # corrupt in a way the checksum did not catch
+            reason = f"load failed: {e}"
+    log.warning("HNSW snapshot unusable (%s); rebuilding from stored vectors", reason)
+    return rebuild(store, dim, m=m, ef_construction=ef_construction, ef_search=ef_search), None, "rebuilt"
+
+
+def rebuild(store: DocumentStore, dim: int, *, m: int, ef_construction: int, ef_search: int) -> DenseIndex:
+    labels, vecs = store.vectors(dim)
+    index = DenseIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search, capacity=max(1024, len(labels) * 5 // 4))
+    for i in range(0, len(labels), 4096):
+        index.upsert(labels[i : i + 4096], vecs[i : i + 4096], threads=-1)
+    return index
+
+
+def _check(directory: Path, dim: int, m: int, ef_construction: int) -> str | None:
+    mf_path, idx = directory / "manifest.json", directory / "index.bin"
+    if not mf_path.is_file() or not idx.is_file():
+        return "missing"
+    try:
+        mf = json.loads(mf_path.read_text())
+    except ValueError:
+        return "manifest unreadable"
+    if mf.get("format") != FORMAT:
+        return f"format {mf.get('format')!r}"
+    if (mf.get("dim"), mf.get("m"), mf.get("ef_construction")) != (dim, m, ef_construction):
+        return "parameters changed"
+    if _sha256(idx) != mf.get("sha256"):
+        return "checksum mismatch (corrupt)"
+    return None
+
+
+def info(directory: Path) -> SnapshotInfo | None:
+    try:
+        mf = json.loads((directory / "manifest.json").read_text())
+        return SnapshotInfo(int(mf["sequence"]), float(mf["created_at"]), directory)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+__all__ = ["save", "load_or_rebuild", "rebuild", "info", "SnapshotInfo", "np"]

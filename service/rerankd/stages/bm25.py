@@ -1,0 +1,78 @@
+"""Lexical first stage: BM25 via ``bm25s`` (English stopwords, Snowball stemmer).
+
+bm25s builds an immutable sparse index, so writes mark the index stale and it is rebuilt from
+the document store on the next search (read-your-writes) or by a debounced background refresh,
+whichever comes first; a rebuild of the 5k-document SciFact corpus takes about a second on two
+cores. Results are filtered against the store, so a deleted document is never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import bm25s
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+try:  # PyStemmer is a hard dependency, but keep a clear message if it goes missing
+    import Stemmer  # type: ignore[import-not-found]
+
+    _STEMMER = Stemmer.Stemmer("english")
+except ImportError:  # pragma: no cover
+    _STEMMER = None
+    log.warning("PyStemmer missing: BM25 runs without stemming (pip install PyStemmer)")
+
+Loader = Callable[[], tuple[np.ndarray, list[str]]]
+
+
+def tokenize(texts: list[str]):
+    return bm25s.tokenize(texts, stopwords="en", stemmer=_STEMMER, show_progress=False)
+
+
+class BM25Index:
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped on every write
+        self._built_generation = -1
+        self._retriever: bm25s.BM25 | None = None
+        self._labels = np.zeros(0, dtype=np.int64)
+
+    def mark_dirty(self) -> None:
+        self._generation += 1
+
+    @property
+    def fresh(self) -> bool:
+        return self._built_generation == self._generation
+
+    def refresh(self) -> None:
+        """Rebuild from the store if a write happened since the last build."""
+        with self._lock:
+            gen = self._generation
+            if self._built_generation == gen:
+                return
+            labels, texts = self._loader()
+            if texts:
+                retriever = bm25s.BM25()
+                retriever.index(tokenize(texts), show_progress=False)
+            else:
+                retriever = None
+            self._retriever, self._labels, self._built_generation = retriever, np.asarray(labels, dtype=np.int64), gen
+
+    def search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, BM25 scores), best first; documents with score 0 are left out."""
+        self.refresh()
+        retriever, labels = self._retriever, self._labels
+        if retriever is None or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        q = tokenize([query])
+        if not q.ids or not q.ids[0]:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        k = min(k, len(labels))
+        docs, scores = retriever.retrieve(q, k=k, show_progress=False, n_threads=1)
+        docs, scores = docs[0], scores[0].astype(np.float32)
+        keep = scores > 0
+        return labels[docs[keep]], scores[keep]

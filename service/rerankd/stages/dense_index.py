@@ -1,0 +1,108 @@
+"""Dense first stage: an HNSW graph (hnswlib) over L2-normalized vectors, inner-product space.
+
+Labels are the document store's integer labels. Re-upserting a label replaces its vector in
+place; deleting marks it deleted (kept in the graph until ``Compact`` rebuilds it). The index
+grows without a preset capacity (``resize_index`` doubles it under the lock).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+
+class DenseIndex:
+    def __init__(self, dim: int, *, m: int, ef_construction: int, ef_search: int, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.m = m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self._lock = threading.Lock()
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        self._index.init_index(max_elements=max(capacity, 16), M=m, ef_construction=ef_construction)
+        self._index.set_ef(ef_search)
+        self._live: set[int] = set()
+
+    # -- writes -------------------------------------------------------------------------------------
+    def upsert(self, labels: np.ndarray, vectors: np.ndarray, threads: int = 1) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(labels), self.dim):
+            raise ValueError(f"vectors shape {vectors.shape} != ({len(labels)}, {self.dim})")
+        with self._lock:
+            need = self._index.get_current_count() + len(labels)
+            cap = self._index.get_max_elements()
+            if need > cap:
+                self._index.resize_index(max(need, cap * 2))
+            self._index.add_items(vectors, labels, num_threads=threads)
+            self._live.update(labels.tolist())
+
+    def delete(self, labels: list[int]) -> None:
+        with self._lock:
+            for lb in labels:
+                if lb in self._live:
+                    self._index.mark_deleted(lb)
+                    self._live.discard(lb)
+
+    def mark_deleted_raw(self, labels: list[int]) -> None:
+        """Snapshot replay: mark labels deleted whether or not they are known live."""
+        with self._lock:
+            for lb in labels:
+                self._live.discard(lb)
+                try:
+                    self._index.mark_deleted(lb)
+                except RuntimeError:
+                    pass  # not in the graph (created and deleted after the snapshot) or already deleted
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, cosine scores), best first. Never returns a deleted label."""
+        with self._lock:
+            k = min(k, len(self._live))
+            if k <= 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            self._index.set_ef(max(self.ef_search, k))
+            q = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+            while True:
+                try:
+                    labels, dist = self._index.knn_query(q, k=k, num_threads=1)
+                    break
+                except RuntimeError:
+                    # Too few reachable live elements (heavy deletes): ask for fewer.
+                    if k <= 1:
+                        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+                    k = max(1, k // 2)
+        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @property
+    def deleted_count(self) -> int:
+        """Entries still in the graph but marked deleted (removed by a compaction)."""
+        return self._index.get_current_count() - len(self._live)
+
+    def labels(self) -> set[int]:
+        with self._lock:
+            return set(self._live)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        with self._lock:
+            self._index.save_index(str(path))
+
+    @classmethod
+    def load(cls, path: Path, dim: int, *, m: int, ef_construction: int, ef_search: int, live: set[int]) -> "DenseIndex":
+        self = cls.__new__(cls)
+        self.dim, self.m, self.ef_construction, self.ef_search = dim, m, ef_construction, ef_search
+        self._lock = threading.Lock()
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        self._index.load_index(str(path), max_elements=0)
+        self._index.set_ef(ef_search)
+        self._live = set(live)
+        return self

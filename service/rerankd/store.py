@@ -1,0 +1,258 @@
+"""The document store: SQLite in WAL mode, the source of truth.
+
+Each document row holds its id, title, text, metadata (JSON), the reranker's cached passage
+token ids and its embedding. Every change appends to ``changes`` (the sequence log the HNSW
+snapshot is replayed from). ``synchronous=FULL``: a write returns only after its commit is on
+disk, so an acknowledged Upsert/Delete survives ``kill -9``.
+
+Writes go through one connection under a lock; reads use one connection per thread (WAL lets
+readers run beside the writer and see a consistent snapshot per statement).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    label     INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        TEXT    NOT NULL UNIQUE,
+    title     TEXT    NOT NULL DEFAULT '',
+    text      TEXT    NOT NULL,
+    metadata  TEXT    NOT NULL DEFAULT '{}',
+    token_ids BLOB,
+    vector    BLOB    NOT NULL,
+    seq       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    op     TEXT    NOT NULL CHECK (op IN ('upsert', 'delete')),
+    label  INTEGER NOT NULL,
+    doc_id TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    id: str
+    text: str
+    title: str
+    metadata: dict[str, str]
+    vector: np.ndarray  # float32 [dim]
+    token_ids: np.ndarray | None  # int32 [T] (reranker passage ids, no special tokens)
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    label: int
+    id: str
+    title: str
+    text: str
+    metadata: dict[str, str]
+    token_ids: np.ndarray | None
+
+    @property
+    def full_text(self) -> str:
+        return join_title(self.title, self.text)
+
+
+def join_title(title: str, text: str) -> str:
+    """The text that is embedded, BM25-indexed and reranked: BEIR's "title text"."""
+    return f"{title} {text}" if title else text
+
+
+class DocumentStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._w = self._connect()
+        self._w.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("PRAGMA foreign_keys=ON")
+        with self._all_lock:
+            self._all.append(con)
+        return con
+
+    def _r(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._connect()
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        with self._all_lock:
+            for con in self._all:
+                try:
+                    con.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+
+    # -- writes -------------------------------------------------------------------------------------
+    def upsert(self, docs: list[NewDocument]) -> tuple[list[int], int, int]:
+        """Insert or replace; returns (labels in input order, number replaced, last sequence)."""
+        with self._write_lock:
+            con = self._w
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                labels: list[int] = []
+                replaced = 0
+                seq = 0
+                for d in docs:
+                    row = con.execute("SELECT label FROM documents WHERE id = ?", (d.id,)).fetchone()
+                    label = row[0] if row else None
+                    if label is None:
+                        cur = con.execute(
+                            "INSERT INTO documents (id, title, text, metadata, token_ids, vector, seq) VALUES (?,?,?,?,?,?,0)",
+                            (d.id, d.title, d.text, json.dumps(d.metadata, sort_keys=True), _ids_blob(d.token_ids), _vec_blob(d.vector)),
+                        )
+                        label = cur.lastrowid
+                    else:
+                        replaced += 1
+                        con.execute(
+                            "UPDATE documents SET title=?, text=?, metadata=?, token_ids=?, vector=? WHERE label=?",
+                            (d.title, d.text, json.dumps(d.metadata, sort_keys=True), _ids_blob(d.token_ids), _vec_blob(d.vector), label),
+                        )
+                    seq = con.execute("INSERT INTO changes (op, label, doc_id) VALUES ('upsert', ?, ?)", (label, d.id)).lastrowid
+                    con.execute("UPDATE documents SET seq=? WHERE label=?", (seq, label))
+                    labels.append(int(label))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return labels, replaced, int(seq)
+
+    def delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
+        """Returns (deleted labels, ids not found, last sequence)."""
+        with self._write_lock:
+            con = self._w
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                labels, missing = [], []
+                for doc_id in ids:
+                    row = con.execute("SELECT label FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                    if row is None:
+                        missing.append(doc_id)
+                        continue
+                    con.execute("DELETE FROM documents WHERE label = ?", (row[0],))
+                    con.execute("INSERT INTO changes (op, label, doc_id) VALUES ('delete', ?, ?)", (row[0], doc_id))
+                    labels.append(int(row[0]))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return labels, missing, self.last_seq()
+
+    def set_token_ids(self, rows: Iterable[tuple[int, np.ndarray]]) -> None:
+        """Rewrite cached passage ids (after a reranker tokenizer change). Not a logical change."""
+        with self._write_lock:
+            con = self._w
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany("UPDATE documents SET token_ids=? WHERE label=?", ((_ids_blob(t), lb) for lb, t in rows))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write_lock:
+            self._w.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._r().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def fetch(self, labels: list[int]) -> dict[int, StoredDocument]:
+        """Documents by label (missing = deleted meanwhile), read in one statement (one snapshot)."""
+        out: dict[int, StoredDocument] = {}
+        if not labels:
+            return out
+        con = self._r()
+        for chunk in _chunks(labels, 500):
+            q = f"SELECT label, id, title, text, metadata, token_ids FROM documents WHERE label IN ({','.join('?' * len(chunk))})"
+            for label, doc_id, title, text, meta, tok in con.execute(q, chunk):
+                out[label] = StoredDocument(label, doc_id, title, text, json.loads(meta), _blob_ids(tok))
+        return out
+
+    def labels_for(self, ids: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        con = self._r()
+        for chunk in _chunks(ids, 500):
+            q = f"SELECT id, label FROM documents WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update(dict(con.execute(q, chunk).fetchall()))
+        return out
+
+    def vectors(self, dim: int, after_seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, vectors) of live documents changed after ``after_seq`` (all by default)."""
+        rows = self._r().execute("SELECT label, vector FROM documents WHERE seq > ? ORDER BY label", (after_seq,)).fetchall()
+        labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32)
+        return labels, vecs
+
+    def texts(self) -> tuple[np.ndarray, list[str]]:
+        rows = self._r().execute("SELECT label, title, text FROM documents ORDER BY label").fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64), [join_title(r[1], r[2]) for r in rows]
+
+    def deletes_after(self, seq: int) -> list[int]:
+        """Labels deleted after ``seq`` and not re-created since (for snapshot replay)."""
+        rows = self._r().execute(
+            "SELECT DISTINCT c.label FROM changes c WHERE c.seq > ? AND c.op = 'delete' "
+            "AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.label = c.label)", (seq,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def labels_changed_at_or_before(self, seq: int) -> list[int]:
+        """Live labels whose latest change is covered by a snapshot at ``seq``."""
+        return [r[0] for r in self._r().execute("SELECT label FROM documents WHERE seq <= ?", (seq,))]
+
+    def iter_token_ids(self) -> list[tuple[int, str, str]]:
+        return self._r().execute("SELECT label, title, text FROM documents ORDER BY label").fetchall()
+
+    def count(self) -> int:
+        return int(self._r().execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+
+    def last_seq(self) -> int:
+        return int(self._r().execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
+
+
+def _vec_blob(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+def _ids_blob(t: np.ndarray | None) -> bytes | None:
+    return None if t is None else np.ascontiguousarray(t, dtype=np.int32).tobytes()
+
+
+def _blob_ids(b: bytes | None) -> np.ndarray | None:
+    return None if b is None else np.frombuffer(b, dtype=np.int32)

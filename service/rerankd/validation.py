@@ -1,0 +1,77 @@
+"""Input validation shared by every entry point; errors name the offending field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import LimitsConfig
+from .errors import InvalidArgument
+
+FIRST_STAGES = ("dense", "bm25", "hybrid")
+
+
+def _nbytes(s: str) -> int:
+    return len(s.encode("utf-8", errors="surrogatepass"))
+
+
+def check_query(query: str, limits: LimitsConfig, field: str = "query") -> str:
+    if not query or not query.strip():
+        raise InvalidArgument(field, "must not be empty or whitespace")
+    if _nbytes(query) > limits.max_query_bytes:
+        raise InvalidArgument(field, f"{_nbytes(query)} bytes exceeds the limit of {limits.max_query_bytes}")
+    return query
+
+
+def check_count(n: int, limits: LimitsConfig, field: str, *, allow_empty: bool = False) -> None:
+    if n == 0 and not allow_empty:
+        raise InvalidArgument(field, "must contain at least one entry")
+    if n > limits.max_items:
+        raise InvalidArgument(field, f"{n} entries exceeds the limit of {limits.max_items} per call")
+
+
+def check_text(text: str, limits: LimitsConfig, field: str) -> None:
+    if not text or not text.strip():
+        raise InvalidArgument(field, "must not be empty or whitespace")
+    n = _nbytes(text)
+    if n > limits.max_text_bytes:
+        raise InvalidArgument(field, f"{n} bytes exceeds the limit of {limits.max_text_bytes}")
+
+
+def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required: bool = True) -> None:
+    """Ids non-empty (if required), bounded, unique within the call. ``field`` like 'items' -> 'items[3].id'."""
+    first: dict[str, int] = {}
+    for i, doc_id in enumerate(ids):
+        name = f"{field}[{i}]" if field.endswith("ids") else f"{field}[{i}].id"
+        if not doc_id:
+            if required:
+                raise InvalidArgument(name, "must not be empty")
+            continue
+        if _nbytes(doc_id) > limits.max_id_bytes:
+            raise InvalidArgument(name, f"id longer than {limits.max_id_bytes} bytes")
+        if doc_id in first:
+            raise InvalidArgument(name, f"duplicate id {doc_id!r} (first at index {first[doc_id]})")
+        first[doc_id] = i
+
+
+def resolve_search(top_n: int | None, candidates: int | None, limits: LimitsConfig) -> tuple[int, int]:
+    if top_n is None:
+        top_n = 10
+    if top_n < 1:
+        raise InvalidArgument("top_n", f"must be at least 1, got {top_n}")
+    if top_n > limits.max_top_n:
+        raise InvalidArgument("top_n", f"{top_n} exceeds the limit of {limits.max_top_n}")
+    if candidates is None:
+        candidates = min(max(50, top_n), limits.max_candidates)
+    if candidates < 1:
+        raise InvalidArgument("candidates", f"must be at least 1, got {candidates}")
+    if candidates > limits.max_candidates:
+        raise InvalidArgument("candidates", f"{candidates} exceeds the limit of {limits.max_candidates}")
+    if top_n > candidates:
+        raise InvalidArgument("top_n", f"top_n={top_n} is larger than candidates={candidates}")
+    return top_n, candidates
+
+
+def check_first_stage(name: str, field: str = "first_stage") -> str:
+    if name not in FIRST_STAGES:
+        raise InvalidArgument(field, f"unknown first stage {name!r}; valid: {', '.join(FIRST_STAGES)}")
+    return name

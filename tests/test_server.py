@@ -1,0 +1,226 @@
+"""A real server on 127.0.0.1:0 with real exported models: every RPC, health, reflection, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from rerankd.client import Client
+from rerankd.embedded import EmbeddedServer
+from rerankd.server import create_server, shutdown
+from rerankd.v1 import rerankd_pb2 as pb
+from rerankd.v1 import rerankd_pb2_grpc as pb_grpc
+
+from util import assert_invalid, settings_for
+
+N_DOCS = 1200
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory, scifact_docs):
+    data = tmp_path_factory.mktemp("data")
+    with EmbeddedServer(settings_for(models_dir, data)) as srv:
+        with Client(srv.target, timeout=600) as c:
+            docs = scifact_docs[:N_DOCS]
+            for i in range(0, len(docs), 128):
+                c.upsert([{"id": d["_id"], "title": d["title"], "text": d["text"]} for d in docs[i : i + 128]])
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    with Client(server.target, timeout=120) as c:
+        yield c
+
+
+def test_health_goes_not_serving_then_serving(models_dir, tmp_path):
+    async def run():
+        server, port, app = await create_server(settings_for(models_dir, tmp_path), load=False)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                before = await stub.Check(health_pb2.HealthCheckRequest(service="rerankd.v1.Retrieval"))
+                # Calls before the models are ready are refused with UNAVAILABLE, not queued forever.
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await pb_grpc.RetrievalStub(ch).Stats(pb.StatsRequest())
+                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+                app.start_loading()
+                await app.wait_ready(300)
+                after = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+                return before.status, after.status
+        finally:
+            await shutdown(server, app, 0)
+
+    before, after = asyncio.run(run())
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(server):
+    with grpc.insecure_channel(server.target) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = db.get_services()
+        assert "rerankd.v1.Retrieval" in services
+        assert "grpc.health.v1.Health" in services
+        desc = db.FindFileContainingSymbol("rerankd.v1.Retrieval")
+        assert desc.package == "rerankd.v1"
+
+
+def test_search_returns_ranked_hits_with_timings(client):
+    resp = client.search("cerebral white matter development in newborns measured by diffusion MRI",
+                         top_n=5, candidates=20, include_text=True, include_metadata=True, raw=True)
+    assert len(resp.hits) == 5
+    assert [h.rank for h in resp.hits] == [1, 2, 3, 4, 5]
+    scores = [h.score for h in resp.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h.HasField("text") and h.text for h in resp.hits)
+    assert resp.reranked and resp.reranker_model == "rerankd-ce-MiniLM-L6"
+    assert resp.embedder_model == "all-MiniLM-L6-v2"
+    assert resp.first_stage == pb.FIRST_STAGE_HYBRID
+    t = resp.timings
+    assert t.embed_us > 0 and t.ann_us > 0 and t.bm25_us > 0 and t.rerank_us > 0
+    assert t.total_us >= t.rerank_us
+    # first-stage ranks are a permutation subset of 1..candidates
+    assert all(1 <= h.first_stage_rank <= 20 for h in resp.hits)
+
+
+@pytest.mark.parametrize("stage", ["dense", "bm25", "hybrid"])
+def test_first_stage_without_rerank(client, stage):
+    # "4983" is about white matter in newborns (diffusion tensor MRI); every leg finds it first.
+    hits = client.search("Microstructural development of human newborn cerebral white matter assessed by diffusion tensor MRI",
+                         top_n=3, candidates=10, rerank=False, first_stage=stage)
+    assert hits[0]["id"] == "4983"
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert [h["score"] for h in hits] == [h["first_stage_score"] for h in hits]
+
+
+def test_encode_query_and_document_side(client):
+    v = client.encode([{"id": "a", "text": "aspirin and colorectal cancer"}, {"id": "b", "text": "stock markets"}], is_query=True)
+    assert v.shape == (2, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    single = client.encode("aspirin and colorectal cancer", is_query=False)
+    np.testing.assert_allclose(single, v[0], atol=1e-5)  # symmetric model: same vector either side
+
+
+def test_score_sorted_and_matches_scoring_each_pair_alone(client, scifact_docs):
+    items = [{"id": d["_id"], "text": d["title"] + " " + d["text"]} for d in scifact_docs[:12]]
+    query = "diffusion tensor imaging of white matter in preterm infants"
+    ranked = client.score(query, items)
+    assert [r["rank"] for r in ranked] == list(range(1, 13))
+    assert sorted(r["item_id"] for r in ranked) == sorted(it["id"] for it in items)
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True)
+    alone = {it["id"]: client.score(query, [it])[0]["score"] for it in items}
+    for r in ranked:
+        assert r["score"] == pytest.approx(alone[r["item_id"]], abs=1e-4)
+    assert [r["item_id"] for r in ranked] == sorted(alone, key=lambda i: -alone[i])
+
+
+def test_score_model_name_check(client):
+    with pytest.raises(ValueError):
+        client.score("q", [{"id": "a", "text": "t"}], model="some-other-model")
+
+
+def test_upsert_replace_delete_stats(client):
+    before = client.stats()
+    r = client.upsert([{"id": "zz-1", "text": "Zebrafish fin regeneration requires osteoblast dedifferentiation.",
+                        "metadata": {"source": "test"}}])
+    assert r.upserted == 1 and r.replaced == 0
+    r2 = client.upsert([{"id": "zz-1", "text": "Zebrafish heart regeneration depends on cardiomyocyte proliferation."}])
+    assert r2.replaced == 1 and r2.sequence > r.sequence
+    hits = client.search("zebrafish heart regeneration cardiomyocyte proliferation", top_n=1, candidates=5,
+                         include_text=True, include_metadata=True, rerank=False)
+    assert hits[0]["id"] == "zz-1" and "heart" in hits[0]["text"]
+    assert hits[0]["metadata"] == {}  # the replacement carried no metadata
+    assert client.stats().documents == before.documents + 1
+    d = client.delete(["zz-1", "never-existed"])
+    assert d.deleted == 1 and list(d.not_found) == ["never-existed"]
+    for stage in ("dense", "bm25", "hybrid"):
+        ids = [h["id"] for h in client.search("zebrafish heart regeneration cardiomyocyte", top_n=10, candidates=10,
+                                              rerank=False, first_stage=stage)]
+        assert "zz-1" not in ids, stage
+    s = client.stats()
+    assert s.documents == before.documents
+    assert s.dimension == 384 and s.embedder_model == "all-MiniLM-L6-v2"
+    assert s.deleted_not_compacted >= 1
+
+
+def test_upsert_stream(client):
+    docs = [{"id": f"st-{i}", "text": f"Streaming document number {i} about protein folding."} for i in range(10)]
+    r = client.upsert_stream([docs[:4], docs[4:]])
+    assert r.upserted == 10
+    assert client.delete([d["id"] for d in docs]).deleted == 10
+
+
+LONG = "word " * 20000
+
+
+@pytest.mark.parametrize(
+    "call,field",
+    [
+        (lambda c: c.search(""), "query"),
+        (lambda c: c.search("   \t\n"), "query"),
+        (lambda c: c.search("q", top_n=0), "top_n"),
+        (lambda c: c.search("q", top_n=20, candidates=10), "top_n"),
+        (lambda c: c.search("q", candidates=1001), "candidates"),
+        (lambda c: c.search("q", candidates=0), "candidates"),
+        (lambda c: c.search("q " * 3000), "query"),
+        (lambda c: c.search("protein " * 200, top_n=1, candidates=5), "query"),  # too many tokens for the reranker
+        (lambda c: c.score("q", []), "items"),
+        (lambda c: c.score("", [{"id": "a", "text": "t"}]), "query"),
+        (lambda c: c.score("q", [{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]), "items[1].id"),
+        (lambda c: c.score("q", [{"id": "", "text": "t"}]), "items[0].id"),
+        (lambda c: c.score("q", [{"id": "a", "text": " "}]), "items[0].text"),
+        (lambda c: c.score("q", [{"id": str(i), "text": "t"} for i in range(513)]), "items"),
+        (lambda c: c.score("q", [{"id": "a", "text": LONG}]), "items[0].text"),
+        (lambda c: c.encode([]), "items"),
+        (lambda c: c.encode([{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]), "items[1].id"),
+        (lambda c: c.upsert([{"id": "d", "text": ""}]), "documents[0].text"),
+        (lambda c: c.upsert([{"id": "", "text": "t"}]), "documents[0].id"),
+        (lambda c: c.upsert([{"id": "d", "text": "t"}, {"id": "d", "text": "t"}]), "documents[1].id"),
+        (lambda c: c.upsert([{"id": "d", "text": LONG}]), "documents[0].text"),
+        (lambda c: c.delete([]), "ids"),
+        (lambda c: c.delete(["a", "a"]), "ids[1]"),
+        (lambda c: c.upsert_stream([[{"id": "ok-1", "text": "fine"}], [{"id": "bad", "text": ""}]]), "batch[1].documents[0].text"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client, call, field):
+    assert_invalid(lambda: call(client), field)
+
+
+def test_unknown_first_stage_enum(server):
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.RetrievalStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Search(pb.SearchRequest(query="q", first_stage=42))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first_stage" in ei.value.details()
+
+
+def test_expired_deadline_is_deadline_exceeded(client):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.search("white matter", candidates=200, top_n=5, timeout=0.001)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # and the server keeps serving
+    assert client.stats().documents >= N_DOCS
+
+
+def test_hnsw_recall_vs_brute_force(server):
+    """First stage vs exact cosine over the same stored vectors, >= 1000 real documents."""
+    p = server.app.pipeline
+    labels, vecs = p.store.vectors(p.dim)
+    assert len(labels) >= 1000
+    rng = np.random.default_rng(0)
+    queries = vecs[rng.choice(len(vecs), 100, replace=False)] + rng.normal(0, 0.02, (100, p.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    hits = 0
+    for q, ex in zip(queries, exact):
+        got, _ = p.dense.search(q, 10)
+        hits += len(set(got.tolist()) & set(labels[ex].tolist()))
+    recall = hits / (10 * len(queries))
+    assert recall >= 0.95, recall
