@@ -14,7 +14,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # CPU-only torch first: a plain `torch` requirement would pull GBs of CUDA wheels.
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,eval,bench,dev]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[export,eval,bench,dev,loadtest]"
   touch "$STAMP"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,0 +1,159 @@
+"""OpenVINO variants of an exported bundle, each behind an accuracy gate.
+
+* ``openvino-bf16``: no new file — the fp32 ``model.onnx`` run by OpenVINO with
+  ``INFERENCE_PRECISION_HINT=bf16``. Measured here against ONNX Runtime fp32 on the parity cases.
+* ``openvino-int8``: NNCF post-training quantization (``ModelType.TRANSFORMER``, mixed preset)
+  calibrated on real text (the parity texts plus ``--calibration-jsonl`` corpus text), saved as
+  OpenVINO IR ``model.ov-int8.xml/.bin`` and gated the same way — run, like it is served, with
+  bf16 for the float ops left (``INFERENCE_PRECISION_HINT=bf16``) on CPUs that have it.
+
+Gates (stated once, here): embed — min cosine to fp32 >= 0.995 (bf16) / 0.98 (int8);
+rerank — max |logit diff| <= 0.25 and Spearman over all pairs >= 0.98 (both variants).
+A variant that fails its gate is refused: not written to the manifest (its files are removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import parity
+
+log = logging.getLogger("rerankd_export.openvino")
+
+GATES = {
+    ("embed", "openvino-bf16"): {"min_cosine": 0.995},
+    ("embed", "openvino-int8"): {"min_cosine": 0.98},
+    ("rerank", "openvino-bf16"): {"max_abs_diff": 0.25, "min_spearman": 0.98},
+    ("rerank", "openvino-int8"): {"max_abs_diff": 0.25, "min_spearman": 0.98},
+}
+INT8_FILE = "model.ov-int8.xml"
+
+
+class GateError(parity.ParityError):
+    pass
+
+
+def _has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _compile(core, model, precision_hint: str):
+    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"})
+
+
+def _run(compiled, encoding: dict, inputs: Sequence[str]) -> np.ndarray:
+    req = compiled.create_infer_request()
+    req.infer({k: np.asarray(encoding[k], dtype=np.int64) for k in inputs})
+    return np.array(req.get_output_tensor(0).data, copy=True)
+
+
+def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
+    gate = GATES[(task, variant)]
+    records = []
+    if task == "embed":
+        worst = 1.0
+        for case, ref, got in zip(cases, ref_outputs, outputs):
+            mask = case.encoding["attention_mask"]
+            cos = float(np.min(np.sum(parity.mean_pool_normalize(got, mask) * parity.mean_pool_normalize(ref, mask), axis=1)))
+            worst = min(worst, cos)
+            records.append({"kind": case.kind, "batch": case.batch, "length": case.length, "min_cosine": cos})
+        ok = worst >= gate["min_cosine"]
+        rec = {"reference": "onnxruntime fp32", "metric": "min_cosine", "gate": gate, "min_cosine": worst, "cases": records}
+        summary = f"min cosine {worst:.5f} (gate >= {gate['min_cosine']})"
+    else:
+        refs = np.concatenate([r.ravel() for r in ref_outputs])
+        gots = np.concatenate([g.ravel() for g in outputs])
+        worst = float(np.max(np.abs(refs.astype(np.float64) - gots)))
+        rho = parity.spearman(refs, gots)
+        ok = worst <= gate["max_abs_diff"] and rho >= gate["min_spearman"]
+        rec = {"reference": "onnxruntime fp32", "metric": "max_abs_diff", "gate": gate, "max_abs_diff": worst,
+               "spearman": rho, "pairs": int(refs.size), "logit_std_fp32": float(np.std(refs))}
+        summary = f"max_abs_diff {worst:.4f} (gate <= {gate['max_abs_diff']}), Spearman {rho:.4f} (gate >= {gate['min_spearman']})"
+    rec["passed"] = bool(ok)
+    if not ok:
+        raise GateError(f"{variant} ({task}) refused: {summary}")
+    log.info("%s (%s) gate ok: %s", variant, task, summary)
+    return rec
+
+
+def _calibration_texts(path: Path | None, limit: int) -> list[str]:
+    if path is None:
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            out.append(((d.get("title") or "") + " " + d.get("text", "")).strip())
+            if len(out) >= limit:
+                break
+    return out
+
+
+def add_openvino_variants(bundle_dir: str | os.PathLike[str], *, int8: bool = True, bf16: bool = True,
+                          calibration_jsonl: Path | None = None, calibration_size: int = 128) -> dict:
+    """Add gated OpenVINO variants to an exported bundle's manifest (idempotent)."""
+    import nncf
+    import openvino as ov
+
+    bundle = Path(bundle_dir)
+    mf_path = bundle / "manifest.json"
+    manifest = json.loads(mf_path.read_text())
+    task, max_length, inputs = manifest["task"], int(manifest["max_length"]), list(manifest["inputs"])
+    variants = manifest.setdefault("variants", {})
+    want_bf16 = bf16 and _has_bf16() and "openvino-bf16" not in variants
+    want_int8 = int8 and not (variants.get("openvino-int8") and (bundle / variants["openvino-int8"]["file"]).is_file())
+    if not (want_bf16 or want_int8):
+        return manifest
+    tok = parity.load_bundle_tokenizer(bundle / "tokenizer.json")
+    parity.configure_tokenizer(tok, max_length, task, manifest["special_tokens"].get("pad_id", 0), "[PAD]")
+    extra = _calibration_texts(calibration_jsonl, calibration_size)
+    cases = parity.build_cases(task, tok, inputs, max_length, extra_texts=extra)
+    session = parity.onnx_session(bundle / "model.onnx")
+    output = manifest["output"]
+    refs = [parity.run_onnx(session, c.encoding, output) for c in cases]
+    core = ov.Core()
+    fp32_model = core.read_model(str(bundle / "model.onnx"))
+
+    if want_bf16:
+        compiled = _compile(core, fp32_model, "bf16")
+        outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-bf16 ({task})")]
+        variants["openvino-bf16"] = {"file": "model.onnx", "inference_precision": "bf16", "parity": _gate(task, "openvino-bf16", cases, refs, outs)}
+
+    if want_int8:
+        samples = [{k: np.asarray(c.encoding[k], dtype=np.int64) for k in inputs} for c in cases]
+        quantized = nncf.quantize(
+            fp32_model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples),
+        )
+        out_xml = bundle / INT8_FILE
+        ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+        # Served as int8 weights/activations with bf16 for the remaining float ops where the CPU has it.
+        hint = "bf16" if _has_bf16() else "f32"
+        compiled = _compile(core, core.read_model(str(out_xml)), hint)
+        outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-int8 ({task})")]
+        try:
+            rec = _gate(task, "openvino-int8", cases, refs, outs)
+        except GateError:
+            out_xml.unlink(missing_ok=True)
+            out_xml.with_suffix(".bin").unlink(missing_ok=True)
+            raise
+        variants["openvino-int8"] = {
+            "file": INT8_FILE, "inference_precision": hint, "sha256": hashlib.sha256(out_xml.with_suffix(".bin").read_bytes()).hexdigest(),
+            "calibration": {"samples": len(samples), "corpus_texts": len(extra)}, "parity": rec,
+        }
+
+    tmp = mf_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, mf_path)
+    return manifest

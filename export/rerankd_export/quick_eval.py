@@ -1,0 +1,263 @@
+"""Quick PyTorch evaluation of a cross-encoder checkpoint on a BEIR dataset.
+
+Runs the hybrid first stage (dense all-MiniLM-L6-v2 exact cosine + BM25, RRF k=60, the
+same code the trainer mines negatives with), reranks the top ``depth`` with the
+cross-encoder and reports NDCG@10 / MRR@10 / P@5 (``ir_measures``) for the first stage and
+the reranked run. This is evaluation, so it reads ``qrels/<split>.tsv`` (test by default).
+
+    python -m rerankd_export.quick_eval --model checkpoints/rerankd-ce-MiniLM-L6 \
+        --dataset /work/shared/datasets/scifact [--update-card]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np
+
+from rerankd_export.train_reranker import (
+    CARD_METRICS_END,
+    CARD_METRICS_START,
+    DEFAULT_CACHE,
+    HybridRetriever,
+    _machine,
+    _progress,
+    autocast,
+    default_base_dir,
+    load_corpus,
+    load_qrels,
+    load_queries,
+    resolve_bf16,
+    resolve_device,
+    set_threads,
+)
+
+MEASURES = ("nDCG@10", "RR@10", "P@5")
+LABELS = {"nDCG@10": "NDCG@10", "RR@10": "MRR@10", "P@5": "P@5"}
+
+
+def _metrics(qrels: dict, run: dict) -> dict[str, float]:
+    import ir_measures
+
+    measures = [ir_measures.parse_measure(m) for m in MEASURES]
+    agg = ir_measures.calc_aggregate(measures, qrels, run)
+    return {LABELS[str(m)]: round(float(agg[m]), 4) for m in measures}
+
+
+def score_pairs(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    device: str = "cpu",
+    bf16: bool = False,
+    batch_size: int = 32,
+    max_length: int = 256,
+    desc: str = "rerank",
+) -> np.ndarray:
+    """Cross-encoder logits for (query, doc) pairs, batched by length."""
+    import torch
+
+    scores = np.zeros(len(pairs), dtype=np.float32)
+    order = np.argsort([-(len(q) + len(d)) for q, d in pairs], kind="stable")
+    bar = _progress(total=len(pairs), desc=desc, unit="pair", disable=len(pairs) < 256)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            enc = tokenizer(
+                [pairs[i][0] for i in idx],
+                [pairs[i][1] for i in idx],
+                truncation="only_second",
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            with autocast(device, bf16):
+                logits = model(**enc).logits
+            scores[idx] = logits.float()[:, 0].cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return scores
+
+
+def evaluate_reranker(
+    model_dir,
+    dataset,
+    split: str = "test",
+    depth: int = 50,
+    max_length: int = 256,
+    *,
+    encoder_dir=None,
+    device: str = "auto",
+    bf16: str = "off",
+    batch_size: int = 32,
+    threads: int | None = None,
+    cache_dir=DEFAULT_CACHE,
+    limit_queries: int | None = None,
+) -> dict:
+    """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
+
+    Returns ``{"first_stage": {...}, "reranked": {...}, ...}`` with NDCG@10, MRR@10, P@5.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    use_bf16 = resolve_bf16(bf16, dev)
+    n_threads = set_threads(threads)
+    dataset = Path(dataset)
+    corpus = load_corpus(dataset)
+    queries = load_queries(dataset)
+    qrels = load_qrels(dataset, split)
+    qids = [q for q in sorted(qrels) if q in queries]
+    if limit_queries:
+        qids = qids[:limit_queries]
+    qrels = {q: qrels[q] for q in qids}
+
+    retriever = HybridRetriever(
+        corpus,
+        Path(encoder_dir) if encoder_dir else default_base_dir(),
+        device=dev,
+        bf16=False,  # first stage in fp32, as served
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    hits = retriever.search([queries[q] for q in qids], depth=depth)
+    del retriever
+    first_run = {
+        q: {corpus.ids[d]: float(s) for d, s in h} for q, h in zip(qids, hits)
+    }
+    t_first = time.time() - t0
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), dtype=torch.float32
+    ).to(dev).eval()
+    pairs, owners = [], []
+    for q, h in zip(qids, hits):
+        for d, _ in h:
+            pairs.append((queries[q], corpus.full_text(d)))
+            owners.append((q, corpus.ids[d]))
+    t1 = time.time()
+    scores = score_pairs(
+        model, tok, pairs, device=dev, bf16=use_bf16, batch_size=batch_size, max_length=max_length
+    )
+    t_rerank = time.time() - t1
+    rerun: dict[str, dict[str, float]] = {}
+    for (q, d), s in zip(owners, scores):
+        rerun.setdefault(q, {})[d] = float(s)
+    # queries whose first stage returned nothing still count (as zeros)
+    for q in qids:
+        first_run.setdefault(q, {})
+        rerun.setdefault(q, {})
+
+    result = {
+        "model": str(model_dir),
+        "dataset": str(dataset),
+        "split": split,
+        "queries": len(qids),
+        "depth": depth,
+        "max_length": max_length,
+        "first_stage": _metrics(qrels, first_run),
+        "reranked": _metrics(qrels, rerun),
+        "first_stage_desc": f"hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), RRF k=60, top-{depth}",
+        "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
+        "rerank_pairs": len(pairs),
+        "rerank_pairs_per_s": round(len(pairs) / max(t_rerank, 1e-6), 1),
+        "first_stage_wall_s": round(t_first, 1),
+        "wall_s": round(time.time() - t0, 1),
+        "machine": _machine(dev, n_threads),
+    }
+    return result
+
+
+def metrics_markdown(res: dict) -> str:
+    fs, rr = res["first_stage"], res["reranked"]
+    rows = [
+        f"{res['dataset'].rstrip('/').split('/')[-1]} `{res['split']}` ({res['queries']} queries), "
+        f"reranking the {res['first_stage_desc']}; cross-encoder max length "
+        f"{res['max_length']}, {res['rerank_precision']} "
+        f"(`python -m rerankd_export.quick_eval`).",
+        "",
+        "| run | NDCG@10 | MRR@10 | P@5 |",
+        "|---|---|---|---|",
+        f"| first stage (hybrid) | {fs['NDCG@10']:.4f} | {fs['MRR@10']:.4f} | {fs['P@5']:.4f} |",
+        f"| + rerankd-ce-MiniLM-L6 top-{res['depth']} | {rr['NDCG@10']:.4f} | {rr['MRR@10']:.4f} | {rr['P@5']:.4f} |",
+        "",
+        f"Reranking throughput during evaluation: {res['rerank_pairs_per_s']} pairs/s on "
+        f"{res['machine']}.",
+    ]
+    return "\n".join(rows)
+
+
+def update_card(model_dir, res: dict) -> None:
+    """Write the metrics into README.md (between the markers) and config.json."""
+    model_dir = Path(model_dir)
+    card = model_dir / "README.md"
+    md = metrics_markdown(res)
+    if card.exists():
+        text = card.read_text(encoding="utf-8")
+        if CARD_METRICS_START in text and CARD_METRICS_END in text:
+            head, rest = text.split(CARD_METRICS_START, 1)
+            _, tail = rest.split(CARD_METRICS_END, 1)
+            text = f"{head}{CARD_METRICS_START}\n{md}\n{CARD_METRICS_END}{tail}"
+        else:
+            text = text.rstrip() + f"\n\n## Evaluation\n\n{CARD_METRICS_START}\n{md}\n{CARD_METRICS_END}\n"
+        card.write_text(text, encoding="utf-8")
+    cfg_path = model_dir / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        evals = cfg.setdefault("rerankd", {}).setdefault("eval", {})
+        key = f"{Path(res['dataset']).name}/{res['split']}@{res['depth']}"
+        evals[key] = {k: res[k] for k in ("first_stage", "reranked", "queries", "max_length", "rerank_precision")}
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rerankd_export.quick_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="cross-encoder checkpoint dir")
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--encoder", type=Path, default=None, help="first-stage bi-encoder dir")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
+                   help="bf16 autocast for the reranker (default off: fp32 as served)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="'none' to disable")
+    p.add_argument("--limit-queries", type=int, default=None, help="first N queries only")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the metrics into the checkpoint's README.md and config.json")
+    a = p.parse_args(argv)
+    cache = None if str(a.cache_dir).lower() in ("", "none", "off") else a.cache_dir
+    res = evaluate_reranker(
+        a.model, a.dataset, a.split, a.depth, a.max_length, encoder_dir=a.encoder,
+        device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
+        cache_dir=cache, limit_queries=a.limit_queries,
+    )
+    print(json.dumps(res, indent=2))
+    print(metrics_markdown(res), file=sys.stderr)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    if a.update_card:
+        if a.limit_queries:
+            print("refusing --update-card with --limit-queries", file=sys.stderr)
+            return 2
+        update_card(a.model, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
