@@ -13,7 +13,9 @@ from rerankd.config import Settings
 def settings_for(models_dir: Path, data_dir: Path, **sections) -> Settings:
     s = Settings().replace(
         server={"listen": "127.0.0.1:0"},
-        model={"models_dir": models_dir},
+        # ONNX Runtime fp32: dynamic shapes (no per-shape compile), the reference the other
+        # backends are gated against. Backend-specific tests pick their own.
+        model={"models_dir": models_dir, "backend": "onnxruntime", "precision": "fp32"},
         index={"data_dir": data_dir},
         batch={"warmup": False},
     )

@@ -102,11 +102,20 @@ def _calibration_texts(path: Path | None, limit: int) -> list[str]:
 
 def add_openvino_variants(bundle_dir: str | os.PathLike[str], *, int8: bool = True, bf16: bool = True,
                           calibration_jsonl: Path | None = None, calibration_size: int = 128) -> dict:
-    """Add gated OpenVINO variants to an exported bundle's manifest (idempotent)."""
+    """Add gated OpenVINO variants to an exported bundle's manifest (idempotent, process-safe)."""
+    import fcntl
+
+    bundle = Path(bundle_dir)
+    with open(bundle.parent / f".{bundle.name}.openvino.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _add_variants(bundle, int8=int8, bf16=bf16, calibration_jsonl=calibration_jsonl,
+                             calibration_size=calibration_size)
+
+
+def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Path | None, calibration_size: int) -> dict:
     import nncf
     import openvino as ov
 
-    bundle = Path(bundle_dir)
     mf_path = bundle / "manifest.json"
     manifest = json.loads(mf_path.read_text())
     task, max_length, inputs = manifest["task"], int(manifest["max_length"]), list(manifest["inputs"])
@@ -137,7 +146,10 @@ def add_openvino_variants(bundle_dir: str | os.PathLike[str], *, int8: bool = Tr
             preset=nncf.QuantizationPreset.MIXED, subset_size=len(samples),
         )
         out_xml = bundle / INT8_FILE
-        ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+        tmp_xml = bundle / ("tmp-" + INT8_FILE)
+        ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+        os.replace(tmp_xml.with_suffix(".bin"), out_xml.with_suffix(".bin"))
+        os.replace(tmp_xml, out_xml)
         # Served as int8 weights/activations with bf16 for the remaining float ops where the CPU has it.
         hint = "bf16" if _has_bf16() else "f32"
         compiled = _compile(core, core.read_model(str(out_xml)), hint)

@@ -545,8 +545,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="safety net: stop training (and save) after this many minutes")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                   help="wall-clock budget for the training loop in minutes (shared/slow CPUs): "
+                        "progress = max(step/steps, elapsed/budget) drives the linear warmup/decay "
+                        "and training stops (and saves) when it reaches 1")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
@@ -590,7 +592,6 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        get_linear_schedule_with_warmup,
     )
     from transformers.utils import logging as hf_logging
 
@@ -665,7 +666,26 @@ def run_train(args: argparse.Namespace) -> int:
          "weight_decay": 0.0},
     ]
     optim = torch.optim.AdamW(params, lr=args.lr)
-    sched = get_linear_schedule_with_warmup(optim, int(args.warmup * total_steps), total_steps)
+    budget_s = 60.0 * args.time_budget if args.time_budget else None
+    t_train = time.time()
+
+    def progress(done: int) -> float:
+        frac = done / total_steps
+        if budget_s:
+            frac = max(frac, (time.time() - t_train) / budget_s)
+        return min(frac, 1.0)
+
+    def lr_factor(frac: float) -> float:  # linear warmup, then linear decay to 0
+        w = args.warmup
+        return frac / w if frac < w and w > 0 else max(0.0, (1.0 - frac) / max(1e-9, 1.0 - w))
+
+    def set_lr(frac: float) -> float:
+        f = lr_factor(frac)
+        for g in optim.param_groups:
+            g["lr"] = args.lr * f
+        return args.lr * f
+
+    cur_lr = set_lr(0.0)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     rng = random.Random(args.seed)
@@ -676,7 +696,6 @@ def run_train(args: argparse.Namespace) -> int:
     window: list[float] = []
     log_every = max(1, min(50, total_steps // 20 or 1))
     losses_finite = True
-    t_train = time.time()
     bar = _progress(total=total_steps, desc="train", unit="step")
     epoch = 0
     stopped_early = False
@@ -685,9 +704,11 @@ def run_train(args: argparse.Namespace) -> int:
         for batch in batches:
             if step >= total_steps:
                 break
-            if args.max_minutes and time.time() - t_train > 60 * args.max_minutes:
+            frac = progress(step)
+            if budget_s and frac >= 1.0:
                 stopped_early = True
                 break
+            cur_lr = set_lr(progress(step + 0.5))
             enc = {k: v.to(device) for k, v in collate(feats, batch, tokenizer.pad_token_id).items()}
             with autocast(device, bf16):
                 logits = model(**enc).logits
@@ -698,7 +719,6 @@ def run_train(args: argparse.Namespace) -> int:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
-            sched.step()
             step += 1
             val = float(loss.detach())
             losses_finite &= math.isfinite(val)
@@ -710,10 +730,12 @@ def run_train(args: argparse.Namespace) -> int:
                 window = []
             el = time.time() - t_train
             bar.set_postfix(ep=epoch, loss=f"{ema:.4f}", pairs_s=f"{pairs_seen / max(el, 1e-6):.1f}",
-                            lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
+                            lr=f"{cur_lr:.1e}", refresh=False)
             bar.update(1)
         epoch += 1
     bar.close()
+    if window:
+        curve.append([step, round(sum(window) / len(window), 5)])
     train_s = time.time() - t_train
     pairs_per_s = pairs_seen / max(train_s, 1e-6)
     print(f"[train] {step} steps, {pairs_seen} pairs in {train_s:.0f}s = {pairs_per_s:.1f} pairs/s, "
@@ -754,6 +776,7 @@ def run_train(args: argparse.Namespace) -> int:
         "steps": step,
         "planned_steps": total_steps,
         "stopped_early": stopped_early,
+        "time_budget_min": args.time_budget,
         "batch_groups": args.batch_groups,
         "pairs_per_step": args.batch_groups * pairs_per_group,
         "lr": args.lr,
@@ -799,7 +822,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     """The equivalent ``rerankd train-reranker`` command line for the recipe."""
     parts = ["rerankd", "train-reranker"]
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
-                "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "max_minutes",
+                "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
                 "seed", "device", "bf16", "threads", "mining_depth", "skip_top"):
         val = getattr(args, key, None)
         if val is None:
@@ -867,7 +890,7 @@ use only**. The base model all-MiniLM-L6-v2 is Apache-2.0.
 |---|---|
 | objective | {r['objective']} |
 | groups per step | {r['batch_groups']} ({r['pairs_per_step']} pairs) |
-| epochs / steps | {r['epochs']} / {r['steps']} |
+| epochs / steps | {r['epochs']} planned / {r['steps']} steps done of {r['planned_steps']}{' (stopped by the ' + str(r['time_budget_min']) + ' min time budget)' if r['stopped_early'] else ''} |
 | optimizer | {r['optimizer']}, lr {r['lr']}, warmup {r['warmup']}, weight decay {r['weight_decay']} |
 | max length (train / inference) | {r['train_max_length']} / {r['max_length']} |
 | precision | {"bf16 autocast, fp32 master weights" if r['bf16_autocast'] else "fp32"} |

@@ -106,6 +106,9 @@ class Batcher:
         if self.batch_sizes[0] != 1:
             # Without a bucket of 1 a lone sequence would need padding rows; keep it simple.
             self.batch_sizes = [1, *self.batch_sizes]
+        if config.sort_window < 1:
+            # A window of 0 never takes a batch: the former would spin on the event loop forever.
+            raise ValueError(f"sort_window must be at least 1, got {config.sort_window}")
         if config.max_batch_tokens < max_length:
             raise ValueError(f"max_batch_tokens={config.max_batch_tokens} is below max_length={max_length}")
         self._queue: deque[_Item] = deque()
@@ -138,12 +141,16 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.call.future.done():
-                item.call.future.set_exception(BackendError(f"{self.name}: shutting down"))
+        # Fail every call still waiting: queued, in a prepared batch (the runner fails the batch
+        # it had in flight when it was cancelled).
+        err = BackendError(f"{self.name}: shutting down")
+        self._fail(list(self._queue), err)
+        self._queue.clear()
+        while self._ready is not None and not self._ready.empty():
+            self._fail(self._ready.get_nowait().items, err)
         self._queued = 0
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Wait for a batch still running in the model thread without blocking the event loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     @property
     def queue_depth(self) -> int:
@@ -318,6 +325,9 @@ class Batcher:
                     call.remaining -= 1
                     if call.remaining == 0:
                         call.future.set_result(call.results)
+            except asyncio.CancelledError:  # close(): never leave this batch's callers hanging
+                self._fail(prepared.items, BackendError(f"{self.name}: shutting down"))
+                raise
             finally:
                 self._slots.release()
 

@@ -105,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "rerankd.evaluate", "measure retrieval quality on a BEIR dataset"),
         ("bench", "rerankd.bench", "benchmark rerank and Search latency"),
     ):
-        try:
-            mod = __import__(module, fromlist=["add_arguments", "run"])
-        except ImportError:
-            continue
+        mod = __import__(module, fromlist=["add_arguments", "run"])
         sp = sub.add_parser(name, help=help_text)
         mod.add_arguments(sp)
         sp.set_defaults(func=mod.run)

@@ -110,11 +110,12 @@ class Client:
         return self._stub.Upsert(pb.UpsertRequest(documents=[_doc(d) for d in documents]), **self._kw(timeout))
 
     def upsert_stream(self, batches: Iterable[Iterable[Mapping[str, Any]]], *, timeout: float | None = None) -> pb.UpsertResponse:
+        """Bulk ingest over one client stream. No deadline unless ``timeout`` is given (a corpus can take minutes)."""
         def gen() -> Iterator[pb.UpsertRequest]:
             for batch in batches:
                 yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
 
-        return self._stub.UpsertStream(gen(), **self._kw(timeout))
+        return self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
 
     def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
         return self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))

@@ -30,8 +30,19 @@ class ServerConfig:
     listen: str = _f("[::]:50051", "gRPC listen address(es), comma-separated: host:port or unix:///path")
     grace_period_s: float = _f(10.0, "SIGTERM: seconds to finish in-flight calls before cancelling them")
     max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
-    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method; beyond it RESOURCE_EXHAUSTED")
+    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (except Search); beyond it RESOURCE_EXHAUSTED")
+    max_concurrent_search: int = _f(8, "Search calls admitted at once; beyond it RESOURCE_EXHAUSTED with a retry hint")
+    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is shorter than the method's recent median latency")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
+    metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
+    tls_cert: str = _f("", "TLS server certificate chain (PEM); with --tls-key enables TLS on TCP listeners")
+    tls_key: str = _f("", "TLS server private key (PEM)")
+    tls_client_ca: str = _f("", "CA bundle (PEM) to require and verify client certificates (mTLS)")
+    auth_token: str = _f("", "Static bearer token required in `authorization: Bearer <token>` (health checks exempt)")
+    keepalive_time_s: float = _f(60.0, "Server keepalive ping interval on idle connections")
+    keepalive_timeout_s: float = _f(20.0, "Keepalive ping ack timeout before the connection is closed")
+    min_client_ping_interval_s: float = _f(10.0, "Smallest client keepalive ping interval accepted")
+    max_connection_age_s: float = _f(0.0, "Close connections after this age so clients rebalance (0 = never)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,11 +50,11 @@ class ModelConfig:
     models_dir: Path = _f(Path("models"), "Directory of exported model bundles (rerankd export)")
     embedder: str = _f(DEFAULT_EMBEDDER, "Embedder bundle name under --models-dir")
     reranker: str = _f(DEFAULT_RERANKER, "Cross-encoder bundle name under --models-dir")
-    backend: str = _f("onnxruntime", "Inference backend (see `rerankd backends`)")
-    precision: str = _f("fp32", "Model variant from the bundle manifest: fp32 | int8")
+    backend: str = _f("auto", "Inference backend: auto | onnxruntime | openvino (auto = fastest gated variant)")
+    precision: str = _f("auto", "Precision: auto | fp32 | int8 | bf16 (openvino); must be a gated bundle variant")
     threads: int = _f(0, "Intra-op threads per model (0 = number of CPU cores)")
     score_activation: str = _f("none", "Reranker score: none (raw logit) | sigmoid")
-    max_query_tokens: int = _f(64, "Reranker: query tokens kept whole; longer queries are rejected")
+    max_query_tokens: int = _f(128, "Reranker: queries up to this many tokens are kept whole (the passage is cut); longer ones are rejected")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +76,11 @@ class IndexConfig:
     rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for hybrid retrieval")
     first_stage: str = _f("hybrid", "Default first stage: dense | bm25 | hybrid")
     hybrid_depth: int = _f(100, "Hybrid: candidates taken from each leg before fusion (at least k)")
+    snapshot_every: int = _f(
+        10000,
+        "Save the HNSW snapshot in the background after this many changes (upserted or deleted documents), "
+        "so a restart after a crash replays at most about that many; 0 = only at shutdown and Compact",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,11 @@ class EmbeddedServer:
         if self._error is not None:
             raise self._error
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(grace=0)  # never leak a bound server when models fail to load
+                raise
         return self
 
     def wait_ready(self) -> None:

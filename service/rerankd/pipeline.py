@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import snapshot
-from .backends import BackendOptions, create_backend
+from .backends import BackendOptions, create_backend, resolve
 from .bundle import ModelBundle
 from .config import Settings
 from .errors import InvalidArgument, NotReady
@@ -117,18 +118,31 @@ def _us(seconds: float) -> int:
     return int(seconds * 1e6)
 
 
+def _dir_bytes(path: Path) -> int:
+    """Total file size; files renamed away meanwhile (a snapshot's .tmp files) are skipped."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class Pipeline:
     def __init__(self, settings: Settings, on_batch=None) -> None:
         """Blocking: loads the model bundles, opens the store, brings the indexes up to date."""
         self.settings = settings
         s = settings
-        opts = BackendOptions(precision=s.model.precision, threads=s.model.threads)
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
-        self.backend_name = s.model.backend
-        self.embedder = Embedder(emb_bundle, create_backend(s.model.backend, emb_bundle, opts), s.batch, on_batch=on_batch)
+        self.backend_name, self.precision = resolve(s.model.backend, s.model.precision, [emb_bundle, rr_bundle])
+        opts = BackendOptions(precision=self.precision, threads=s.model.threads)
+        log.info("backend %s, precision %s", self.backend_name, self.precision)
+        self.embedder = Embedder(emb_bundle, create_backend(self.backend_name, emb_bundle, opts), s.batch, on_batch=on_batch)
         self.reranker = Reranker(
-            rr_bundle, create_backend(s.model.backend, rr_bundle, opts), s.batch,
+            rr_bundle, create_backend(self.backend_name, rr_bundle, opts), s.batch,
             max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
         )
         if not self.reranker.trained:
@@ -147,8 +161,23 @@ class Pipeline:
         self.bm25 = BM25Index(self.store.texts)
         self.bm25.refresh()
         self._write_lock: asyncio.Lock | None = None
-        self._changes_since_snapshot = 0
+        # Held (in the worker thread) around "commit to the store + apply to the in-memory
+        # indexes", and by a snapshot while it reads the sequence it covers: so every change at
+        # or below that sequence is in the graph being saved. An asyncio lock alone is not
+        # enough: a cancelled call releases it while its worker thread is still applying.
+        self._apply_lock = threading.RLock()
+        self._snapshot_lock = threading.Lock()  # one snapshot save at a time (they share index.bin.tmp)
+        self._applied_seq = self.store.last_seq()
+        # -1: no usable snapshot on disk (rebuilt at start) -> the next save is never skipped.
+        self._snapshot_seq = self.snapshot_info.sequence if self.snapshot_info else -1
+        self._snapshot_task: asyncio.Task | None = None
+        self._closing = False
         self.ready = False
+
+    @property
+    def changes_since_snapshot(self) -> int:
+        """Changes a restart would replay on top of the snapshot on disk."""
+        return self._applied_seq - max(self._snapshot_seq, 0)
 
     def _check_store_models(self, emb: ModelBundle, rr: ModelBundle) -> None:
         """Stored vectors belong to one embedder; cached token ids to one reranker tokenizer."""
@@ -173,6 +202,10 @@ class Pipeline:
         self._write_lock = asyncio.Lock()
         await self.embedder.batcher.start()
         await self.reranker.batcher.start()
+        # A rebuilt graph or a long replay: snapshot now so the next restart does not repeat it.
+        every = self.settings.index.snapshot_every
+        if every > 0 and (self.changes_since_snapshot >= every or (self._snapshot_seq < 0 and self._applied_seq > 0)):
+            self._maybe_snapshot(force=True)
 
     def warmup(self) -> int:
         if not self.settings.batch.warmup:
@@ -181,14 +214,25 @@ class Pipeline:
 
     async def close(self, save_snapshot: bool = True) -> None:
         self.ready = False
+        self._closing = True
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
-        if save_snapshot and self._changes_since_snapshot:
+        task = self._snapshot_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+        if save_snapshot:
             try:
+                # Skipped when nothing changed since the snapshot on disk; takes the apply lock, so
+                # a write still running in a worker thread (its call cancelled at shutdown) is
+                # either fully in the snapshot's sequence and graph or in neither.
                 await asyncio.to_thread(self._save_snapshot)
             except Exception:
                 log.exception("saving the HNSW snapshot at shutdown failed (it is rebuilt on start)")
-        self.store.close()
+        await asyncio.to_thread(self._close_store)
+
+    def _close_store(self) -> None:
+        with self._apply_lock:  # never close the connection under a commit in progress
+            self.store.close()
 
     @property
     def models(self) -> tuple[str, str]:
@@ -295,6 +339,10 @@ class Pipeline:
         check_count(len(docs), limits, field_name)
         check_ids([d.id for d in docs], limits, field_name)
         for i, d in enumerate(docs):
+            if d.title.strip() and not d.text.strip():
+                # Abstract-less corpus entries: the title alone is the indexed text.
+                check_text(d.title, limits, f"{field_name}[{i}].title")
+                continue
             check_text(d.text, limits, f"{field_name}[{i}].text")
             if len(d.title.encode("utf-8", errors="surrogatepass")) > limits.max_text_bytes:
                 raise InvalidArgument(f"{field_name}[{i}].title", f"exceeds the limit of {limits.max_text_bytes} bytes")
@@ -311,13 +359,15 @@ class Pipeline:
         async with self._write_lock:
             # Durable commit, then the in-memory indexes; the lock keeps both in one order.
             labels, replaced, seq = await asyncio.to_thread(self._apply_upsert, rows, vecs)
+        self._maybe_snapshot()
         return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0)))
 
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
-        labels, replaced, seq = self.store.upsert(rows)
-        self.dense.upsert(np.asarray(labels, dtype=np.int64), vecs)
-        self.bm25.mark_dirty()
-        self._changes_since_snapshot += len(rows)
+        with self._apply_lock:
+            labels, replaced, seq = self.store.upsert(rows)
+            self.dense.upsert(np.asarray(labels, dtype=np.int64), vecs)
+            self.bm25.mark_dirty()
+            self._applied_seq = max(self._applied_seq, seq)
         return labels, replaced, seq
 
     async def delete(self, ids: list[str]) -> DeleteResult:
@@ -327,36 +377,71 @@ class Pipeline:
         assert self._write_lock is not None
         async with self._write_lock:
             labels, missing, seq = await asyncio.to_thread(self._apply_delete, ids)
+        self._maybe_snapshot()
         return DeleteResult(len(labels), missing, seq)
 
     def _apply_delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
-        labels, missing, seq = self.store.delete(ids)
-        self.dense.delete(labels)
-        if labels:
-            self.bm25.mark_dirty()
-            self._changes_since_snapshot += len(labels)
+        with self._apply_lock:
+            labels, missing, seq = self.store.delete(ids)
+            self.dense.delete(labels)
+            if labels:
+                self.bm25.mark_dirty()
+                self._applied_seq = max(self._applied_seq, seq)
         return labels, missing, seq
 
     # -- operations ------------------------------------------------------------------------------------
-    def _save_snapshot(self) -> snapshot.SnapshotInfo:
-        seq = self.store.last_seq()
-        info = snapshot.save(self.dense, self.snapshot_dir, seq)
-        self.snapshot_info = info
-        self._changes_since_snapshot = 0
-        return info
+    def _save_snapshot(self, force: bool = False) -> snapshot.SnapshotInfo | None:
+        """Write the HNSW snapshot (worker thread). Returns None when it was already current.
+
+        The sequence is read under the apply lock, so the graph holds every change up to it (and
+        possibly later ones, which a restart replays again: replay is idempotent). The save
+        itself runs outside the apply lock: writes go on; the graph's own lock is held only
+        while hnswlib serializes it (it also holds the GIL: ~1 ms per MB of index).
+        """
+        with self._snapshot_lock:
+            with self._apply_lock:
+                seq = self.store.last_seq()
+                dense = self.dense
+            if not force and seq == self._snapshot_seq:
+                return None
+            t0 = time.perf_counter()
+            info = snapshot.save(dense, self.snapshot_dir, seq)
+            self.snapshot_info = info
+            self._snapshot_seq = seq
+            log.info("HNSW snapshot saved at seq %d (%d documents, %.0f ms)", seq, len(dense), (time.perf_counter() - t0) * 1e3)
+            return info
+
+    def _maybe_snapshot(self, force: bool = False) -> None:
+        """Start a background snapshot once ``snapshot_every`` changes piled up (event loop)."""
+        every = self.settings.index.snapshot_every
+        if self._closing or every <= 0 or (not force and self.changes_since_snapshot < every):
+            return
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return  # one at a time; the next write re-checks
+        self._snapshot_task = asyncio.get_running_loop().create_task(self._background_snapshot())
+
+    async def _background_snapshot(self) -> None:
+        try:
+            await asyncio.to_thread(self._save_snapshot)
+        except Exception:
+            log.exception("background HNSW snapshot failed (the previous one stays valid; retried later)")
 
     async def compact(self) -> tuple[snapshot.SnapshotInfo, float]:
         """Rebuild the HNSW graph without deleted entries and snapshot it. Reads go on meanwhile."""
         assert self._write_lock is not None
         t0 = time.perf_counter()
         async with self._write_lock:  # writes wait; searches keep using the old graph
-            s = self.settings.index
-            fresh = await asyncio.to_thread(
-                snapshot.rebuild, self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search
-            )
-            self.dense = fresh
-            info = await asyncio.to_thread(self._save_snapshot)
+            await asyncio.to_thread(self._rebuild_dense)
+            info = await asyncio.to_thread(self._save_snapshot, True)
+        assert info is not None
         return info, time.perf_counter() - t0
+
+    def _rebuild_dense(self) -> None:
+        # Under the apply lock: a write whose call was cancelled (asyncio lock released) but
+        # whose worker thread still commits cannot slip between reading the vectors and the swap.
+        with self._apply_lock:
+            s = self.settings.index
+            self.dense = snapshot.rebuild(self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search)
 
     async def flush(self) -> None:
         """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""
@@ -373,8 +458,13 @@ class Pipeline:
             "sequence": self.store.last_seq(),
             "snapshot_sequence": info.sequence if info else 0,
             "snapshot_age_seconds": (time.time() - info.created_at) if info else 0.0,
-            "data_dir_bytes": sum(p.stat().st_size for p in Path(self.settings.index.data_dir).rglob("*") if p.is_file()),
+            "data_dir_bytes": _dir_bytes(Path(self.settings.index.data_dir)),
             "backend": self.backend_name,
-            "precision": self.settings.model.precision,
+            "precision": self.precision,
+            "reranker_trained": self.reranker.trained,
+            "ef_search": self.settings.index.ef_search,
+            "hybrid_depth": self.settings.index.hybrid_depth,
+            "rrf_k": self.settings.index.rrf_k,
+            "max_candidates": self.settings.limits.max_candidates,
         }
 

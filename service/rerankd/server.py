@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 import time
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import errors
 from .config import Settings
+from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
 from .v1 import rerankd_pb2 as pb
 from .v1 import rerankd_pb2_grpc as pb_grpc
@@ -73,9 +75,8 @@ class App:
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: BaseException | None = None
     draining: bool = False
-    semaphores: dict[str, int] = field(default_factory=dict)
-    on_call: object = None  # hook(method, code, seconds) for metrics
-    on_batch: object = None  # hook(name, prepared, seconds) for metrics
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_port: int = 0
 
     loader: asyncio.Task | None = None
 
@@ -98,6 +99,23 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def __init__(self, app: App) -> None:
         self.app = app
         self._inflight: dict[str, int] = {}
+        self._ewma: dict[str, tuple[float, int]] = {}  # method -> (EWMA of OK latency, observations)
+
+    def _limit(self, method: str) -> int:
+        s = self.app.settings.server
+        return s.max_concurrent_search if method == "Search" else s.max_concurrent_calls
+
+    def _too_short(self, method: str, remaining: float) -> float | None:
+        """The method's typical latency when ``remaining`` cannot cover it, else None."""
+        if not self.app.settings.server.early_deadline_reject:
+            return None
+        est, n = self._ewma.get(method, (0.0, 0))
+        # Only with enough history, and only for deadlines clearly below the typical latency.
+        return est if n >= 20 and remaining < 0.5 * est else None
+
+    def _observe(self, method: str, seconds: float) -> None:
+        est, n = self._ewma.get(method, (seconds, 0))
+        self._ewma[method] = (0.9 * est + 0.1 * seconds, n + 1)
 
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn):
         """Admission, deadline, error mapping and logging around one call."""
@@ -105,7 +123,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        limit = app.settings.server.max_concurrent_calls
+        limit = self._limit(method)
         admitted = False
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
@@ -113,7 +131,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     raise errors.NotReady(f"models failed to load: {app.load_error}")
                 raise errors.NotReady("draining" if app.draining else "models are loading and warming up; retry shortly")
             if self._inflight.get(method, 0) >= limit:
-                raise errors.Overloaded(f"{method}: {limit} calls already in flight; retry later")
+                app.metrics.rejected.labels(method, "concurrency").inc()
+                est, _ = self._ewma.get(method, (0.05, 0))
+                raise errors.Overloaded(f"{method}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
             self._inflight[method] = self._inflight.get(method, 0) + 1
             admitted = True
             remaining = context.time_remaining()
@@ -121,8 +141,16 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
+                typical = self._too_short(method, remaining)
+                if typical is not None:
+                    app.metrics.rejected.labels(method, "deadline").inc()
+                    raise errors.DeadlineExceeded(
+                        f"deadline of {remaining * 1e3:.0f} ms cannot be met: {method} takes ~{typical * 1e3:.0f} ms now"
+                    )
                 deadline = asyncio.get_running_loop().time() + remaining
-            return await fn(app.pipeline, deadline)
+            result = await fn(app.pipeline, deadline)
+            self._observe(method, time.perf_counter() - t0)
+            return result
         except errors.RerankdError as e:
             code = status_for(e)
             if isinstance(e, errors.Overloaded):
@@ -143,9 +171,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if admitted:
                 self._inflight[method] -= 1
             seconds = time.perf_counter() - t0
-            log.debug("request %s %s %s %.1f ms", request_id, method, code.name, seconds * 1e3)
-            if app.on_call is not None:
-                app.on_call(method, code, seconds)  # type: ignore[operator]
+            log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
+            app.metrics.on_call(method, code, seconds)
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -160,6 +187,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 first_stage=_stage_name(request.first_stage),
             )
             r = await p.search(params, deadline)
+            self.app.metrics.on_stages(r.timings)
             return pb.SearchResponse(
                 hits=[
                     pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
@@ -186,6 +214,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def fn(p: Pipeline, deadline):
             scored, t = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline)
+            self.app.metrics.on_stages(t)
             return pb.ScoreResponse(
                 scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank) for s in scored],
                 model=p.reranker.name, timings=_timings(t),
@@ -212,7 +241,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     # Earlier batches are committed; say exactly where the stream stopped.
                     raise errors.InvalidArgument(
                         f"batch[{n}].{e.field}",
-                        f"{str(e).split(': ', 1)[-1]} (batches 0..{n - 1} with {upserted} documents were committed)",
+                        f"{str(e).split(': ', 1)[-1]} ("
+                        + (f"batches 0..{n - 1} with {upserted} documents were committed)" if n else "nothing was committed)"),
                     ) from e
                 upserted += r.upserted
                 replaced += r.replaced
@@ -257,12 +287,78 @@ def _documents(request: pb.UpsertRequest) -> list[Document]:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    n = settings.server.max_message_bytes
-    return [
-        ("grpc.max_receive_message_length", n),
-        ("grpc.max_send_message_length", n),
+    s = settings.server
+    opts = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
+    if s.max_connection_age_s > 0:
+        opts += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000))]
+    return opts
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+
+    EXEMPT = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.EXEMPT):
+            return handler
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(got, str):
+            got = got.encode()
+        if hmac.compare_digest(got, self._expected):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def abort_unary(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+    async def abort_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort_unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    s = settings.server
+    if not (s.tls_cert or s.tls_key):
+        if s.tls_client_ca:
+            raise errors.ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (s.tls_cert and s.tls_key):
+        raise errors.ConfigError("TLS needs both --tls-cert and --tls-key")
+    with open(s.tls_key, "rb") as f:
+        key = f.read()
+    with open(s.tls_cert, "rb") as f:
+        cert = f.read()
+    ca = None
+    if s.tls_client_ca:
+        with open(s.tls_client_ca, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.aio.Server, int, App]:
@@ -273,7 +369,9 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
     """
     health_servicer = health.aio.HealthServicer()
     app = App(settings=settings, health=health_servicer)
-    server = grpc.aio.server(options=server_options(settings))
+    interceptors = [BearerTokenInterceptor(settings.server.auth_token)] if settings.server.auth_token else []
+    creds = server_credentials(settings)
+    server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(app), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -281,10 +379,16 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
     )
     port = 0
     for addr in [a.strip() for a in settings.server.listen.split(",") if a.strip()]:
-        bound = server.add_insecure_port(addr)
+        # TLS applies to TCP listeners; a Unix socket is local to the pod/host and stays plaintext.
+        if creds is not None and not addr.startswith("unix:"):
+            bound = server.add_secure_port(addr, creds)
+        else:
+            bound = server.add_insecure_port(addr)
         if not addr.startswith("unix:") and port == 0:
             port = bound
     await app.set_serving(False)
+    if settings.server.metrics_listen:
+        app.metrics_port = app.metrics.serve(settings.server.metrics_listen)
     await server.start()
     if load:
         app.start_loading()
@@ -294,11 +398,12 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
 async def _load(app: App) -> None:
     try:
         t0 = time.perf_counter()
-        pipeline = await asyncio.to_thread(Pipeline, app.settings, app.on_batch)
+        pipeline = await asyncio.to_thread(Pipeline, app.settings, app.metrics.on_batch)
         await pipeline.start()
         shapes = await asyncio.to_thread(pipeline.warmup)
         pipeline.ready = True
         app.pipeline = pipeline
+        app.metrics.bind(pipeline)
         await app.set_serving(True)
         log.info(
             "SERVING: embedder=%s reranker=%s backend=%s documents=%d index=%s, %d shapes warmed, %.1f s",
@@ -324,6 +429,7 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
             await loader
     if app.pipeline is not None:
         await app.pipeline.close()
+    app.metrics.close()
 
 
 async def serve(settings: Settings) -> int:

@@ -66,12 +66,14 @@ def save(index: DenseIndex, directory: Path, sequence: int) -> SnapshotInfo:
         "created_at": time.time(),
     }
     # Manifest first under a temp name, then the index, then the manifest: a crash anywhere
-    # leaves either the old pair, or a pair whose checksum does not match (-> rebuild).
-    os.replace(tmp, directory / "index.bin")
+    # leaves either the old pair, or a new index under the old manifest whose checksum does not
+    # match (-> rebuild from the store; never a graph trusted for a sequence it does not cover).
     mtmp = directory / "manifest.json.tmp"
     mtmp.write_text(json.dumps(manifest, indent=2))
     with open(mtmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.replace(tmp, directory / "index.bin")
+    _fsync_dir(directory)  # the index rename is on disk before the manifest rename
     os.replace(mtmp, directory / "manifest.json")
     _fsync_dir(directory)
     return SnapshotInfo(sequence, manifest["created_at"], directory)
@@ -86,9 +88,17 @@ def load_or_rebuild(
         mf = json.loads((directory / "manifest.json").read_text())
         seq = int(mf["sequence"])
         try:
+            last = store.last_seq()
+            if seq > last:
+                # The store is older than the snapshot (restored/replaced documents.sqlite3):
+                # the graph may hold labels the store will hand out again for other documents.
+                raise ValueError(f"snapshot covers seq {seq} but the store ends at seq {last}")
             live_before = set(store.labels_changed_at_or_before(seq))
             index = DenseIndex.load(directory / "index.bin", dim, m=m, ef_construction=ef_construction,
                                     ef_search=ef_search, live=live_before)
+            missing = index.missing_labels(live_before)
+            if missing:
+                raise ValueError(f"{len(missing)} documents at or before seq {seq} are not in the graph")
             labels, vecs = store.vectors(dim, after_seq=seq)
             index.upsert(labels, vecs)
             index.mark_deleted_raw(store.deletes_after(seq))
@@ -96,7 +106,10 @@ def load_or_rebuild(
             return index, SnapshotInfo(seq, float(mf["created_at"]), directory), "loaded"
         except Exception as e:  # corrupt in a way the checksum did not catch
             reason = f"load failed: {e}"
-    log.warning("HNSW snapshot unusable (%s); rebuilding from stored vectors", reason)
+    if reason == "missing" and store.count() == 0:
+        log.info("empty data dir: starting a new HNSW index")
+    else:
+        log.warning("HNSW snapshot unusable (%s); rebuilding from stored vectors", reason)
     return rebuild(store, dim, m=m, ef_construction=ef_construction, ef_search=ef_search), None, "rebuilt"
 
 

@@ -70,7 +70,9 @@ class StoredDocument:
 
 def join_title(title: str, text: str) -> str:
     """The text that is embedded, BM25-indexed and reranked: BEIR's "title text"."""
-    return f"{title} {text}" if title else text
+    if not title:
+        return text
+    return f"{title} {text}" if text else title
 
 
 class DocumentStore:

@@ -16,6 +16,7 @@ import bm25s
 import numpy as np
 
 log = logging.getLogger(__name__)
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
 
 try:  # PyStemmer is a hard dependency, but keep a clear message if it goes missing
     import Stemmer  # type: ignore[import-not-found]

@@ -91,6 +91,12 @@ class DenseIndex:
         with self._lock:
             return set(self._live)
 
+    def missing_labels(self, labels: set[int]) -> set[int]:
+        """Of ``labels``, those with no element in the graph (a cheap consistency check on load;
+        it does not look at deleted marks: hnswlib has no fast per-label query for them)."""
+        with self._lock:
+            return labels - set(self._index.get_ids_list())
+
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         with self._lock:

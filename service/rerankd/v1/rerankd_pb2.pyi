@@ -219,7 +219,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision")
+    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,11 @@ class StatsResponse(_message.Message):
     DATA_DIR_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    HYBRID_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RRF_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     documents: int
     dimension: int
     embedder_model: str
@@ -242,7 +247,12 @@ class StatsResponse(_message.Message):
     data_dir_bytes: int
     backend: str
     precision: str
-    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    reranker_trained: bool
+    ef_search: int
+    hybrid_depth: int
+    rrf_k: int
+    max_candidates: int
+    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
     __slots__ = ()

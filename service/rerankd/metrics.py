@@ -1,0 +1,81 @@
+"""Prometheus metrics (prometheus-client), served on a separate HTTP port (``--metrics-listen``).
+
+One registry per server (tests run several in one process). Calls by method and status code,
+latency histograms per RPC and per stage (embed, ANN, BM25, fusion, rerank, queue wait), batch
+sizes, padding efficiency (real / padded tokens), queue depth, index documents.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter("rerankd_calls", "RPC calls by method and status code", ["method", "code"], registry=r)
+        self.call_seconds = Histogram("rerankd_call_seconds", "RPC latency by method", ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("rerankd_stage_seconds", "Search/Score stage latency", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("rerankd_batch_size", "Sequences per model batch", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("rerankd_batch_seconds", "Model time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("rerankd_batch_tokens", "Tokens run through the models (kind=real|padded)", ["model", "kind"], registry=r)
+        self.padding_efficiency = Gauge("rerankd_padding_efficiency", "Real tokens / padded tokens since start", ["model"], registry=r)
+        self.queue_depth = Gauge("rerankd_queue_depth", "Sequences waiting in a model's batcher", ["model"], registry=r)
+        self.documents = Gauge("rerankd_index_documents", "Documents in the index", registry=r)
+        self.rejected = Counter("rerankd_rejected_calls", "Calls refused by admission control", ["method", "reason"], registry=r)
+        self._http = None
+
+    # hooks ---------------------------------------------------------------------------------------
+    def on_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.calls.labels(method, code.name).inc()
+        if code == grpc.StatusCode.OK:
+            self.call_seconds.labels(method).observe(seconds)
+
+    def on_stages(self, timings) -> None:
+        for stage in ("embed", "ann", "bm25", "fusion", "rerank", "queue"):
+            us = getattr(timings, f"{stage}_us", 0)
+            if us:
+                self.stage_seconds.labels(stage).observe(us / 1e6)
+
+    def on_batch(self, model: str, prepared, seconds: float) -> None:
+        self.batch_size.labels(model).observe(len(prepared.items))
+        self.batch_seconds.labels(model).observe(seconds)
+        self.tokens.labels(model, "real").inc(prepared.real_tokens)
+        self.tokens.labels(model, "padded").inc(int(prepared.input_ids.size))
+
+    def bind(self, pipeline) -> None:
+        """Gauges read live from the pipeline at scrape time."""
+        for name, batcher in (("embedder", pipeline.embedder.batcher), ("reranker", pipeline.reranker.batcher)):
+            self.queue_depth.labels(name).set_function(_getter(lambda b=batcher: b.queue_depth))
+            self.padding_efficiency.labels(name).set_function(_getter(lambda b=batcher: b.stats.padding_efficiency))
+        self.documents.set_function(_getter(lambda: len(pipeline.dense)))
+
+    def serve(self, listen: str) -> int:
+        """Start the /metrics HTTP server on ``host:port``; returns the bound port."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        self._http, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def _getter(fn: Callable[[], float]) -> Callable[[], float]:
+    def get() -> float:
+        try:
+            return float(fn())
+        except Exception:
+            return float("nan")
+
+    return get

@@ -1,0 +1,285 @@
+"""Reciprocal rank fusion on hand-made rankings; configuration resolution; Search parameter rules."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from rerankd import config as cfg
+from rerankd.config import (
+    SECTIONS,
+    BatchConfig,
+    IndexConfig,
+    LimitsConfig,
+    ModelConfig,
+    ServerConfig,
+    Settings,
+    add_arguments,
+    env_name,
+    flag_name,
+    markdown_table,
+    settings_from_args,
+)
+from rerankd.errors import InvalidArgument
+from rerankd.stages.fusion import rrf
+from rerankd.validation import resolve_search
+
+# -- rrf --------------------------------------------------------------------------------------------------
+
+
+def test_rrf_doc_in_both_legs():
+    fused = dict(rrf([[7, 8, 9], [5, 6, 7]], k=60))
+    assert fused[7] == pytest.approx(1 / 61 + 1 / 63)
+    assert fused[8] == pytest.approx(1 / 62)
+    assert fused[9] == pytest.approx(1 / 63)
+    assert fused[5] == pytest.approx(1 / 61)
+    assert fused[6] == pytest.approx(1 / 62)
+
+
+def test_rrf_order_and_values():
+    # a: ranks 1 and 2 -> 1/61 + 1/62; b: ranks 2 and 1 -> same score, same best rank 1: label order.
+    # c: rank 3 in leg 1 only -> 1/63; d: rank 3 in leg 2 only -> 1/63 (tie -> label order).
+    out = rrf([[10, 20, 40], [20, 10, 30]], k=60)
+    assert [lb for lb, _ in out] == [10, 20, 30, 40]
+    assert out[0][1] == pytest.approx(1 / 61 + 1 / 62)
+    assert out[0][1] == out[1][1]
+    assert out[2][1] == out[3][1] == pytest.approx(1 / 63)
+
+
+def test_rrf_small_k():
+    out = rrf([[1, 2], [2, 3]], k=1)
+    assert dict(out) == pytest.approx({1: 1 / 2, 2: 1 / 3 + 1 / 2, 3: 1 / 3})
+    assert [lb for lb, _ in out] == [2, 1, 3]
+
+
+def test_rrf_tie_broken_by_best_single_leg_rank_then_label():
+    # k=0: doc 50 at rank 2 in one leg scores 1/2; doc 30 at ranks 3 and 6 scores 1/3 + 1/6 == 1/2.
+    assert 1 / 3 + 1 / 6 == 1 / 2  # an exact float tie
+    legs = [[10, 50, 30], [11, 12, 13, 14, 15, 30]]
+    out = rrf(legs, k=0)
+    labels = [lb for lb, _ in out]
+    assert dict(out)[50] == dict(out)[30] == 0.5
+    assert labels.index(50) < labels.index(30)  # best rank 2 beats best rank 3, despite the label
+    # Deterministic regardless of leg order.
+    assert rrf(list(reversed(legs)), k=0) == out
+
+
+def test_rrf_ties_by_label_are_independent_of_input_order():
+    a = rrf([[3], [1], [2]], k=60)
+    b = rrf([[2], [3], [1]], k=60)
+    assert a == b
+    assert [lb for lb, _ in a] == [1, 2, 3]
+
+
+def test_rrf_label_listed_twice_in_a_leg_counts_once_at_its_best_rank():
+    out = dict(rrf([[4, 5, 4, 6], [6]], k=60))
+    assert out[4] == pytest.approx(1 / 61)  # not 1/61 + 1/63
+    assert out[5] == pytest.approx(1 / 62)
+    # Ranks are positions in the leg: the duplicate still takes position 3, so 6 is at rank 4.
+    assert out[6] == pytest.approx(1 / 64 + 1 / 61)
+
+
+def test_rrf_empty_legs_and_limit():
+    assert rrf([]) == []
+    assert rrf([[], []]) == []
+    assert rrf([[], [3, 1]], k=60) == [(3, pytest.approx(1 / 61)), (1, pytest.approx(1 / 62))]
+    out = rrf([[1, 2, 3, 4], [4, 3, 2, 1]], k=60)
+    assert rrf([[1, 2, 3, 4], [4, 3, 2, 1]], k=60, limit=2) == out[:2]
+    assert rrf([[1, 2, 3]], limit=0) == []
+    assert rrf([[1, 2, 3]], limit=10) == rrf([[1, 2, 3]])
+
+
+def test_rrf_single_leg_keeps_its_order():
+    leg = [9, 3, 7, 1]
+    out = rrf([leg], k=60)
+    assert [lb for lb, _ in out] == leg
+    assert [s for _, s in out] == pytest.approx([1 / 61, 1 / 62, 1 / 63, 1 / 64])
+
+
+# -- config -----------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p
+
+
+def _settings(argv: list[str], env: dict[str, str] | None = None) -> Settings:
+    return settings_from_args(_parser().parse_args(argv), env=env or {})
+
+
+def _all_fields():
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def test_defaults_without_flags_or_env():
+    assert _settings([]) == Settings()
+    assert settings_from_args(None, env={}) == Settings()
+
+
+def test_precedence_flag_over_env_over_default():
+    env = {"RERANKD_EF_SEARCH": "64", "RERANKD_MAX_QUEUE": "99"}
+    s = _settings(["--ef-search", "128"], env)
+    assert s.index.ef_search == 128  # flag beats env
+    assert s.batch.max_queue == 99  # env beats default
+    assert s.index.hnsw_m == IndexConfig().hnsw_m  # default
+    assert _settings([], env).index.ef_search == 64
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False), ("False", False), ("no", False), ("off", False)],
+)
+def test_bool_env(raw, want):
+    assert _settings([], {"RERANKD_WARMUP": raw}).batch.warmup is want
+
+
+def test_bool_env_invalid():
+    with pytest.raises(ValueError, match="RERANKD_WARMUP"):
+        _settings([], {"RERANKD_WARMUP": "maybe"})
+
+
+def test_bool_flag_beats_env():
+    assert _settings(["--no-warmup"], {"RERANKD_WARMUP": "true"}).batch.warmup is False
+    assert _settings(["--warmup"], {"RERANKD_WARMUP": "0"}).batch.warmup is True
+
+
+def test_tuple_env_and_flag():
+    assert _settings([], {"RERANKD_BATCH_SIZES": "1,2, 4 8"}).batch.batch_sizes == (1, 2, 4, 8)
+    s = _settings(["--seq-buckets", "16", "48"], {"RERANKD_SEQ_BUCKETS": "1 2"})
+    assert s.batch.seq_buckets == (16, 48)
+    assert isinstance(s.batch.seq_buckets, tuple)
+    assert _settings([]).batch.batch_sizes == BatchConfig().batch_sizes
+
+
+def test_path_float_int_str_parsing(tmp_path):
+    s = _settings(
+        ["--data-dir", str(tmp_path / "d")],
+        {
+            "RERANKD_MODELS_DIR": str(tmp_path / "m"),
+            "RERANKD_GRACE_PERIOD_S": "2.5",
+            "RERANKD_THREADS": "3",
+            "RERANKD_LISTEN": "unix:///tmp/x.sock",
+        },
+    )
+    assert s.index.data_dir == tmp_path / "d" and isinstance(s.index.data_dir, Path)
+    assert s.model.models_dir == tmp_path / "m" and isinstance(s.model.models_dir, Path)
+    assert s.server.grace_period_s == 2.5
+    assert s.model.threads == 3
+    assert s.server.listen == "unix:///tmp/x.sock"
+    with pytest.raises(ValueError):
+        _settings([], {"RERANKD_THREADS": "many"})
+
+
+def test_every_field_has_a_flag_and_env_and_roundtrips():
+    """Each field set through its env var (and through its flag) lands in that field only."""
+    for section, f in _all_fields():
+        default = getattr(getattr(Settings(), section), f.name)
+        if isinstance(default, bool):
+            raw, want, argv = ("0" if default else "1"), (not default), [f"--{'no-' if default else ''}{f.name.replace('_', '-')}"]
+        elif isinstance(default, tuple):
+            raw, want, argv = "3 5", (3, 5), [flag_name(f.name), "3", "5"]
+        elif isinstance(default, Path):
+            raw, want, argv = "/x/y", Path("/x/y"), [flag_name(f.name), "/x/y"]
+        elif isinstance(default, (int, float)):
+            raw, want, argv = "7", type(default)(7), [flag_name(f.name), "7"]
+        else:
+            raw, want, argv = "zz", "zz", [flag_name(f.name), "zz"]
+        via_env = _settings([], {env_name(f.name): raw})
+        via_flag = _settings(argv)
+        for s in (via_env, via_flag):
+            assert getattr(getattr(s, section), f.name) == want, (section, f.name)
+            assert s == Settings().replace(**{section: {f.name: want}})
+
+
+def test_env_and_flag_names_are_unique_across_sections():
+    names = [f.name for _, f in _all_fields()]
+    envs = [env_name(n) for n in names]
+    assert len(set(envs)) == len(envs), sorted({e for e in envs if envs.count(e) > 1})
+    assert all(e.startswith("RERANKD_") for e in envs)
+    flags = [flag_name(n) for n in names]
+    assert len(set(flags)) == len(flags)
+    assert env_name("ef_search") == "RERANKD_EF_SEARCH" and flag_name("ef_search") == "--ef-search"
+
+
+def test_markdown_table_lists_every_field():
+    table = markdown_table()
+    lines = table.splitlines()
+    fields = list(_all_fields())
+    assert len(lines) == 2 + len(fields)
+    for line, (_, f) in zip(lines[2:], fields):
+        assert f"`{flag_name(f.name)}`" in line and f"`{env_name(f.name)}`" in line
+        assert f.metadata["help"] in line
+    assert "`1 2 4 8 16 32`" in table  # tuples shown space-separated
+
+
+def test_settings_replace():
+    s = Settings().replace(index={"ef_search": 64}, limits={"max_items": 3})
+    assert s.index.ef_search == 64 and s.limits.max_items == 3
+    assert s.index.hnsw_m == IndexConfig().hnsw_m
+    assert Settings().index.ef_search == IndexConfig().ef_search  # original untouched
+
+
+def test_sections_are_frozen_and_keyword_only():
+    for cls in (ServerConfig, ModelConfig, BatchConfig, IndexConfig, LimitsConfig):
+        with pytest.raises(TypeError):
+            cls(1)  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cls(), dataclasses.fields(cls)[0].name, None)
+    assert set(SECTIONS) == {f.name for f in dataclasses.fields(Settings)}
+    assert cfg.DEFAULT_EMBEDDER == ModelConfig().embedder
+
+
+# -- validation.resolve_search ---------------------------------------------------------------------------
+
+
+LIMITS = LimitsConfig(max_candidates=1000, max_top_n=1000)
+
+
+@pytest.mark.parametrize(
+    "top_n, candidates, want",
+    [
+        (None, None, (10, 50)),
+        (5, None, (5, 50)),
+        (50, None, (50, 50)),
+        (200, None, (200, 200)),
+        (None, 10, (10, 10)),
+        (None, 30, (10, 30)),
+        (3, 7, (3, 7)),
+        (1, 1, (1, 1)),
+        (1000, 1000, (1000, 1000)),
+        (1000, None, (1000, 1000)),
+    ],
+)
+def test_resolve_search_defaults(top_n, candidates, want):
+    assert resolve_search(top_n, candidates, LIMITS) == want
+
+
+def test_resolve_search_default_candidates_capped_by_limit():
+    assert resolve_search(None, None, LimitsConfig(max_candidates=20)) == (10, 20)
+    assert resolve_search(15, None, LimitsConfig(max_candidates=20, max_top_n=100)) == (15, 20)
+
+
+@pytest.mark.parametrize(
+    "top_n, candidates, field",
+    [
+        (0, None, "top_n"),
+        (-1, None, "top_n"),
+        (1001, None, "top_n"),
+        (None, 0, "candidates"),
+        (5, -3, "candidates"),
+        (None, 1001, "candidates"),
+        (20, 10, "top_n"),  # top_n larger than candidates
+    ],
+)
+def test_resolve_search_errors_name_the_field(top_n, candidates, field):
+    with pytest.raises(InvalidArgument) as ei:
+        resolve_search(top_n, candidates, LIMITS)
+    assert ei.value.field == field
+    assert str(ei.value).startswith(f"{field}:")

