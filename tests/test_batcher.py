@@ -681,3 +681,49 @@ def test_close_fails_queued_waiters():
             await b.submit([seq(3)])
 
     run(body)
+
+
+def test_cancelled_work_stops_counting_against_the_queue_at_once():
+    """A cancelled call's queued sequences must not make the batcher refuse live calls."""
+    import threading as _th
+
+    from rerankd.batcher import Batcher
+    from rerankd.config import BatchConfig
+    from rerankd.errors import Overloaded
+    from rerankd.tokenization import Encoded
+
+    gate = _th.Event()
+
+    def forward(ids, mask, types):
+        gate.wait(10)
+        return np.zeros((ids.shape[0],), dtype=np.float32)
+
+    def seq(n):
+        return Encoded(np.arange(1, n + 1, dtype=np.int32), np.zeros(n, dtype=np.int8))
+
+    async def run():
+        b = Batcher("t", forward, BatchConfig(batch_sizes=(1, 2, 4), seq_buckets=(32,), max_batch_tokens=128, max_queue=12, warmup=False),
+                    max_length=32, static_shapes=False)
+        await b.start()
+        try:
+            first = asyncio.create_task(b.submit([seq(8)] * 4))  # runs (blocked in forward)
+            await asyncio.sleep(0.05)
+            big = asyncio.create_task(b.submit([seq(8)] * 10))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded):
+                await b.submit([seq(8)] * 10)
+            big.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await big
+            assert b.queue_depth <= 4  # only prepared/queued live work remains counted
+            live = asyncio.create_task(b.submit([seq(8)] * 8))  # admitted now
+            gate.set()
+            out, _ = await asyncio.wait_for(live, 10)
+            assert len(out) == 8
+            await asyncio.wait_for(first, 10)
+            assert b.queue_depth == 0
+        finally:
+            gate.set()
+            await b.close()
+
+    asyncio.run(run())

@@ -46,6 +46,8 @@ class _Call:
     deadline: float | None  # loop.time() based
     submitted: float
     started: float | None = None
+    queued: int = 0  # this call's sequences still in the queue (counted in Batcher._queued)
+    released: bool = False  # its queued sequences no longer count against max_queue
 
 
 @dataclass(eq=False)
@@ -144,6 +146,8 @@ class Batcher:
         # Fail every call still waiting: queued, in a prepared batch (the runner fails the batch
         # it had in flight when it was cancelled).
         err = BackendError(f"{self.name}: shutting down")
+        for it in self._queue:
+            it.call.queued, it.call.released = 0, True
         self._fail(list(self._queue), err)
         self._queue.clear()
         while self._ready is not None and not self._ready.empty():
@@ -205,7 +209,7 @@ class Batcher:
             raise Overloaded(f"{self.name} queue full ({self._queued} queued, limit {self.config.max_queue}); retry later")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now)
+        call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now, queued=n)
         longest = max(len(s) for s in seqs)
         if longest > self.max_length:
             raise ValueError(f"sequence of {longest} tokens exceeds max_length {self.max_length}")
@@ -219,11 +223,23 @@ class Batcher:
             else:
                 results = await asyncio.wait_for(call.future, timeout=max(deadline - now, 0.0))
         except asyncio.TimeoutError:
+            self._release(call)
             raise DeadlineExceeded(f"deadline exceeded waiting for {self.name}") from None
-        # (On cancellation the awaited future is cancelled too; queued items are dropped later.)
+        except BaseException:
+            # Cancelled (the awaited future is cancelled too) or failed: its queued sequences are
+            # dropped when reached, and stop counting against max_queue now, so dead work can
+            # never make the batcher refuse live calls.
+            self._release(call)
+            raise
         return results, (call.started or loop.time()) - call.submitted
 
     # -- internals -------------------------------------------------------------------------------
+    def _release(self, call: _Call) -> None:
+        if not call.released:
+            self._queued -= call.queued
+            call.queued = 0
+            call.released = True
+
     def _alive(self, item: _Item, now: float) -> bool:
         call = item.call
         if call.future.done():
@@ -241,7 +257,9 @@ class Batcher:
             if self._alive(item, now):
                 window.append(item)
             else:
-                self._queued -= 1
+                if not item.call.released:
+                    self._queued -= 1
+                    item.call.queued -= 1
                 self.stats.dropped += 1
         if not window:
             return []
@@ -253,6 +271,8 @@ class Batcher:
         rest.sort(key=lambda it: (it.call.submitted, it.index))
         self._queue.extendleft(reversed(rest))
         self._queued -= len(batch)
+        for it in batch:
+            it.call.queued -= 1
         return batch
 
     def _prepare(self, batch: list[_Item]) -> Prepared:

@@ -55,7 +55,10 @@ def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required:
 
 def resolve_search(top_n: int | None, candidates: int | None, limits: LimitsConfig) -> tuple[int, int]:
     if top_n is None:
-        top_n = 10
+        # Unset: 10, but never more than the caller's own (valid) candidates or the limits.
+        top_n = min(10, limits.max_top_n, limits.max_candidates)
+        if candidates is not None and 1 <= candidates < top_n:
+            top_n = candidates
     if top_n < 1:
         raise InvalidArgument("top_n", f"must be at least 1, got {top_n}")
     if top_n > limits.max_top_n:
