@@ -1,0 +1,125 @@
+"""Backends against the ONNX Runtime fp32 reference, the registry, and `auto` resolution."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rerankd import backends
+from rerankd.backends import BackendOptions, create_backend, resolve
+from rerankd.bundle import ModelBundle
+from rerankd.errors import ConfigError
+from rerankd.stages.embedder import mean_pool
+from rerankd.tokenization import PairTokenizer, TextTokenizer
+
+from conftest import read_jsonl
+
+VARIANTS = [("onnxruntime", "int8", "int8"), ("openvino", "fp32", "fp32"),
+            ("openvino", "bf16", "openvino-bf16"), ("openvino", "int8", "openvino-int8")]
+
+
+def _pad(seqs):
+    t = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), t), np.int64)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)], types[i, : len(s)] = s.input_ids, 1, s.token_type_ids
+    return ids, mask, types
+
+
+@pytest.fixture(scope="module")
+def real_text(scifact):
+    docs = read_jsonl(scifact / "corpus.jsonl", 24)
+    queries = [q["text"] for q in read_jsonl(scifact / "queries.jsonl", 24)]
+    return queries, [f"{d['title']} {d['text']}" for d in docs]
+
+
+@pytest.mark.parametrize("backend,precision,variant", VARIANTS)
+def test_reranker_backend_matches_onnxruntime_fp32(models_dir, real_text, backend, precision, variant):
+    bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
+    if variant not in bundle.manifest["variants"]:
+        pytest.skip(f"bundle has no {variant} variant on this machine")
+    queries, passages = real_text
+    st = bundle.special_tokens
+    tok = PairTokenizer(bundle.tokenizer_path, bundle.max_length, st["cls_id"], st["sep_id"], 128)
+    pairs = [tok.assemble(tok.query_ids(q), p) for q, p in zip(queries, tok.passage_ids(passages))]
+    batch = _pad(pairs[:16])
+    ref = create_backend("onnxruntime", bundle, BackendOptions(precision="fp32")).run(*batch).ravel()
+    got = create_backend(backend, bundle, BackendOptions(precision=precision)).run(*batch).ravel()
+    # The tolerance each variant was gated at when exported (fp32: the export parity tolerance).
+    gate = bundle.manifest["variants"][variant]["parity"].get("gate")
+    tol = 1e-3 if variant == "fp32" else (gate["max_abs_diff"] if isinstance(gate, dict) else float(gate))
+    assert np.max(np.abs(ref - got)) <= tol, (np.max(np.abs(ref - got)), tol)
+
+
+@pytest.mark.parametrize("backend,precision,variant", VARIANTS)
+def test_embedder_backend_matches_onnxruntime_fp32(models_dir, real_text, backend, precision, variant):
+    bundle = ModelBundle.load(models_dir, "all-MiniLM-L6-v2", "embed")
+    if variant not in bundle.manifest["variants"]:
+        pytest.skip(f"bundle has no {variant} variant on this machine")
+    _, passages = real_text
+    seqs = TextTokenizer(bundle.tokenizer_path, bundle.max_length).encode(passages[:12])
+    ids, mask, types = _pad(seqs)
+    ref = mean_pool(create_backend("onnxruntime", bundle, BackendOptions(precision="fp32")).run(ids, mask, types), mask, True)
+    got = mean_pool(create_backend(backend, bundle, BackendOptions(precision=precision)).run(ids, mask, types), mask, True)
+    min_cos = float(np.min(np.sum(ref * got, axis=1)))
+    floor = 0.9999 if variant == "fp32" else bundle.manifest["variants"][variant]["parity"].get("min_cosine", 0.98) - 0.01
+    assert min_cos >= min(floor, 0.98 if "int8" in variant else 0.995), min_cos
+
+
+def test_openvino_static_shapes_are_compiled_per_bucket(models_dir):
+    bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
+    be = create_backend("openvino", bundle, BackendOptions(precision="fp32"))
+    assert be.static_shapes()
+    for b, t in ((1, 32), (2, 64), (1, 32)):
+        out = be.run(np.full((b, t), 101, np.int64), np.ones((b, t), np.int64), np.zeros((b, t), np.int64))
+        assert out.shape[0] == b
+    assert sorted(be._compiled) == [(1, 32), (2, 64)]
+
+
+def test_unknown_backend_lists_valid_ones(models_dir):
+    bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
+    with pytest.raises(ConfigError) as ei:
+        create_backend("tensorrt-llm", bundle, BackendOptions())
+    assert "onnxruntime" in str(ei.value) and "openvino" in str(ei.value)
+
+
+def test_missing_dependency_names_install_command(models_dir, monkeypatch):
+    bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
+    monkeypatch.setitem(backends.REGISTRY, "fancy", ("rerankd.backends.does_not_exist", "X", "fancy-runtime"))
+    with pytest.raises(ConfigError) as ei:
+        create_backend("fancy", bundle, BackendOptions())
+    assert "pip install 'fancy-runtime'" in str(ei.value)
+
+
+def test_missing_variant_is_a_clear_error(models_dir, tmp_path):
+    src = models_dir / "rerankd-ce-MiniLM-L6"
+    dst = tmp_path / "rr"
+    dst.mkdir()
+    mf = json.loads((src / "manifest.json").read_text())
+    mf["variants"] = {"fp32": mf["variants"]["fp32"]}
+    (dst / "manifest.json").write_text(json.dumps(mf))
+    bundle = ModelBundle.load(tmp_path, "rr", "rerank")
+    with pytest.raises(ConfigError) as ei:
+        create_backend("onnxruntime", bundle, BackendOptions(precision="int8"))
+    assert "int8" in str(ei.value) and "re-export" in str(ei.value)
+
+
+def test_auto_resolution_prefers_gated_fast_variants(models_dir, monkeypatch):
+    from rerankd.backends import openvino_cpu
+
+    b = [ModelBundle.load(models_dir, "all-MiniLM-L6-v2", "embed"), ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")]
+    assert resolve("onnxruntime", "fp32", b) == ("onnxruntime", "fp32")
+    have = set.intersection(*(set(x.manifest["variants"]) for x in b))
+    if "openvino-int8" in have:
+        assert resolve("auto", "auto", b) == ("openvino", "int8")
+    assert resolve("onnxruntime", "auto", b) == ("onnxruntime", "fp32")  # int8 ORT only when asked for
+    assert resolve("auto", "int8", b)[1] == "int8"
+    # Without bf16 hardware, auto never picks bf16.
+    monkeypatch.setattr(openvino_cpu, "has_bf16", lambda: False)
+    for bb in b:
+        monkeypatch.setitem(bb.manifest, "variants", {k: v for k, v in bb.manifest["variants"].items() if k != "openvino-int8"})
+    assert resolve("auto", "auto", b) == ("onnxruntime", "fp32")
