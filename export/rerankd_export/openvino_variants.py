@@ -87,6 +87,10 @@ def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
     return rec
 
 
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _calibration_texts(path: Path | None, limit: int) -> list[str]:
     if path is None:
         return []
@@ -137,7 +141,8 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
     if want_bf16:
         compiled = _compile(core, fp32_model, "bf16")
         outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-bf16 ({task})")]
-        variants["openvino-bf16"] = {"file": "model.onnx", "inference_precision": "bf16", "parity": _gate(task, "openvino-bf16", cases, refs, outs)}
+        variants["openvino-bf16"] = {"file": "model.onnx", "sha256": _sha(bundle / "model.onnx"), "inference_precision": "bf16",
+                                     "parity": _gate(task, "openvino-bf16", cases, refs, outs)}
 
     if want_int8:
         samples = [{k: np.asarray(c.encoding[k], dtype=np.int64) for k in inputs} for c in cases]
@@ -161,7 +166,7 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
             out_xml.with_suffix(".bin").unlink(missing_ok=True)
             raise
         variants["openvino-int8"] = {
-            "file": INT8_FILE, "inference_precision": hint, "sha256": hashlib.sha256(out_xml.with_suffix(".bin").read_bytes()).hexdigest(),
+            "file": INT8_FILE, "inference_precision": hint, "sha256": _sha(out_xml), "weights_sha256": _sha(out_xml.with_suffix(".bin")),
             "calibration": {"samples": len(samples), "corpus_texts": len(extra)}, "parity": rec,
         }
 
