@@ -128,6 +128,12 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1e3, 3)
 
 
+def _rejected(outcomes: Sequence[Outcome]) -> dict:
+    lat = sorted(o.done - o.launched for o in outcomes  # type: ignore[operator]
+                 if o.code in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED") and o.done is not None and o.launched is not None)
+    return {"n": len(lat), "p50": _ms(percentile(lat, 50)), "p99": _ms(percentile(lat, 99)), "max": _ms(lat[-1] if lat else None)}
+
+
 def summarize(outcomes: Sequence[Outcome], elapsed: float, *, rps: float, duration: float) -> dict:
     codes = Counter(o.code for o in outcomes)
     ok = sorted(o.latency for o in outcomes if o.code == "OK" and o.latency is not None)
@@ -154,6 +160,8 @@ def summarize(outcomes: Sequence[Outcome], elapsed: float, *, rps: float, durati
             "p50": _ms(percentile(ok, 50)), "p95": _ms(percentile(ok, 95)), "p99": _ms(percentile(ok, 99)),
             "max": _ms(ok[-1] if ok else None), "mean": _ms(sum(ok) / len(ok) if ok else None),
         },
+        # Admission-control answers (RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED): how fast they come back.
+        "rejected_latency_ms": _rejected(outcomes),
         # How late the client launched requests (its own overload shows here, and in latency).
         "launch_lag_ms": {"p99": _ms(percentile(lag, 99)), "max": _ms(lag[-1] if lag else None)},
         "elapsed_s": round(elapsed, 3),

@@ -200,8 +200,47 @@ def observe(c: Client, doc_id: str, versions: set[int]) -> int | None:
     return seen
 
 
+def check_graph_matches_store(data_dir: Path) -> tuple[str, set[str]]:
+    """Before a restart: load the HNSW snapshot and replay the store exactly as the server is
+    about to, and compare the graph with the store. Every live document must be in it, not
+    marked deleted, with its stored vector bit for bit; nothing else may be live. This is the
+    torn-snapshot check, independent of HNSW recall.
+
+    Returns (loaded | rebuilt, ids of documents present but unreachable by a search for their own
+    vector): hnswlib's in-place updates and deleted entries can leave a live element without
+    in-links (nmslib/hnswlib#522) -- a recall limitation, not a lost write."""
+    import numpy as np
+
+    from rerankd import snapshot
+    from rerankd.config import IndexConfig
+    from rerankd.store import DocumentStore
+
+    cfg = IndexConfig()
+    store = DocumentStore(data_dir / "documents.sqlite3")
+    try:
+        mf = snapshot.info(data_dir / "hnsw")
+        dim = json.loads((data_dir / "hnsw" / "manifest.json").read_text())["dim"] if mf else 384
+        idx, _, how = snapshot.load_or_rebuild(store, data_dir / "hnsw", dim, m=cfg.hnsw_m,
+                                               ef_construction=cfg.ef_construction, ef_search=cfg.ef_search)
+        labels, vecs = store.vectors(dim)
+        live = set(labels.tolist())
+        assert idx.labels() == live, ("live labels differ", sorted(idx.labels() ^ live))
+        if len(labels):
+            got = idx._index.get_items(labels.tolist(), return_type="numpy")  # raises if one is marked deleted
+            stale = [int(lb) for lb, a, b in zip(labels, got, vecs) if not np.array_equal(a, b)]
+            assert not stale, f"graph holds stale vectors for labels {stale}"
+        for lb in idx._index.get_ids_list():
+            if lb not in live:
+                with pytest.raises(RuntimeError):  # a deleted document must be marked deleted
+                    idx._index.get_items([lb])
+        orphans = [int(lb) for lb, v in zip(labels, vecs) if idx.search(v, 1)[0].tolist()[:1] != [lb]]
+        return how, {d.id for d in store.fetch(orphans).values()}
+    finally:
+        store.close()
+
+
 def verify(target: str, acked: dict[str, int | None], inflight: dict[str, list[int | None]],
-           versions: dict[str, int]) -> dict[str, int | None]:
+           versions: dict[str, int], orphans: set[str] = frozenset()) -> dict[str, int | None]:
     """Check the restarted server against what was acknowledged; returns the state it holds."""
     state: dict[str, int | None] = {}
     with Client(target, timeout=120) as c:
@@ -216,8 +255,12 @@ def verify(target: str, acked: dict[str, int | None], inflight: dict[str, list[i
         assert c.stats().documents == len(present), (c.stats().documents, len(present))
         # Dense first stage: every present document is the exact nearest neighbour of its own text
         # (a graph missing it or holding a stale vector fails this), and deleted ones never appear.
+        # HNSW orphans (proven present with the right vector by check_graph_matches_store) are
+        # the one allowed miss.
         for doc_id, v in sorted(present.items()):
             hits = c.search(make_text(doc_id, v), first_stage="dense", rerank=False, top_n=3, candidates=3, include_text=True)
+            if doc_id in orphans and (not hits or hits[0]["id"] != doc_id):
+                continue
             assert hits and hits[0]["id"] == doc_id and hits[0]["text"] == make_text(doc_id, v), (doc_id, v, hits[:1])
             assert hits[0]["first_stage_score"] > 0.999, (doc_id, hits[0])
         for doc_id in sorted(i for i, v in state.items() if v is ABSENT and versions.get(i)):
@@ -234,7 +277,7 @@ def run_kill_trials(models_dir: Path, data_dir: Path, servers: list, trials: int
     srv = ServerProc(models_dir, data_dir, "--snapshot-every", "5")
     servers.append(srv)
     srv.start()
-    total_calls = 0
+    total_calls = total_orphans = 0
     for trial in range(trials):
         killed = threading.Event()
         w = Writer(srv.target, rng, acked, versions, ids, killed)
@@ -246,11 +289,19 @@ def run_kill_trials(models_dir: Path, data_dir: Path, servers: list, trials: int
         assert not w.is_alive()
         assert not w.error_before_kill, f"trial {trial}: a call failed before the kill: {w.error!r}\n{srv.log()}"
         total_calls += w.calls
-        srv.start()
-        how = "loaded" if "HNSW snapshot at seq" in srv.log() else "rebuilt"
-        print(f"trial {trial}: {w.calls} calls acknowledged, in flight at the kill: {w.inflight or '-'}, HNSW {how}")
         try:
-            state = verify(srv.target, acked, w.inflight, versions)
+            how, orphans = check_graph_matches_store(data_dir)
+        except AssertionError as e:
+            raise AssertionError(f"trial {trial} (seed {seed}): HNSW snapshot + replay != store: {e}\n{srv.log()}") from None
+        srv.start()
+        log = srv.log()
+        how += " (interrupted save completed)" if "interrupted between its renames" in log else ""
+        how += "".join(f" ({m})" for m in re.findall(r"HNSW snapshot unusable \((.*)\); rebuilding", log))
+        print(f"trial {trial}: {w.calls} calls acknowledged, in flight at the kill: {w.inflight or '-'}, "
+              f"HNSW {how}, unreachable (HNSW orphans): {sorted(orphans) or '-'}")
+        total_orphans += len(orphans)
+        try:
+            state = verify(srv.target, acked, w.inflight, versions, orphans)
         except AssertionError as e:
             raise AssertionError(f"trial {trial} (seed {seed}): {e}\n--- server log ---\n{srv.log()}") from None
         # What the server holds now is durable: the baseline for the next trial.
@@ -259,6 +310,7 @@ def run_kill_trials(models_dir: Path, data_dir: Path, servers: list, trials: int
     srv.stop()
     assert total_calls > 0
     assert sum(v is not ABSENT for v in acked.values()) > 0
+    assert total_orphans <= trials * 2, f"{total_orphans} unreachable documents in {trials} restarts: HNSW recall degraded"
 
 
 def test_kill9_keeps_every_acknowledged_write(models_dir, tmp_path, servers):
@@ -351,6 +403,31 @@ def test_snapshot_corrupt_missing_and_unchanged_restart(models_dir, tmp_path, se
     assert "HNSW snapshot unusable (missing)" in srv.log()
     assert _same(_dense_results(srv.target), want)
     srv.stop()
+
+    # Deleted entries outnumbering live ones (hnswlib then leaves live elements unreachable):
+    # a snapshot saved like that is compacted before serving, and a running server compacts
+    # in the background.
+    srv.extra = ("--auto-compact-ratio", "0")
+    srv.start()
+    with Client(srv.target) as c:
+        c.delete([f"doc-{i}" for i in range(15) if i != 5])
+        assert c.stats().deleted_not_compacted == 14
+    srv.stop()
+    srv.extra = ()
+    srv.start()
+    assert "deleted entries for 9 documents: rebuilding it before serving" in srv.log(), srv.log()
+    with Client(srv.target) as c:
+        assert (c.stats().documents, c.stats().deleted_not_compacted) == (9, 0)
+        c.delete([f"doc-{i}" for i in range(15, 20)])
+        t_end = time.monotonic() + 60
+        while c.stats().deleted_not_compacted and time.monotonic() < t_end:
+            time.sleep(0.2)
+        assert (c.stats().documents, c.stats().deleted_not_compacted) == (4, 0)
+        for i in range(20, 24):
+            hits = c.search(make_text(f"doc-{i}", 1), first_stage="dense", rerank=False, top_n=1, candidates=1)
+            assert hits[0]["id"] == f"doc-{i}" and hits[0]["score"] > 0.999
+    srv.stop()
+    assert "HNSW graph compacted in the background: 5 deleted entries dropped, 4 documents" in srv.log(), srv.log()
 
 
 # -- concurrent Search during a bulk ingest ----------------------------------------------------------------
@@ -483,3 +560,68 @@ def test_index_embedded_commits_valid_lines_before_bad_one(models_dir, tmp_path,
     assert ids == sorted(f"emb-{i}" for i in range(good))
     # graceful stop of the embedded server wrote a snapshot covering them
     assert json.loads((data / "hnsw" / "manifest.json").read_text())["live"] == good
+
+
+# -- snapshot files: interrupted save, torn or foreign snapshots (in-process, no models) -----------------------
+def test_snapshot_interrupted_save_torn_and_foreign(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from rerankd import snapshot
+    from rerankd.stages.dense_index import DenseIndex
+    from rerankd.store import DocumentStore, NewDocument
+
+    caplog.set_level(logging.INFO, logger="rerankd.snapshot")
+    dim, kw = 16, {"m": 8, "ef_construction": 50, "ef_search": 50}
+    rng = np.random.default_rng(0)
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+
+    def add(ids: list[str]) -> None:
+        v = rng.normal(size=(len(ids), dim)).astype(np.float32)
+        store.upsert([NewDocument(i, f"text {i}", "", {}, x / np.linalg.norm(x), None) for i, x in zip(ids, v)])
+
+    def load():
+        caplog.clear()
+        return snapshot.load_or_rebuild(store, d, dim, **kw)
+
+    d = tmp_path / "hnsw"
+    add(["a", "b"])
+    idx, _, how = load()
+    assert how == "rebuilt"
+    snapshot.save(idx, d, store.last_seq())
+    old_manifest = (d / "manifest.json").read_bytes()
+    add(["c"])
+    store.delete(["a"])
+    idx, info, how = load()
+    assert how == "loaded" and "replayed 1 upserts" in caplog.text
+    snapshot.save(idx, d, store.last_seq())
+    live = set(store.labels_for(["b", "c"]).values())
+
+    # Killed between the index rename and the manifest rename: new index.bin, old manifest.json,
+    # the new manifest complete in manifest.json.tmp -> completed, not rebuilt.
+    (d / "manifest.json.tmp").write_bytes((d / "manifest.json").read_bytes())
+    (d / "manifest.json").write_bytes(old_manifest)
+    idx, info, how = load()
+    assert how == "loaded" and info.sequence == store.last_seq() and "replayed 0 upserts" in caplog.text
+    assert "interrupted" in caplog.text and not (d / "manifest.json.tmp").exists()
+    assert idx.labels() == live
+    # The same torn pair without the new manifest: the checksum catches it -> rebuilt.
+    (d / "manifest.json").write_bytes(old_manifest)
+    idx, _, how = load()
+    assert how == "rebuilt" and "checksum mismatch" in caplog.text and idx.labels() == live
+
+    # A graph that lacks a document its manifest claims to cover (a snapshot taken between a
+    # commit and its index update) is refused, not trusted.
+    torn = DenseIndex(dim, **kw)
+    lb_b = store.labels_for(["b"])["b"]
+    torn.upsert(np.asarray([lb_b]), store.vectors(dim)[1][store.vectors(dim)[0] == lb_b])
+    snapshot.save(torn, d, store.last_seq())
+    idx, _, how = load()
+    assert how == "rebuilt" and "not in the graph" in caplog.text and idx.labels() == live
+
+    # A snapshot newer than the store (documents.sqlite3 restored from an older copy) is refused.
+    snapshot.save(idx, d, store.last_seq() + 5)
+    _, _, how = load()
+    assert how == "rebuilt" and "store ends at seq" in caplog.text
+    store.close()

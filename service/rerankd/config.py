@@ -81,6 +81,11 @@ class IndexConfig:
         "Save the HNSW snapshot in the background after this many changes (upserted or deleted documents), "
         "so a restart after a crash replays at most about that many; 0 = only at shutdown and Compact",
     )
+    auto_compact_ratio: float = _f(
+        1.0,
+        "Rebuild the HNSW graph in the background (as Compact does) once entries marked deleted exceed this many "
+        "times the live documents: past that, hnswlib leaves live documents unreachable; 0 = only by Compact",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

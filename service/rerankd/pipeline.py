@@ -158,6 +158,14 @@ class Pipeline:
             m=s.index.hnsw_m, ef_construction=s.index.ef_construction, ef_search=s.index.ef_search,
         )
         self.index_load = how
+        compact_now = self._needs_compaction()
+        if compact_now:
+            # Entries marked deleted outnumber the live ones: hnswlib leaves live elements
+            # unreachable in such graphs (the exact match of a stored document is not found).
+            log.info("HNSW graph has %d deleted entries for %d documents: rebuilding it before serving",
+                     self.dense.deleted_count, len(self.dense))
+            self.dense = snapshot.rebuild(self.store, self.dim, m=s.index.hnsw_m, ef_construction=s.index.ef_construction,
+                                          ef_search=s.index.ef_search)
         self.bm25 = BM25Index(self.store.texts)
         self.bm25.refresh()
         self._write_lock: asyncio.Lock | None = None
@@ -169,8 +177,10 @@ class Pipeline:
         self._snapshot_lock = threading.Lock()  # one snapshot save at a time (they share index.bin.tmp)
         self._applied_seq = self.store.last_seq()
         # -1: no usable snapshot on disk (rebuilt at start) -> the next save is never skipped.
-        self._snapshot_seq = self.snapshot_info.sequence if self.snapshot_info else -1
+        self._snapshot_seq = self.snapshot_info.sequence if self.snapshot_info and not compact_now else -1
         self._snapshot_task: asyncio.Task | None = None
+        self._compact_lock = threading.Lock()  # one graph rebuild at a time
+        self._compact_task: asyncio.Task | None = None
         self._closing = False
         self.ready = False
 
@@ -217,9 +227,9 @@ class Pipeline:
         self._closing = True
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
-        task = self._snapshot_task
-        if task is not None and not task.done():
-            await asyncio.wait({task})
+        for task in (self._compact_task, self._snapshot_task):
+            if task is not None and not task.done():
+                await asyncio.wait({task})
         if save_snapshot:
             try:
                 # Skipped when nothing changed since the snapshot on disk; takes the apply lock, so
@@ -378,6 +388,7 @@ class Pipeline:
         async with self._write_lock:
             labels, missing, seq = await asyncio.to_thread(self._apply_delete, ids)
         self._maybe_snapshot()
+        self._maybe_compact()
         return DeleteResult(len(labels), missing, seq)
 
     def _apply_delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
@@ -436,12 +447,47 @@ class Pipeline:
         assert info is not None
         return info, time.perf_counter() - t0
 
-    def _rebuild_dense(self) -> None:
-        # Under the apply lock: a write whose call was cancelled (asyncio lock released) but
-        # whose worker thread still commits cannot slip between reading the vectors and the swap.
-        with self._apply_lock:
-            s = self.settings.index
-            self.dense = snapshot.rebuild(self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search)
+    def _rebuild_dense(self) -> int:
+        """Rebuild the graph from the stored vectors (no deleted entries) and swap it in; returns
+        the number of deleted entries dropped. Writes may go on while it builds: the changes
+        committed since it started are replayed onto the new graph under the apply lock, right
+        before the swap, so the swapped-in graph holds every committed change (also a write whose
+        call was cancelled but whose worker thread still commits)."""
+        s = self.settings.index
+        with self._compact_lock:
+            with self._apply_lock:
+                seq0 = self.store.last_seq()
+            fresh = snapshot.rebuild(self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search)
+            with self._apply_lock:
+                labels, vecs = self.store.vectors(self.dim, after_seq=seq0)
+                fresh.upsert(labels, vecs)
+                fresh.mark_deleted_raw(self.store.deletes_after(seq0))
+                dropped = self.dense.deleted_count
+                self.dense = fresh
+            return dropped
+
+    def _needs_compaction(self) -> bool:
+        ratio = self.settings.index.auto_compact_ratio
+        d = self.dense
+        return ratio > 0 and d.deleted_count > 0 and d.deleted_count > ratio * len(d)
+
+    def _maybe_compact(self) -> None:
+        """Rebuild the graph in the background once deleted entries outnumber live ones by
+        ``auto_compact_ratio`` (event loop). Searches and writes go on meanwhile."""
+        if self._closing or not self._needs_compaction():
+            return
+        if self._compact_task is not None and not self._compact_task.done():
+            return
+        self._compact_task = asyncio.get_running_loop().create_task(self._background_compact())
+
+    async def _background_compact(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            dropped = await asyncio.to_thread(self._rebuild_dense)
+            log.info("HNSW graph compacted in the background: %d deleted entries dropped, %d documents, %.2f s",
+                     dropped, len(self.dense), time.perf_counter() - t0)
+        except Exception:
+            log.exception("background HNSW compaction failed (the current graph stays in use)")
 
     async def flush(self) -> None:
         """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""

@@ -84,6 +84,8 @@ def load_or_rebuild(
 ) -> tuple[DenseIndex, SnapshotInfo | None, str]:
     """Returns (index up to date with the store, the snapshot used or None, how: loaded|rebuilt)."""
     reason = _check(directory, dim, m, ef_construction)
+    if reason is not None and reason != "parameters changed" and _roll_forward(directory):
+        reason = _check(directory, dim, m, ef_construction)
     if reason is None:
         mf = json.loads((directory / "manifest.json").read_text())
         seq = int(mf["sequence"])
@@ -111,6 +113,26 @@ def load_or_rebuild(
     else:
         log.warning("HNSW snapshot unusable (%s); rebuilding from stored vectors", reason)
     return rebuild(store, dim, m=m, ef_construction=ef_construction, ef_search=ef_search), None, "rebuilt"
+
+
+def _roll_forward(directory: Path) -> bool:
+    """Finish a save killed between its two renames: the new index.bin sits under the old
+    manifest, and the new manifest, written and fsynced before the index was renamed, is
+    complete in manifest.json.tmp. Its checksum binds it to that index: if it matches, the pair
+    is the new snapshot. Saves a full rebuild after a crash in that window."""
+    mtmp, idx = directory / "manifest.json.tmp", directory / "index.bin"
+    if not mtmp.is_file() or not idx.is_file():
+        return False
+    try:
+        mf = json.loads(mtmp.read_text())
+        if mf.get("format") != FORMAT or _sha256(idx) != mf.get("sha256"):
+            return False
+        os.replace(mtmp, directory / "manifest.json")
+        _fsync_dir(directory)
+    except (OSError, ValueError):
+        return False
+    log.info("HNSW snapshot: completed a save interrupted between its renames (seq %s)", mf.get("sequence"))
+    return True
 
 
 def rebuild(store: DocumentStore, dim: int, *, m: int, ef_construction: int, ef_search: int) -> DenseIndex:
