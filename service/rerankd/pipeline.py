@@ -374,8 +374,10 @@ class Pipeline:
 
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
         with self._apply_lock:
-            labels, replaced, seq = self.store.upsert(rows)
-            self.dense.upsert(np.asarray(labels, dtype=np.int64), vecs)
+            labels, replaced, seq, retired = self.store.upsert(rows)
+            # New labels in, replaced ones out, under one index lock: a concurrent search sees
+            # the old or the new version (the retired row is gone from the store already).
+            self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
             self.bm25.mark_dirty()
             self._applied_seq = max(self._applied_seq, seq)
         return labels, replaced, seq

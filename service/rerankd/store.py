@@ -112,30 +112,34 @@ class DocumentStore:
             self._all.clear()
 
     # -- writes -------------------------------------------------------------------------------------
-    def upsert(self, docs: list[NewDocument]) -> tuple[list[int], int, int]:
-        """Insert or replace; returns (labels in input order, number replaced, last sequence)."""
+    def upsert(self, docs: list[NewDocument]) -> tuple[list[int], int, int, list[int]]:
+        """Insert or replace; returns (labels in input order, number replaced, last sequence, retired labels).
+
+        A replaced document gets a NEW label (its old row is deleted, its old label retired and
+        logged as a delete): the HNSW graph then only ever inserts and marks deleted, never
+        updates a vector in place — hnswlib's in-place update can leave an element unreachable
+        after heavy churn on similar vectors.
+        """
         with self._write_lock:
             con = self._w
             con.execute("BEGIN IMMEDIATE")
             try:
                 labels: list[int] = []
+                retired: list[int] = []
                 replaced = 0
                 seq = 0
                 for d in docs:
                     row = con.execute("SELECT label FROM documents WHERE id = ?", (d.id,)).fetchone()
-                    label = row[0] if row else None
-                    if label is None:
-                        cur = con.execute(
-                            "INSERT INTO documents (id, title, text, metadata, token_ids, vector, seq) VALUES (?,?,?,?,?,?,0)",
-                            (d.id, d.title, d.text, json.dumps(d.metadata, sort_keys=True), _ids_blob(d.token_ids), _vec_blob(d.vector)),
-                        )
-                        label = cur.lastrowid
-                    else:
+                    if row is not None:
                         replaced += 1
-                        con.execute(
-                            "UPDATE documents SET title=?, text=?, metadata=?, token_ids=?, vector=? WHERE label=?",
-                            (d.title, d.text, json.dumps(d.metadata, sort_keys=True), _ids_blob(d.token_ids), _vec_blob(d.vector), label),
-                        )
+                        retired.append(int(row[0]))
+                        con.execute("DELETE FROM documents WHERE label = ?", (row[0],))
+                        con.execute("INSERT INTO changes (op, label, doc_id) VALUES ('delete', ?, ?)", (row[0], d.id))
+                    cur = con.execute(
+                        "INSERT INTO documents (id, title, text, metadata, token_ids, vector, seq) VALUES (?,?,?,?,?,?,0)",
+                        (d.id, d.title, d.text, json.dumps(d.metadata, sort_keys=True), _ids_blob(d.token_ids), _vec_blob(d.vector)),
+                    )
+                    label = cur.lastrowid
                     seq = con.execute("INSERT INTO changes (op, label, doc_id) VALUES ('upsert', ?, ?)", (label, d.id)).lastrowid
                     con.execute("UPDATE documents SET seq=? WHERE label=?", (seq, label))
                     labels.append(int(label))
@@ -143,7 +147,7 @@ class DocumentStore:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            return labels, replaced, int(seq)
+            return labels, replaced, int(seq), retired
 
     def delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
         """Returns (deleted labels, ids not found, last sequence)."""

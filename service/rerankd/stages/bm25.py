@@ -39,8 +39,8 @@ class BM25Index:
         self._lock = threading.Lock()
         self._generation = 0  # bumped on every write
         self._built_generation = -1
-        self._retriever: bm25s.BM25 | None = None
-        self._labels = np.zeros(0, dtype=np.int64)
+        # (retriever, labels) swapped as ONE attribute: a search reads a consistent pair.
+        self._state: tuple[bm25s.BM25 | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
 
     def mark_dirty(self) -> None:
         self._generation += 1
@@ -61,12 +61,13 @@ class BM25Index:
                 retriever.index(tokenize(texts), show_progress=False)
             else:
                 retriever = None
-            self._retriever, self._labels, self._built_generation = retriever, np.asarray(labels, dtype=np.int64), gen
+            self._state = (retriever, np.asarray(labels, dtype=np.int64))
+            self._built_generation = gen
 
     def search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, BM25 scores), best first; documents with score 0 are left out."""
         self.refresh()
-        retriever, labels = self._retriever, self._labels
+        retriever, labels = self._state
         if retriever is None or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         q = tokenize([query])

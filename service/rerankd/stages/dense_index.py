@@ -28,19 +28,30 @@ class DenseIndex:
 
     # -- writes -------------------------------------------------------------------------------------
     def upsert(self, labels: np.ndarray, vectors: np.ndarray, threads: int = 1) -> None:
-        labels = np.asarray(labels, dtype=np.int64)
+        with self._lock:
+            self._upsert_locked(np.asarray(labels, dtype=np.int64), vectors, threads)
+
+    def _upsert_locked(self, labels: np.ndarray, vectors: np.ndarray, threads: int) -> None:
         if len(labels) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(labels), self.dim):
             raise ValueError(f"vectors shape {vectors.shape} != ({len(labels)}, {self.dim})")
+        need = self._index.get_current_count() + len(labels)
+        cap = self._index.get_max_elements()
+        if need > cap:
+            self._index.resize_index(max(need, cap * 2))
+        self._index.add_items(vectors, labels, num_threads=threads)
+        self._live.update(labels.tolist())
+
+    def replace(self, labels: np.ndarray, vectors: np.ndarray, retired: list[int]) -> None:
+        """Add ``labels`` and mark ``retired`` deleted atomically with respect to searches."""
         with self._lock:
-            need = self._index.get_current_count() + len(labels)
-            cap = self._index.get_max_elements()
-            if need > cap:
-                self._index.resize_index(max(need, cap * 2))
-            self._index.add_items(vectors, labels, num_threads=threads)
-            self._live.update(labels.tolist())
+            self._upsert_locked(np.asarray(labels, dtype=np.int64), vectors, 1)
+            for lb in retired:
+                if lb in self._live:
+                    self._index.mark_deleted(lb)
+                    self._live.discard(lb)
 
     def delete(self, labels: list[int]) -> None:
         with self._lock:
