@@ -26,24 +26,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    _setup_logging()
-    try:
-        from rerankd_export.export import run_export
-    except ImportError as e:
-        print(f"rerankd export needs the export extra ({e}): pip install torch==2.13.0 -e '.[export]'", file=sys.stderr)
-        return 2
-    return run_export(args)
+def _offline_tool(command: str, module: str, func: str):
+    """Subcommands that live in the torch-only ``rerankd_export`` package."""
+
+    def run(args: argparse.Namespace) -> int:
+        _setup_logging()
+        try:
+            fn = getattr(__import__(module, fromlist=[func]), func)
+        except ImportError as e:
+            print(f"rerankd {command} needs the export extra ({e}): pip install torch==2.13.0 -e '.[export]'", file=sys.stderr)
+            return 2
+        return fn(args)
+
+    return run
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    _setup_logging()
-    try:
-        from rerankd_export.train_reranker import run_train
-    except ImportError as e:
-        print(f"rerankd train-reranker needs the export extra ({e}): pip install torch==2.13.0 -e '.[export]'", file=sys.stderr)
-        return 2
-    return run_train(args)
+_cmd_export = _offline_tool("export", "rerankd_export.export", "run_export")
+_cmd_train = _offline_tool("train-reranker", "rerankd_export.train_reranker", "run_train")
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

@@ -48,17 +48,17 @@ class DenseIndex:
         """Add ``labels`` and mark ``retired`` deleted atomically with respect to searches."""
         with self._lock:
             self._upsert_locked(np.asarray(labels, dtype=np.int64), vectors, 1)
-            for lb in retired:
-                if lb in self._live:
-                    self._index.mark_deleted(lb)
-                    self._live.discard(lb)
+            self._delete_locked(retired)
 
     def delete(self, labels: list[int]) -> None:
         with self._lock:
-            for lb in labels:
-                if lb in self._live:
-                    self._index.mark_deleted(lb)
-                    self._live.discard(lb)
+            self._delete_locked(labels)
+
+    def _delete_locked(self, labels: list[int]) -> None:
+        for lb in labels:
+            if lb in self._live:
+                self._index.mark_deleted(lb)
+                self._live.discard(lb)
 
     def mark_deleted_raw(self, labels: list[int]) -> None:
         """Snapshot replay: mark labels deleted whether or not they are known live."""
