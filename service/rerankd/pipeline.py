@@ -137,12 +137,18 @@ class Pipeline:
         s = settings
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
-        self.backend_name, self.precision = resolve(s.model.backend, s.model.precision, [emb_bundle, rr_bundle])
-        opts = BackendOptions(precision=self.precision, threads=s.model.threads)
-        log.info("backend %s, precision %s", self.backend_name, self.precision)
-        self.embedder = Embedder(emb_bundle, create_backend(self.backend_name, emb_bundle, opts), s.batch, on_batch=on_batch)
+        # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
+        # run int8 while the reranker, whose int8 drifted past the gate, runs bf16.
+        emb_be, emb_prec = resolve(s.model.backend, s.model.precision, [emb_bundle])
+        rr_be, rr_prec = resolve(s.model.backend, s.model.precision, [rr_bundle])
+        self.backend_name = emb_be if emb_be == rr_be else f"embed={emb_be},rerank={rr_be}"
+        self.precision = emb_prec if emb_prec == rr_prec else f"embed={emb_prec},rerank={rr_prec}"
+        log.info("embedder %s:%s, reranker %s:%s", emb_be, emb_prec, rr_be, rr_prec)
+        threads = s.model.threads
+        self.embedder = Embedder(emb_bundle, create_backend(emb_be, emb_bundle, BackendOptions(precision=emb_prec, threads=threads)),
+                                 s.batch, on_batch=on_batch)
         self.reranker = Reranker(
-            rr_bundle, create_backend(self.backend_name, rr_bundle, opts), s.batch,
+            rr_bundle, create_backend(rr_be, rr_bundle, BackendOptions(precision=rr_prec, threads=threads)), s.batch,
             max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
         )
         if not self.reranker.trained:
