@@ -300,9 +300,18 @@ def test_int8_gate_figures_recorded(models):
     assert len(gp["cases"]) == len(models.manifest("embed")["variants"]["fp32"]["parity"]["cases"])
     assert gp["settings"]["weight_type"] == "QInt8"
 
-    r = models.manifest("rerank")["variants"]["int8"]["parity"]
+    # The reranker's int8 either passed its gate or was refused with its figures recorded
+    # (the trained checkpoint's dynamic int8 drifts past 0.25 and is refused).
+    mr = models.manifest("rerank")
+    if "int8" in mr["variants"]:
+        r = mr["variants"]["int8"]["parity"]
+        assert 0 <= r["max_abs_diff"] <= parity.INT8_RERANK_MAX_ABS_DIFF
+        assert (models.reranker / "model.int8.onnx").is_file()
+    else:
+        r = mr["refused_variants"]["int8"]["parity"]
+        assert r["max_abs_diff"] > parity.INT8_RERANK_MAX_ABS_DIFF
+        assert not (models.reranker / "model.int8.onnx").exists()
     assert r["gate"] == parity.INT8_RERANK_MAX_ABS_DIFF
-    assert 0 <= r["max_abs_diff"] <= parity.INT8_RERANK_MAX_ABS_DIFF
     assert -1.0 <= r["spearman"] <= 1.0 and r["pairs"] >= 40
 
     # the recorded figure is what the int8 file actually does
@@ -407,9 +416,11 @@ def test_zero_tolerance_rerank_raises_and_keeps_previous_bundle(tiny_dirs, tmp_p
 def test_int8_gate_refuses(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "INT8_EMBED_MIN_COSINE", 1.01)  # unreachable
     out = tmp_path / "models" / "tiny"
-    with pytest.raises(Int8GateError, match="REFUSED"):
-        export_embedder(tiny_dirs["plain"], out, "tiny", max_length=64, int8=True)
-    assert not out.exists()
+    m = export_embedder(tiny_dirs["plain"], out, "tiny", max_length=64, int8=True)
+    # Refused: no int8 file and no int8 variant; fp32 is published; the figures say why.
+    assert "int8" not in m["variants"] and not (out / "model.int8.onnx").exists()
+    assert m["refused_variants"]["int8"]["parity"]["min_cosine"] < 1.01
+    assert (out / "model.onnx").is_file()
     assert _no_staging_left(out.parent)
 
 
@@ -516,7 +527,7 @@ def _args(argv):
 
 def test_cli_single_model_and_up_to_date(tiny_dirs, tmp_path, capsys):
     argv = ["--task", "embed", "--source", str(tiny_dirs["plain"]), "--name", "tiny",
-            "--models-dir", str(tmp_path), "--max-length", "64"]
+            "--models-dir", str(tmp_path), "--max-length", "64", "--no-int8", "--no-openvino"]
     assert run_export(_args(argv)) == 0
     assert "exported" in capsys.readouterr().out
     m = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
