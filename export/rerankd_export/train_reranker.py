@@ -553,6 +553,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "progress = max(step/steps, elapsed/budget) drives the linear warmup/decay "
                         "and training stops (and saves) when it reaches 1")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-every", type=float, default=5.0, metavar="MIN",
+                   help="write <output>/resume-state.pt every MIN minutes (0 = never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output>/resume-state.pt (same flags) if it exists")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on for CUDA/CPUs with native bf16)")
@@ -700,14 +704,41 @@ def run_train(args: argparse.Namespace) -> int:
     window: list[float] = []
     log_every = max(1, min(50, total_steps // 20 or 1))
     losses_finite = True
-    bar = _progress(total=total_steps, desc="train", unit="step")
     epoch = 0
+    skip = 0  # batches of the current epoch already done (resume)
+    state_path = out_dir / "resume-state.pt"
+    save_every = 60.0 * (getattr(args, "save_every", 0) or 0)
+    if getattr(args, "resume", False) and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        optim.load_state_dict(st["optim"])
+        step, epoch, skip = st["step"], st["epoch"], st["pos"]
+        pairs_seen, ema, curve = st["pairs_seen"], st["ema"], st["curve"]
+        rng.setstate(st["epoch_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        t_train = time.time() - st["elapsed"]
+        print(f"[train] resumed from {state_path} at step {step}", flush=True)
+    last_save = time.time()
+    bar = _progress(total=total_steps, initial=step, desc="train", unit="step")
     stopped_early = False
     while step < total_steps and not stopped_early:
+        epoch_rng = rng.getstate()
         batches = length_grouped_batches(lengths, args.batch_groups, rng)
-        for batch in batches:
+        for pos, batch in enumerate(batches):
+            if pos < skip:
+                continue
             if step >= total_steps:
                 break
+            if save_every and time.time() - last_save > save_every:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
+                            "epoch": epoch, "pos": pos, "pairs_seen": pairs_seen, "ema": ema,
+                            "curve": curve, "epoch_rng": epoch_rng,
+                            "torch_rng": torch.get_rng_state(),
+                            "elapsed": time.time() - t_train}, tmp)
+                os.replace(tmp, state_path)
+                last_save = time.time()
             frac = progress(step)
             if budget_s and frac >= 1.0:
                 stopped_early = True
@@ -737,6 +768,7 @@ def run_train(args: argparse.Namespace) -> int:
                             lr=f"{cur_lr:.1e}", refresh=False)
             bar.update(1)
         epoch += 1
+        skip = 0
     bar.close()
     if window:
         curve.append([step, round(sum(window) / len(window), 5)])
@@ -753,6 +785,8 @@ def run_train(args: argparse.Namespace) -> int:
     model.half()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     os.chmod(out_dir / "model.safetensors", 0o644)
+    if state_path.exists():
+        state_path.unlink()
     tokenizer.model_max_length = 512
     tokenizer.save_pretrained(str(out_dir))
     for junk in ("added_tokens.json",):
