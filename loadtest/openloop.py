@@ -60,13 +60,20 @@ class Outcome:
 
 async def run_schedule(send: Sender, *, rps: float, count: int, max_inflight: int | None = None,
                        drain_timeout: float = 30.0, clock: Callable[[], float] = time.perf_counter,
-                       ) -> tuple[list[Outcome], float]:
+                       times: Sequence[float] | None = None) -> tuple[list[Outcome], float]:
     """Call ``send(i)`` for i in 0..count-1 at ``start + i / rps``, each in its own task.
 
+    ``times`` (ascending seconds after start) replaces the constant rate: request i is due at
+    ``start + times[i]`` (``rps`` and ``count`` are then ignored) — used for phased runs.
     Launches never wait for completions. ``send`` returns a status string ("OK" or an error
     code name). Returns the outcomes (index order) and the elapsed seconds.
     """
-    if not rps > 0:
+    if times is not None:
+        times = list(times)
+        if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 0):
+            raise ValueError("times must be ascending and >= 0")
+        count = len(times)
+    elif not rps > 0:
         raise ValueError(f"rps must be > 0, got {rps}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -90,7 +97,7 @@ async def run_schedule(send: Sender, *, rps: float, count: int, max_inflight: in
         outcomes[i] = Outcome(i, scheduled, launched, done, str(code))
 
     for i in range(count):
-        scheduled = i / rps
+        scheduled = times[i] if times is not None else i / rps
         delay = start + scheduled - clock()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -291,6 +298,142 @@ async def find_capacity(tgt: GrpcTarget, payloads: Payloads, rpc: str, args, log
     }
 
 
+# -- overload test -------------------------------------------------------------------------------------
+_SHED = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")  # admission control's answers: expected under overload
+_HARMLESS = ("OK", DROPPED) + _SHED
+
+
+def read_rss_bytes(metrics_url: str, timeout: float = 2.0) -> float | None:
+    """``process_resident_memory_bytes`` from a Prometheus text endpoint (None if unavailable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as r:  # noqa: S310 (loopback checked)
+            text = r.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    return None
+
+
+def overload_schedule(base_rps: float, over_rps: float, baseline_s: float, overload_s: float,
+                      recovery_s: float) -> tuple[list[float], tuple[float, float, float]]:
+    """Arrival times for baseline -> overload -> recovery (constant rate inside each phase)."""
+    times: list[float] = []
+    t0 = 0.0
+    for rps, length in ((base_rps, baseline_s), (over_rps, overload_s), (base_rps, recovery_s)):
+        n = int(round(rps * length))
+        times.extend(t0 + i / rps for i in range(n))
+        t0 += length
+    return times, (baseline_s, baseline_s + overload_s, baseline_s + overload_s + recovery_s)
+
+
+def _shifted(outcomes: Sequence[Outcome], lo: float, hi: float) -> list[Outcome]:
+    return [Outcome(o.index, o.scheduled - lo, None if o.launched is None else o.launched - lo,
+                    None if o.done is None else o.done - lo, o.code)
+            for o in outcomes if lo <= o.scheduled < hi]
+
+
+def recovery_time(outcomes: Sequence[Outcome], drop_at: float, p99_limit_s: float) -> float | None:
+    """Seconds after the load dropped from which every call was OK within ``p99_limit_s``
+    (None if the last call still was not)."""
+    after = sorted((o for o in outcomes if o.scheduled >= drop_at), key=lambda o: o.scheduled)
+    if not after:
+        return None
+    bad = [o for o in after if o.code != "OK" or o.latency is None or o.latency > p99_limit_s]
+    if not bad:
+        return 0.0
+    if bad[-1] is after[-1]:
+        return None
+    nxt = after[after.index(bad[-1]) + 1]
+    return round(nxt.scheduled - drop_at, 3)
+
+
+def judge_overload(phases: dict, outcomes: Sequence[Outcome], bounds: tuple[float, float, float], args,
+                   rss: dict) -> dict:
+    base, over = phases["baseline"], phases["overload"]
+    base_p99, over_p99 = base["latency_ms"]["p99"], over["latency_ms"]["p99"]
+    ratio = round(over_p99 / base_p99, 3) if base_p99 and over_p99 else None
+    rej = over["rejected_latency_ms"]
+    rec_s = recovery_time(outcomes, bounds[1], args.max_p99_ratio * base_p99 / 1e3) if base_p99 else None
+    unexpected = {k: v for p in phases.values() for k, v in p["codes"].items() if k not in _HARMLESS}
+    checks = {
+        "baseline_all_ok": base["errors"] == 0 and base["ok"] > 0,
+        "admitted_p99_within_ratio": ratio is not None and ratio <= args.max_p99_ratio,
+        "rejections_fast": rej["n"] > 0 and rej["p99"] is not None and rej["p99"] <= args.max_reject_ms,
+        "recovered_within_grace": rec_s is not None and rec_s <= args.recovery_grace_s,
+        "no_unexpected_codes": not unexpected,
+    }
+    if rss.get("start") is not None and rss.get("end") is not None:
+        growth = (rss["end"] - rss["start"]) / 2**20
+        rss["growth_mb"] = round(growth, 1)
+        checks["rss_growth_bounded"] = growth <= args.max_rss_growth_mb
+    return {
+        "baseline_p99_ms": base_p99, "admitted_p99_ms": over_p99, "admitted_p99_ratio": ratio,
+        "admitted_ok": over["ok"], "shed": sum(over["codes"].get(k, 0) for k in _SHED),
+        "rejected_p99_ms": rej["p99"], "recovery_s": rec_s, "unexpected_codes": unexpected,
+        "limits": {"max_p99_ratio": args.max_p99_ratio, "max_reject_ms": args.max_reject_ms,
+                   "recovery_grace_s": args.recovery_grace_s, "max_rss_growth_mb": args.max_rss_growth_mb},
+        "rss_mb": {k: (round(v / 2**20, 1) if k != "growth_mb" and v is not None else v) for k, v in rss.items()},
+        "checks": checks, "passed": all(checks.values()),
+    }
+
+
+async def overload_test(tgt: GrpcTarget, payloads: Payloads, rpc: str, capacity: float, args, log) -> dict:
+    """Baseline at ``--baseline-fraction`` x capacity, then ``--overload-factor`` x capacity, then
+    the baseline rate again — one open-loop schedule, so the overload's queue carries into recovery."""
+    base_rps = capacity * args.baseline_fraction
+    over_rps = capacity * args.overload_factor
+    times, bounds = overload_schedule(base_rps, over_rps, args.baseline_s, args.overload_s, args.recovery_s)
+    if len(times) > args.max_requests:
+        raise ValueError(f"overload test needs {len(times)} requests, more than --max-requests {args.max_requests}")
+    requests = payloads.pool(rpc, min(len(times), 1024))
+    send = tgt.sender(rpc, requests, args.timeout)
+    rss: dict = {}
+    samples: list[float] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            v = await asyncio.to_thread(read_rss_bytes, args.metrics_url)
+            if v is not None:
+                samples.append(v)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    watcher = None
+    if args.metrics_url:
+        rss["start"] = await asyncio.to_thread(read_rss_bytes, args.metrics_url)
+        watcher = asyncio.create_task(watch())
+    try:
+        outcomes, elapsed = await run_schedule(send, rps=1.0, count=0, times=times, max_inflight=args.max_inflight,
+                                               drain_timeout=args.timeout + 5.0)
+    finally:
+        stop.set()
+        if watcher is not None:
+            await watcher
+    if args.metrics_url:
+        rss["peak"] = max(samples) if samples else None
+        rss["end"] = await asyncio.to_thread(read_rss_bytes, args.metrics_url)
+    phases = {}
+    for name, lo, hi, rate in (("baseline", 0.0, bounds[0], base_rps), ("overload", bounds[0], bounds[1], over_rps),
+                               ("recovery", bounds[1], bounds[2], base_rps)):
+        part = _shifted(outcomes, lo, hi)
+        r = {"rpc": rpc, "phase": name, **summarize(part, hi - lo, rps=rate, duration=hi - lo)}
+        phases[name] = r
+        log(r)
+    if tgt.error_samples:
+        phases["overload"]["error_samples"] = dict(tgt.error_samples)
+        tgt.error_samples.clear()
+    verdict = judge_overload(phases, outcomes, bounds, args, rss)
+    return {"rpc": rpc, "capacity_rps": capacity, "baseline_rps": round(base_rps, 3), "overload_rps": round(over_rps, 3),
+            **verdict, "phases": list(phases.values())}
+
+
 # -- output --------------------------------------------------------------------------------------------
 _COLS = ("rpc", "offered", "sent", "ok", "errors", "dropped", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms")
 
@@ -298,7 +441,7 @@ _COLS = ("rpc", "offered", "sent", "ok", "errors", "dropped", "achieved", "p50 m
 def _row(r: dict) -> list[str]:
     lat = r["latency_ms"]
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    row = [r["rpc"], f"{r['offered_rps']:g}", str(r["sent"]), str(r["ok"]), str(r["errors"]), str(r["dropped"]),
+    row = [r["rpc"] + (f" {r['phase']}" if "phase" in r else ""), f"{r['offered_rps']:g}", str(r["sent"]), str(r["ok"]), str(r["errors"]), str(r["dropped"]),
            f"{r['achieved_rps']:.1f}", f(lat["p50"]), f(lat["p95"]), f(lat["p99"]), f(lat["max"])]
     if "passed" in r:
         row.append("pass" if r["passed"] else "FAIL")
@@ -317,6 +460,30 @@ def format_table(results: Sequence[dict]) -> str:
         lines.append(f"{r['rpc']} @ {r['offered_rps']:g} rps: {codes}; launch lag p99 {lag['p99']} ms, max {lag['max']} ms")
         for code, detail in r.get("error_samples", {}).items():
             lines.append(f"  {code}: {detail}")
+    return "\n".join(lines)
+
+
+def format_overload(v: dict) -> str:
+    if "skipped" in v:
+        return f"\noverload test skipped: {v['skipped']}"
+    lim = v["limits"]
+    mark = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
+    c = v["checks"]
+    lines = [
+        f"\noverload test ({v['rpc']}): capacity {v['capacity_rps']:g} rps, baseline {v['baseline_rps']:g} rps, "
+        f"overload {v['overload_rps']:g} rps",
+        f"  admitted p99 {v['admitted_p99_ms']} ms = {v['admitted_p99_ratio']}x baseline p99 {v['baseline_p99_ms']} ms "
+        f"(<= {lim['max_p99_ratio']:g}x): {mark(c['admitted_p99_within_ratio'])}; {v['admitted_ok']} admitted OK, {v['shed']} shed",
+        f"  rejections p99 {v['rejected_p99_ms']} ms (<= {lim['max_reject_ms']:g} ms): {mark(c['rejections_fast'])}",
+        f"  recovered {v['recovery_s']} s after the load dropped (<= {lim['recovery_grace_s']:g} s): "
+        f"{mark(c['recovered_within_grace'])}",
+        f"  unexpected codes {v['unexpected_codes'] or 'none'}: {mark(c['no_unexpected_codes'])}",
+    ]
+    if "rss_growth_bounded" in c:
+        r = v["rss_mb"]
+        lines.append(f"  server RSS {r.get('start')} -> peak {r.get('peak')} -> {r.get('end')} MiB (growth {r.get('growth_mb')} MiB "
+                     f"<= {lim['max_rss_growth_mb']:g}): {mark(c['rss_growth_bounded'])}")
+    lines.append(f"  overall: {'PASS' if v['passed'] else 'FAIL'}")
     return "\n".join(lines)
 
 
@@ -353,6 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--step-duration", type=float, default=10.0, help="seconds per step")
     c.add_argument("--refine", type=int, default=2, help="bisection steps between the last pass and the first fail")
     c.add_argument("--max-total-s", type=float, default=600.0, help="time budget for all steps")
+    o = p.add_argument_group("overload-test", "baseline -> overload -> recovery in one open-loop schedule, judged")
+    o.add_argument("--overload-test", action="store_true",
+                   help="run the overload test at --capacity-rps (or at the rate --find-capacity finds)")
+    o.add_argument("--capacity-rps", type=float, default=None, help="the measured capacity the test scales from")
+    o.add_argument("--overload-factor", type=float, default=4.0, help="overload rate = factor x capacity")
+    o.add_argument("--baseline-fraction", type=float, default=0.25,
+                   help="baseline and recovery rate = fraction x capacity (the 'unloaded' reference)")
+    o.add_argument("--baseline-s", type=float, default=30.0, help="seconds of baseline arrivals")
+    o.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload arrivals")
+    o.add_argument("--recovery-s", type=float, default=20.0, help="seconds of arrivals after the load drops")
+    o.add_argument("--max-p99-ratio", type=float, default=2.0,
+                   help="admitted calls' p99 under overload <= ratio x baseline p99 (also the recovery bar)")
+    o.add_argument("--max-reject-ms", type=float, default=10.0, help="p99 of RESOURCE_EXHAUSTED/DEADLINE_EXCEEDED answers")
+    o.add_argument("--recovery-grace-s", type=float, default=5.0,
+                   help="every call due this long after the load drops must be OK within the p99 bar")
+    o.add_argument("--metrics-url", default=None,
+                   help="server's Prometheus endpoint (e.g. http://127.0.0.1:9464/metrics): RSS before/peak/after")
+    o.add_argument("--max-rss-growth-mb", type=float, default=100.0, help="RSS after minus before, at most")
+    p.add_argument("--no-rerank", dest="rerank", action="store_false", default=None,
+                   help="Search: first stage only (SearchRequest.rerank = false)")
     return p
 
 
@@ -363,6 +550,24 @@ def _validate(args, p: argparse.ArgumentParser) -> list[str]:
         p.error(f"--rpc: unknown {bad or args.rpc!r}; valid: {', '.join(RPCS)}")
     if args.find_capacity and len(rpcs) != 1:
         p.error("--find-capacity takes a single --rpc")
+    if args.overload_test:
+        if len(rpcs) != 1:
+            p.error("--overload-test takes a single --rpc")
+        if args.capacity_rps is None and not args.find_capacity:
+            p.error("--overload-test needs --capacity-rps or --find-capacity")
+        for name in ("overload_factor", "baseline_fraction", "baseline_s", "overload_s", "recovery_s", "max_p99_ratio",
+                     "max_reject_ms", "recovery_grace_s"):
+            if not getattr(args, name) > 0:
+                p.error(f"--{name.replace('_', '-')} must be > 0")
+        if args.capacity_rps is not None and not args.capacity_rps > 0:
+            p.error("--capacity-rps must be > 0")
+        if args.metrics_url and not args.allow_remote:
+            from urllib.parse import urlparse
+            host = urlparse(args.metrics_url).hostname or ""
+            try:
+                check_target(f"{host}:0" if ":" not in host else f"[{host}]:0", False)
+            except TargetError:
+                p.error(f"--metrics-url {args.metrics_url!r} is not on a loopback address (or pass --allow-remote)")
     positive = ("rps", "duration", "timeout", "start_rps", "step_duration", "max_rps", "max_total_s")
     for name in positive:
         if not getattr(args, name) > 0:
@@ -382,17 +587,18 @@ def _validate(args, p: argparse.ArgumentParser) -> list[str]:
 async def _amain(args, rpcs: list[str]) -> dict:
     ds = load_dataset(args.dataset)
     payloads = Payloads(ds, candidates=args.candidates, top_n=args.top_n, encode_batch=args.encode_batch,
-                        encode_queries=args.encode_queries, seed=args.seed)
+                        encode_queries=args.encode_queries, seed=args.seed, rerank=args.rerank)
     tgt = GrpcTarget(args.target, args.channels)
     report: dict = {
         "tool": "rerankd-openloop",
-        "mode": "find-capacity" if args.find_capacity else "fixed",
+        "mode": "+".join(m for m, on in (("find-capacity", args.find_capacity), ("overload-test", args.overload_test)) if on)
+        or "fixed",
         "target": args.target,
         "dataset": str(ds.path),
         "params": {"candidates": args.candidates, "top_n": min(args.top_n, args.candidates),
                    "encode_batch": args.encode_batch, "encode_queries": args.encode_queries,
                    "max_inflight": args.max_inflight, "timeout_s": args.timeout, "channels": args.channels,
-                   "seed": args.seed},
+                   "seed": args.seed, "rerank": args.rerank},
         "runs": [],
     }
     try:
@@ -403,13 +609,22 @@ async def _amain(args, rpcs: list[str]) -> dict:
 
         for rpc in rpcs:
             if args.warmup > 0:
-                rate = args.start_rps if args.find_capacity else args.rps
+                rate = (args.start_rps if args.find_capacity
+                        else args.capacity_rps * args.baseline_fraction if args.overload_test else args.rps)
                 await run_step(tgt, payloads, rpc, rate, args.warmup, args)
             if args.find_capacity:
                 cap = await find_capacity(tgt, payloads, rpc, args, log)
                 report["capacity"] = {k: v for k, v in cap.items() if k != "steps"}
                 report["runs"].extend(cap["steps"])
-            else:
+            if args.overload_test:
+                capacity = args.capacity_rps if args.capacity_rps is not None else report["capacity"]["max_rps"]
+                if capacity is None:
+                    report["overload"] = {"rpc": rpc, "passed": False, "skipped": "no capacity found"}
+                else:
+                    ov = await overload_test(tgt, payloads, rpc, capacity, args, log)
+                    report["overload"] = {k: v for k, v in ov.items() if k != "phases"}
+                    report["runs"].extend(ov["phases"])
+            elif not args.find_capacity:
                 report["runs"].append(await run_step(tgt, payloads, rpc, args.rps, args.duration, args))
     finally:
         await tgt.close()
@@ -433,9 +648,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"\n{cap['rpc']}: max RPS with p99 <= {cap['p99_target_ms']:g} ms and errors <= "
                   f"{cap['max_error_rate']:.1%}: {cap['max_rps']:g} (limited by {cap['limited_by']})")
+    if args.overload_test:
+        print(format_overload(report["overload"]))
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.overload_test:
+        return 0 if report["overload"]["passed"] else 1
     if args.find_capacity:
         return 0 if report["capacity"]["max_rps"] is not None else 1
     return 0 if all(r["errors"] == 0 for r in report["runs"]) else 1

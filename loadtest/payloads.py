@@ -114,7 +114,7 @@ class Payloads:
     """Builds requests for one RPC from a dataset, deterministically for a given seed."""
 
     def __init__(self, ds: Dataset, *, candidates: int = 50, top_n: int = 10, encode_batch: int = 8,
-                 encode_queries: bool = False, seed: int = 0) -> None:
+                 encode_queries: bool = False, seed: int = 0, rerank: bool | None = None) -> None:
         if candidates < 1 or top_n < 1 or encode_batch < 1:
             raise ValueError("candidates, top_n and encode_batch must be >= 1")
         self.ds = ds
@@ -122,10 +122,14 @@ class Payloads:
         self.top_n = min(top_n, candidates)
         self.encode_batch = encode_batch
         self.encode_queries = encode_queries
+        self.rerank = rerank  # Search: None = the server's default (rerank on), False = first stage only
         self.rng = random.Random(seed)
 
     def search(self) -> pb.SearchRequest:
-        return pb.SearchRequest(query=self.rng.choice(self.ds.queries), top_n=self.top_n, candidates=self.candidates)
+        req = pb.SearchRequest(query=self.rng.choice(self.ds.queries), top_n=self.top_n, candidates=self.candidates)
+        if self.rerank is not None:
+            req.rerank = self.rerank
+        return req
 
     def score(self) -> pb.ScoreRequest:
         n = min(self.candidates, len(self.ds.docs))

@@ -150,6 +150,21 @@ def test_drop_self_and_k_rows():
     kept = drop_self(hits, "q1")
     assert kept == [H("d7", 5.0, 2), H("d2", 3.0, 3), H("d9", 2.0, 1), H("d5", 1.0, 4)]
     assert k_rows(kept, [1, 2, 4]) == {1: ["d9"], 2: ["d7", "d9"], 4: ["d7", "d2", "d9", "d5"]}
+
+
+def test_k_rows_refuse_over_each_k():
+    """With rerank fusion the order of a k-row is re-fused over its own k candidates."""
+    from rerankd.stages.fusion import rerank_fusion
+
+    hits = [H("a", 0.0, 1, 1.0), H("b", 0.0, 2, 3.0), H("c", 0.0, 3, 2.9), H("d", 0.0, 4, -5.0)]
+    assert k_rows(hits, [4], 0.0) == {4: ["a", "b", "c", "d"]}  # weight 0: served order kept
+    rows = k_rows(hits, [2, 4], 1.5)
+    for k, ids in rows.items():
+        sub = hits[:k]
+        fused = rerank_fusion([h.rerank for h in sub], [h.fsr for h in sub], 1.5)
+        assert ids == [sub[i].id for i in sorted(range(k), key=lambda i: -fused[i])]
+    assert rows == {2: ["a", "b"], 4: ["a", "b", "c", "d"]}  # a strong first-stage weight keeps rank 1 on top
+    assert k_rows(hits, [4], 0.1) == {4: ["b", "c", "a", "d"]}  # a light one: the reranker's order
     assert drop_self(hits, "nope") == hits
 
 
@@ -250,9 +265,11 @@ def test_shared_call_k_rows_equal_real_searches(server, queries, stage, big, ks,
     from rerankd.client import Client
 
     with Client(server.target, timeout=300) as c:
+        weight = c.stats().rerank_fusion_weight
+        assert weight > 0  # the default: rows are re-fused over each k's candidates
         for qid, text in queries.queries[:n]:
             shared = drop_self(hits_of(c.search(text, first_stage=stage, rerank=True, candidates=big, top_n=big, raw=True)), qid)
-            rows = k_rows(shared, ks)
+            rows = k_rows(shared, ks, weight)
             by_id = {h.id: h for h in shared}
             for k in ks:
                 real = drop_self(hits_of(c.search(text, first_stage=stage, rerank=True, candidates=k, top_n=k, raw=True)), qid)
@@ -260,7 +277,7 @@ def test_shared_call_k_rows_equal_real_searches(server, queries, stage, big, ks,
                 real_by = {h.id: h for h in real}
                 for d in rows[k]:
                     assert real_by[d].fsr == by_id[d].fsr
-                    assert real_by[d].score == pytest.approx(by_id[d].score, abs=1e-3)
+                    assert real_by[d].rerank == pytest.approx(by_id[d].rerank, abs=1e-3)
                 emulated_real_scores = [real_by[d].score for d in rows[k]]
                 assert all(a >= b - 1e-3 for a, b in zip(emulated_real_scores, emulated_real_scores[1:]))
                 if [h.id for h in real] != rows[k]:  # only a near-tie may swap

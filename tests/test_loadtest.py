@@ -305,3 +305,97 @@ def test_ghz_reflection_mode_and_remote_guard(dataset, tmp_path):
         make_ghz_configs.main(["--dataset", str(dataset), "--out", str(out), "--host", "10.0.0.5:50051"])
     with pytest.raises(SystemExit):
         make_ghz_configs.main(["--dataset", str(dataset), "--out", str(out), "--duration", "30"])
+
+
+# -- overload test: schedule, recovery, verdict (no server) ---------------------------------------------
+def test_overload_schedule_has_three_phases_at_their_rates():
+    times, bounds = openloop.overload_schedule(2.0, 8.0, 3.0, 2.0, 1.5)
+    assert bounds == (3.0, 5.0, 6.5)
+    assert sum(t < 3.0 for t in times) == 6
+    assert sum(3.0 <= t < 5.0 for t in times) == 16
+    assert sum(t >= 5.0 for t in times) == 3
+    assert times == sorted(times)
+
+
+def _o(i, scheduled, latency, code="OK"):
+    return openloop.Outcome(i, scheduled, scheduled, None if latency is None else scheduled + latency, code)
+
+
+def test_recovery_time_is_from_the_last_bad_call_after_the_drop():
+    drop = 10.0
+    outs = [_o(0, 9.0, 5.0), _o(1, 10.5, 3.0), _o(2, 11.0, 0.1, "RESOURCE_EXHAUSTED"), _o(3, 12.0, 0.2), _o(4, 13.0, 0.1)]
+    assert openloop.recovery_time(outs, drop, p99_limit_s=0.5) == 2.0  # call 3 (due 2.0 s after) and later are fine
+    assert openloop.recovery_time(outs[:1] + outs[3:], drop, 0.5) == 0.0
+    assert openloop.recovery_time(outs + [_o(5, 14.0, 0.9)], drop, 0.5) is None  # the last call is still slow
+    assert openloop.recovery_time(outs[:1], drop, 0.5) is None  # nothing after the drop: nothing shown
+
+
+def test_overload_verdict_checks_each_target():
+    args = openloop.build_parser().parse_args(["--overload-test", "--capacity-rps", "1"])
+    def phase(codes, p99, rej_p99=None):
+        return {"codes": codes, "ok": codes.get("OK", 0), "errors": sum(v for k, v in codes.items() if k != "OK"),
+                "latency_ms": {"p99": p99}, "rejected_latency_ms": {"n": 1 if rej_p99 else 0, "p99": rej_p99}}
+    outs = [_o(0, 1.0, 0.1), _o(1, 11.0, 0.1)]
+    good = {"baseline": phase({"OK": 5}, 100.0), "overload": phase({"OK": 5, "RESOURCE_EXHAUSTED": 9}, 180.0, 2.0),
+            "recovery": phase({"OK": 5}, 110.0)}
+    v = openloop.judge_overload(good, outs, (10.0, 10.0, 20.0), args, {"start": 100 * 2**20, "end": 120 * 2**20})
+    assert v["passed"] and v["admitted_p99_ratio"] == 1.8 and v["shed"] == 9 and v["rss_mb"]["growth_mb"] == 20.0
+    slow = dict(good, overload=phase({"OK": 5, "RESOURCE_EXHAUSTED": 9}, 250.0, 2.0))
+    assert not openloop.judge_overload(slow, outs, (10.0, 10.0, 20.0), args, {})["checks"]["admitted_p99_within_ratio"]
+    crashed = dict(good, overload=phase({"OK": 5, "UNAVAILABLE": 3}, 150.0, 2.0))
+    v = openloop.judge_overload(crashed, outs, (10.0, 10.0, 20.0), args, {})
+    assert v["unexpected_codes"] == {"UNAVAILABLE": 3} and not v["passed"]
+    leak = openloop.judge_overload(good, outs, (10.0, 10.0, 20.0), args, {"start": 100 * 2**20, "end": 300 * 2**20})
+    assert not leak["checks"]["rss_growth_bounded"] and not leak["passed"]
+
+
+def test_overload_test_needs_a_capacity():
+    with pytest.raises(SystemExit):
+        openloop.main(["--overload-test", "--rps", "1"])
+    with pytest.raises(SystemExit):
+        openloop.main(["--overload-test", "--capacity-rps", "1", "--rpc", "search,score"])
+    with pytest.raises(SystemExit):  # the RSS probe is held to loopback like the target
+        openloop.main(["--overload-test", "--capacity-rps", "1", "--metrics-url", "http://10.0.0.1:9464/metrics"])
+
+
+def test_payloads_first_stage_only_search():
+    ds = payloads.Dataset(["q one", "q two"], [("d1", "t1"), ("d2", "t2")], Path("."))
+    assert not payloads.Payloads(ds).search().HasField("rerank")
+    req = payloads.Payloads(ds, rerank=False).search()
+    assert req.HasField("rerank") and req.rerank is False
+
+
+def test_overload_test_against_a_server_sheds_and_recovers(models_dir, dataset, tmp_path_factory, tmp_path):
+    """A server admitting one Search at a time, driven at 8x a rate it serves easily: the excess is
+    shed with RESOURCE_EXHAUSTED (never a crash code), the RSS probe reads the metrics endpoint, and
+    the report carries every figure. Pass/fail of the timing checks is not asserted (no timing
+    thresholds in tests); the codes and the structure are."""
+    settings = settings_for(models_dir, tmp_path_factory.mktemp("data-ov"),
+                            server={"listen": "127.0.0.1:0", "max_concurrent_search": 1, "metrics_listen": "127.0.0.1:0"})
+    with EmbeddedServer(settings) as srv:
+        with Client(srv.target, timeout=120) as c:
+            c.upsert([{"id": i, "title": t, "text": x} for i, t, x in DOCS])
+        out = tmp_path / "overload.json"
+        proc = subprocess.run(
+            [sys.executable, str(LOADTEST / "openloop.py"), "--target", srv.target, "--rpc", "search",
+             "--candidates", "6", "--top-n", "3", "--overload-test", "--capacity-rps", "2", "--overload-factor", "20",
+             "--baseline-s", "2", "--overload-s", "2", "--recovery-s", "2", "--timeout", "30",
+             "--metrics-url", f"http://127.0.0.1:{srv.app.metrics_port}/metrics", "--dataset", str(dataset),
+             "--json", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+        report = json.loads(out.read_text())
+    ov = report["overload"]
+    assert report["mode"] == "overload-test"
+    assert [r["phase"] for r in report["runs"]] == ["baseline", "overload", "recovery"]
+    assert [r["requests"] for r in report["runs"]] == [1, 80, 1]
+    over = report["runs"][1]
+    assert over["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and over["ok"] > 0, over
+    assert set(over["codes"]) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, over
+    assert "1 calls already in flight" in over["error_samples"]["RESOURCE_EXHAUSTED"]
+    assert ov["shed"] == over["codes"]["RESOURCE_EXHAUSTED"] + over["codes"].get("DEADLINE_EXCEEDED", 0)
+    assert ov["checks"]["no_unexpected_codes"] and ov["checks"]["baseline_all_ok"]
+    assert ov["rss_mb"]["start"] > 50 and ov["rss_mb"]["peak"] >= min(ov["rss_mb"]["start"], ov["rss_mb"]["end"])
+    assert "rss_growth_bounded" in ov["checks"]
+    assert ("overall: PASS" in proc.stdout) == (proc.returncode == 0) == ov["passed"]

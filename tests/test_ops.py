@@ -219,3 +219,17 @@ def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_only_reranked_searches_count_against_the_search_limit(models_dir, tmp_path):
+    """--max-concurrent-search holds reranked Searches; first-stage-only ones (~100x cheaper) are in
+    their own lane under --max-concurrent-calls. A limit of 0 makes it deterministic."""
+    with _serve(models_dir, tmp_path, max_concurrent_search=0) as srv:
+        with Client(srv.target, timeout=300) as c:
+            c.upsert(DOCS)
+            assert c.search("aspirin colorectal cancer", top_n=3, candidates=8, rerank=False)
+            with pytest.raises(grpc.RpcError) as ei:
+                c.search("aspirin colorectal cancer", top_n=3, candidates=8)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Search (reranked): 0 calls already in flight" in ei.value.details()
+            assert c.score("aspirin", ["Aspirin lowers colorectal cancer risk."])  # Score: its own lane

@@ -8,8 +8,14 @@
   bf16 for the float ops left (``INFERENCE_PRECISION_HINT=bf16``) on CPUs that have it.
 
 Gates (stated once, here): embed — min cosine to fp32 >= 0.995 (bf16) / 0.98 (int8);
-rerank — max |logit diff| <= 0.25 and Spearman over all pairs >= 0.98 (both variants).
-A variant that fails its gate is refused: not written to the manifest (its files are removed).
+rerank — worst |logit diff| <= 0.5 x the standard deviation of the fp32 logits over the gate's
+pairs, and Spearman over all pairs >= 0.99 (both variants). A reranker's output is only ever used
+to *order* candidates, so the gate is relative to the spread of its scores, not an absolute logit
+budget: a model trained to a wider logit range drifts more in absolute terms under the same
+quantization. Measured on SciFact test through the served pipeline (hybrid top-k, `docs/`): the
+NNCF int8 reranker that passes this gate (worst drift 0.30 sd, Spearman 0.997) scores NDCG@10
+within 0.002 of bf16 at k = 10, 20 and 50. A variant that fails its gate is refused: not written
+to the manifest (its files are removed) but recorded under ``refused_variants``.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ log = logging.getLogger("rerankd_export.openvino")
 GATES = {
     ("embed", "openvino-bf16"): {"min_cosine": 0.995},
     ("embed", "openvino-int8"): {"min_cosine": 0.98},
-    ("rerank", "openvino-bf16"): {"max_abs_diff": 0.25, "min_spearman": 0.98},
-    ("rerank", "openvino-int8"): {"max_abs_diff": 0.25, "min_spearman": 0.98},
+    ("rerank", "openvino-bf16"): {"max_diff_in_sd": 0.5, "min_spearman": 0.99},
+    ("rerank", "openvino-int8"): {"max_diff_in_sd": 0.5, "min_spearman": 0.99},
 }
 INT8_FILE = "model.ov-int8.xml"
 
@@ -76,10 +82,13 @@ def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
         gots = np.concatenate([g.ravel() for g in outputs])
         worst = float(np.max(np.abs(refs.astype(np.float64) - gots)))
         rho = parity.spearman(refs, gots)
-        ok = worst <= gate["max_abs_diff"] and rho >= gate["min_spearman"]
-        rec = {"reference": "onnxruntime fp32", "metric": "max_abs_diff", "gate": gate, "max_abs_diff": worst,
-               "spearman": rho, "pairs": int(refs.size), "logit_std_fp32": float(np.std(refs))}
-        summary = f"max_abs_diff {worst:.4f} (gate <= {gate['max_abs_diff']}), Spearman {rho:.4f} (gate >= {gate['min_spearman']})"
+        sd = float(np.std(refs))
+        in_sd = worst / sd if sd > 0 else float("inf")
+        ok = in_sd <= gate["max_diff_in_sd"] and rho >= gate["min_spearman"]
+        rec = {"reference": "onnxruntime fp32", "metric": "max_diff_in_sd", "gate": gate, "max_abs_diff": worst,
+               "max_diff_in_sd": in_sd, "spearman": rho, "pairs": int(refs.size), "logit_std_fp32": sd}
+        summary = (f"max |diff| {worst:.4f} = {in_sd:.3f} sd of fp32 logits (gate <= {gate['max_diff_in_sd']}), "
+                   f"Spearman {rho:.4f} (gate >= {gate['min_spearman']})")
     rec["passed"] = bool(ok)
     if not ok:
         err = GateError(f"{variant} ({task}) refused: {summary}")

@@ -74,9 +74,10 @@ class Client:
     # -- RPCs ------------------------------------------------------------------------------------------
     def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None, rerank: bool | None = None,
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
-               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               fusion_weight: float | None = None, timeout: float | None = None,
+               raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_STAGES[first_stage],
-                               include_text=include_text, include_metadata=include_metadata)
+                               include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight)
         resp = self._stub.Search(req, **self._kw(timeout))
         if raw:
             return resp
@@ -84,6 +85,8 @@ class Client:
         for h in resp.hits:
             d: dict[str, Any] = {"id": h.id, "score": h.score, "rank": h.rank,
                                  "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank}
+            if h.HasField("rerank_score"):
+                d["rerank_score"] = h.rerank_score
             if h.HasField("text"):
                 d["text"] = h.text
                 d["title"] = h.title

@@ -31,7 +31,12 @@ class ServerConfig:
     grace_period_s: float = _f(10.0, "SIGTERM: seconds to finish in-flight calls before cancelling them")
     max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
     max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (except Search); beyond it RESOURCE_EXHAUSTED")
-    max_concurrent_search: int = _f(8, "Search calls admitted at once; beyond it RESOURCE_EXHAUSTED with a retry hint")
+    max_concurrent_search: int = _f(
+        2,
+        "Reranked Search calls admitted at once; beyond it RESOURCE_EXHAUSTED with a retry hint (first-stage-only "
+        "Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
+        "while admitted calls wait at most about one call's time; raise it where reranking is cheap (GPU)",
+    )
     early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is shorter than the method's recent median latency")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
     metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
@@ -76,6 +81,11 @@ class IndexConfig:
     rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for hybrid retrieval")
     first_stage: str = _f("hybrid", "Default first stage: dense | bm25 | hybrid")
     hybrid_depth: int = _f(100, "Hybrid: candidates taken from each leg before fusion (at least k)")
+    rerank_fusion_weight: float = _f(
+        1.0,
+        "Rerank fusion: final order = z(reranker scores) + weight * z(-ln first-stage rank) over the candidates; "
+        "0 = reranker order alone (SearchRequest.fusion_weight overrides per call)",
+    )
     snapshot_every: int = _f(
         10000,
         "Save the HNSW snapshot in the background after this many changes (upserted or deleted documents), "

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from . import config as cfg
 from . import irmetrics
+from .stages.fusion import rerank_fusion
 
 log = logging.getLogger("rerankd.eval")
 
@@ -209,10 +210,12 @@ class H(NamedTuple):
     id: str
     score: float
     fsr: int  # first-stage rank, 1-based
+    rerank: float | None = None  # the cross-encoder's own score (reranked hits)
 
 
 def hits_of(resp: Any) -> list[H]:
-    return [H(h.id, float(h.score), int(h.first_stage_rank)) for h in resp.hits]
+    return [H(h.id, float(h.score), int(h.first_stage_rank), float(h.rerank_score) if h.HasField("rerank_score") else None)
+            for h in resp.hits]
 
 
 def drop_self(hits: Sequence[H], query_id: str) -> list[H]:
@@ -221,18 +224,28 @@ def drop_self(hits: Sequence[H], query_id: str) -> list[H]:
     s = next((h.fsr for h in hits if h.id == query_id), None)
     if s is None:
         return list(hits)
-    return [H(h.id, h.score, h.fsr - 1 if h.fsr > s else h.fsr) for h in hits if h.id != query_id]
+    return [H(h.id, h.score, h.fsr - 1 if h.fsr > s else h.fsr, h.rerank) for h in hits if h.id != query_id]
 
 
-def k_rows(hits: Sequence[H], ks: Iterable[int]) -> dict[int, list[str]]:
+def k_rows(hits: Sequence[H], ks: Iterable[int], fusion_weight: float = 0.0) -> dict[int, list[str]]:
     """Rerank rows for every k from ONE reranked Search with candidates=K >= max(ks), top_n=K.
 
     A pair's cross-encoder score does not depend on k and the server orders reranked hits by
     (score desc, first-stage rank), so the list Search(candidates=k, top_n=k) returns is exactly
     the hits with first_stage_rank <= k, kept in served order — provided the first stage's top-k
-    is a prefix of its top-K (see the module docstring for when it is).
+    is a prefix of its top-K (see the module docstring for when it is). With rerank fusion on,
+    the fused score is standardized over the candidate list, so it is recomputed over the k
+    candidates from each hit's cross-encoder score and first-stage rank — the server's own
+    function and weight, hence the order Search(candidates=k) serves.
     """
-    return {k: [h.id for h in hits if h.fsr <= k] for k in ks}
+    out = {}
+    for k in ks:
+        sub = [h for h in hits if h.fsr <= k]
+        if fusion_weight and sub and all(h.rerank is not None for h in sub):
+            fused = rerank_fusion([h.rerank for h in sub], [h.fsr for h in sub], fusion_weight)
+            sub = [sub[i] for i in sorted(range(len(sub)), key=lambda i: (-float(fused[i]), sub[i].fsr))]
+        out[k] = [h.id for h in sub]
+    return out
 
 
 def prefix_depth(stage: str, settings: cfg.Settings) -> float:
@@ -299,6 +312,7 @@ class Evaluator:
         self.ds = ds
         self.args = args
         self.settings = settings
+        self.fusion_weight = 0.0  # the server's rerank fusion weight (from Stats), for k_rows
         self.self_ids: set[str] = set()
         self.progress = not args.no_progress
 
@@ -405,7 +419,7 @@ class Evaluator:
                     for k in group:
                         rows[k].failed[qid] = probe.failed[qid]
                     continue
-                for k, ids in k_rows(drop_self(hits_of(resp), qid), group).items():
+                for k, ids in k_rows(drop_self(hits_of(resp), qid), group, self.fusion_weight).items():
                     rows[k].run[qid] = ids
         return [rows[k] for k in ks]
 
@@ -480,7 +494,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['dataset']} / {meta['split']}: {meta['queries']} queries, {meta['documents']} documents; "
         f"embedder {s.get('embedder_model')}, reranker {s.get('reranker_model')}"
         + (" (UNTRAINED head: rerank quality is meaningless)" if s.get("reranker_trained") is False else "")
-        + f", backend {s.get('backend')} {s.get('precision')}.",
+        + f", backend {s.get('backend')} {s.get('precision')}, rerank fusion weight {s.get('rerank_fusion_weight', 0):g}"
+        + (" (rerank rows: z(cross-encoder) + w * z(-ln first-stage rank))." if s.get("rerank_fusion_weight") else
+           " (rerank rows: cross-encoder order alone)."),
         "Quality: means over queries with at least one relevant document in the qrels (trec_eval convention); "
         "a query the server rejected scores 0. First-stage rows: rerank=False, candidates=top_n=100. "
         "Hits are scored in the order the server returned them; a hit whose id equals the query id is dropped (BEIR).",
@@ -650,6 +666,7 @@ def run(args: argparse.Namespace) -> int:
                       "using one real Search per k (--exact-k-rows)", file=sys.stderr)
                 args.exact_k_rows = True
             ev = Evaluator(client, ds, args, settings)
+            ev.fusion_weight = client.stats().rerank_fusion_weight
 
             indexing = None
             if args.skip_index:
@@ -672,7 +689,7 @@ def run(args: argparse.Namespace) -> int:
                 "embedder_model": stats.embedder_model, "reranker_model": stats.reranker_model,
                 "reranker_trained": srv.app.pipeline.reranker.trained if srv is not None and srv.app and srv.app.pipeline else None,
                 "backend": stats.backend, "precision": stats.precision, "documents": stats.documents,
-                "dimension": stats.dimension,
+                "dimension": stats.dimension, "rerank_fusion_weight": stats.rerank_fusion_weight,
             }
     except grpc.RpcError as e:
         print(f"rerankd eval: {e.code().name}: {e.details()}", file=sys.stderr)

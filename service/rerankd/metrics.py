@@ -2,7 +2,8 @@
 
 One registry per server (tests run several in one process). Calls by method and status code,
 latency histograms per RPC and per stage (embed, ANN, BM25, fusion, rerank, queue wait), batch
-sizes, padding efficiency (real / padded tokens), queue depth, index documents.
+sizes, padding efficiency (real / padded tokens), queue depth, index documents, and the
+process's memory / CPU / file descriptors.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -20,6 +21,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux /proc): what
+        # an operator (and loadtest/openloop.py --overload-test) watches for leaks under load.
+        ProcessCollector(registry=r)
         self.calls = Counter("rerankd_calls", "RPC calls by method and status code", ["method", "code"], registry=r)
         self.call_seconds = Histogram("rerankd_call_seconds", "RPC latency by method", ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_seconds = Histogram("rerankd_stage_seconds", "Search/Score stage latency", ["stage"], buckets=LATENCY_BUCKETS, registry=r)

@@ -21,14 +21,14 @@ from . import snapshot
 from .backends import BackendOptions, create_backend, resolve
 from .bundle import ModelBundle
 from .config import Settings
-from .errors import InvalidArgument, NotReady
+from .errors import ConfigError, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
 from .stages.dense_index import DenseIndex
 from .stages.embedder import Embedder
-from .stages.fusion import rrf
+from .stages.fusion import rerank_fusion, rrf
 from .stages.reranker import Reranker
 from .store import DocumentStore, NewDocument, join_title
-from .validation import check_count, check_first_stage, check_ids, check_query, check_text, resolve_search
+from .validation import check_count, check_first_stage, check_fusion_weight, check_ids, check_query, check_text, resolve_search
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class SearchParams:
     include_text: bool = False
     include_metadata: bool = False
     first_stage: str | None = None
+    fusion_weight: float | None = None
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Hit:
     text: str | None = None
     title: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    rerank_score: float | None = None
 
 
 @dataclass
@@ -135,6 +137,10 @@ class Pipeline:
         """Blocking: loads the model bundles, opens the store, brings the indexes up to date."""
         self.settings = settings
         s = settings
+        try:
+            check_fusion_weight(s.index.rerank_fusion_weight, "rerank_fusion_weight")
+        except InvalidArgument as e:
+            raise ConfigError(f"--rerank-fusion-weight: {e}") from None
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
@@ -262,6 +268,8 @@ class Pipeline:
         top_n, k = resolve_search(p.top_n, p.candidates, limits)
         stage = check_first_stage(p.first_stage or self.settings.index.first_stage)
         rerank = True if p.rerank is None else p.rerank
+        fusion_weight = check_fusion_weight(self.settings.index.rerank_fusion_weight if p.fusion_weight is None
+                                            else p.fusion_weight)
         q_ids = self.reranker.query_ids(p.query) if rerank else None
         t = Timings()
 
@@ -308,18 +316,19 @@ class Pipeline:
             )
             t.rerank_us = _us(time.perf_counter() - t0)
             t.queue_us += _us(queued)
-            order = sorted(range(len(cands)), key=lambda i: (-float(scores[i]), cands[i][2]))
-            ranked = [(cands[i], float(scores[i])) for i in order]
+            final = rerank_fusion(scores, [c[2] for c in cands], fusion_weight)
+            order = sorted(range(len(cands)), key=lambda i: (-float(final[i]), cands[i][2]))
+            ranked = [(cands[i], float(final[i]), float(scores[i])) for i in order]
         else:
-            ranked = [(c, float(c[1])) for c in cands]
+            ranked = [(c, float(c[1]), None) for c in cands]
 
         hits = []
-        for rank, ((lb, fs, fr), score) in enumerate(ranked[:top_n], start=1):
+        for rank, ((lb, fs, fr), score, rr_score) in enumerate(ranked[:top_n], start=1):
             d = docs[lb]
             hits.append(Hit(
                 id=d.id, score=score, rank=rank, first_stage_score=float(fs), first_stage_rank=fr,
                 text=d.text if p.include_text else None, title=d.title if p.include_text else None,
-                metadata=d.metadata if p.include_metadata else {},
+                metadata=d.metadata if p.include_metadata else {}, rerank_score=rr_score,
             ))
         t.total_us = _us(time.perf_counter() - t_start)
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank))
@@ -519,6 +528,7 @@ class Pipeline:
             "ef_search": self.settings.index.ef_search,
             "hybrid_depth": self.settings.index.hybrid_depth,
             "rrf_k": self.settings.index.rrf_k,
+            "rerank_fusion_weight": self.settings.index.rerank_fusion_weight,
             "max_candidates": self.settings.limits.max_candidates,
         }
 

@@ -31,6 +31,9 @@ from .v1 import rerankd_pb2_grpc as pb_grpc
 log = logging.getLogger("rerankd.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
+# Admission lane of a Search that reranks (held to --max-concurrent-search); a first-stage-only
+# Search is the "Search" lane, held to --max-concurrent-calls like the other methods.
+RERANKED_SEARCH = "Search (reranked)"
 
 # One mapping table, domain error -> gRPC status. Anything else is a bug -> INTERNAL (logged).
 STATUS_FOR: dict[type[errors.RerankdError], grpc.StatusCode] = {
@@ -101,9 +104,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         self._inflight: dict[str, int] = {}
         self._ewma: dict[str, tuple[float, int]] = {}  # method -> (EWMA of OK latency, observations)
 
-    def _limit(self, method: str) -> int:
+    def _limit(self, lane: str) -> int:
         s = self.app.settings.server
-        return s.max_concurrent_search if method == "Search" else s.max_concurrent_calls
+        return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls
 
     def _too_short(self, method: str, remaining: float) -> float | None:
         """The method's typical latency when ``remaining`` cannot cover it, else None."""
@@ -117,31 +120,37 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         est, n = self._ewma.get(method, (seconds, 0))
         self._ewma[method] = (0.9 * est + 0.1 * seconds, n + 1)
 
-    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn):
-        """Admission, deadline, error mapping and logging around one call."""
+    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None):
+        """Admission, deadline, error mapping and logging around one call.
+
+        ``lane`` groups calls that share a concurrency limit and a latency estimate (default: the
+        method). A reranked Search costs ~100x a first-stage-only one, so they are separate lanes:
+        the reranked one is held to --max-concurrent-search, and neither skews the other's EWMA
+        (which the early deadline check reads)."""
         app = self.app
+        lane = lane or method
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        limit = self._limit(method)
+        limit = self._limit(lane)
         admitted = False
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
                 if app.load_error is not None:
                     raise errors.NotReady(f"models failed to load: {app.load_error}")
                 raise errors.NotReady("draining" if app.draining else "models are loading and warming up; retry shortly")
-            if self._inflight.get(method, 0) >= limit:
+            if self._inflight.get(lane, 0) >= limit:
                 app.metrics.rejected.labels(method, "concurrency").inc()
-                est, _ = self._ewma.get(method, (0.05, 0))
-                raise errors.Overloaded(f"{method}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
-            self._inflight[method] = self._inflight.get(method, 0) + 1
+                est, _ = self._ewma.get(lane, (0.05, 0))
+                raise errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
+            self._inflight[lane] = self._inflight.get(lane, 0) + 1
             admitted = True
             remaining = context.time_remaining()
             deadline = None
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
-                typical = self._too_short(method, remaining)
+                typical = self._too_short(lane, remaining)
                 if typical is not None:
                     app.metrics.rejected.labels(method, "deadline").inc()
                     raise errors.DeadlineExceeded(
@@ -149,7 +158,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     )
                 deadline = asyncio.get_running_loop().time() + remaining
             result = await fn(app.pipeline, deadline)
-            self._observe(method, time.perf_counter() - t0)
+            self._observe(lane, time.perf_counter() - t0)
             return result
         except errors.RerankdError as e:
             code = status_for(e)
@@ -169,7 +178,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             await context.abort(code, f"internal error (request id {request_id}): {type(e).__name__}")
         finally:
             if admitted:
-                self._inflight[method] -= 1
+                self._inflight[lane] -= 1
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
             app.metrics.on_call(method, code, seconds)
@@ -185,20 +194,23 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 include_text=request.include_text,
                 include_metadata=request.include_metadata,
                 first_stage=_stage_name(request.first_stage),
+                fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
             )
             r = await p.search(params, deadline)
             self.app.metrics.on_stages(r.timings)
             return pb.SearchResponse(
                 hits=[
                     pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
-                           first_stage_rank=h.first_stage_rank, text=h.text, title=h.title, metadata=h.metadata)
+                           first_stage_rank=h.first_stage_rank, text=h.text, title=h.title, metadata=h.metadata,
+                           rerank_score=h.rerank_score)
                     for h in r.hits
                 ],
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
                 first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked,
             )
 
-        return await self._run("Search", context, fn)
+        rerank = request.rerank if request.HasField("rerank") else True
+        return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search")
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):

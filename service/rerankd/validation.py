@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 from .config import LimitsConfig
@@ -72,6 +74,16 @@ def resolve_search(top_n: int | None, candidates: int | None, limits: LimitsConf
     if top_n > candidates:
         raise InvalidArgument("top_n", f"top_n={top_n} is larger than candidates={candidates}")
     return top_n, candidates
+
+
+MAX_FUSION_WEIGHT = 100.0
+
+
+def check_fusion_weight(weight: float, field: str = "fusion_weight") -> float:
+    w = float(weight)
+    if not math.isfinite(w) or w < 0 or w > MAX_FUSION_WEIGHT:
+        raise InvalidArgument(field, f"must be a finite number in [0, {MAX_FUSION_WEIGHT:g}], got {weight!r}")
+    return w
 
 
 def check_first_stage(name: str, field: str = "first_stage") -> str:
