@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from rerankd_export.parity import spearman
 import pytest
 
 from rerankd import backends
@@ -57,8 +56,10 @@ def test_reranker_backend_matches_onnxruntime_fp32(models_dir, real_text, backen
     if variant == "fp32":
         tol = 1e-3
     elif isinstance(gate, dict) and "max_diff_in_sd" in gate:
-        tol = gate["max_diff_in_sd"] * max(float(np.std(ref)), parity["logit_std_fp32"])
-        assert spearman(ref, got) >= gate["min_spearman"] - 0.01
+        # The drift bound scales with the logits' spread on the gate's pairs (these 16 pairs are
+        # all non-relevant and tightly clustered, so rank agreement among them is not meaningful:
+        # the gate's Spearman is measured at export over pairs with a real spread).
+        tol = gate["max_diff_in_sd"] * parity["logit_std_fp32"]
     else:
         tol = gate["max_abs_diff"] if isinstance(gate, dict) else float(gate)
     assert np.max(np.abs(ref - got)) <= tol, (np.max(np.abs(ref - got)), tol)
@@ -79,14 +80,26 @@ def test_embedder_backend_matches_onnxruntime_fp32(models_dir, real_text, backen
     assert min_cos >= min(floor, 0.98 if "int8" in variant else 0.995), min_cos
 
 
-def test_openvino_static_shapes_are_compiled_per_bucket(models_dir):
+def test_openvino_per_shape_compiles_each_bucket_and_shared_compiles_once(models_dir):
     bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
-    be = create_backend("openvino", bundle, BackendOptions(precision="fp32"))
-    assert be.static_shapes()
+    per = create_backend("openvino", bundle, BackendOptions(precision="fp32", openvino_compile="per-shape"))
+    shared = create_backend("openvino", bundle, BackendOptions(precision="fp32", openvino_compile="shared"))
+    rng = np.random.default_rng(0)
+    for be in (per, shared):
+        assert be.static_shapes()  # both: the batcher pads to buckets and warms each one
     for b, t in ((1, 32), (2, 64), (1, 32)):
-        out = be.run(np.full((b, t), 101, np.int64), np.ones((b, t), np.int64), np.zeros((b, t), np.int64))
-        assert out.shape[0] == b
-    assert sorted(be._compiled) == [(1, 32), (2, 64)]
+        ids = rng.integers(1000, 20000, (b, t), dtype=np.int64)
+        ids[:, 0] = 101
+        args = (ids, np.ones((b, t), np.int64), np.zeros((b, t), np.int64))
+        a, c = per.run(*args), shared.run(*args)
+        assert a.shape[0] == b and c.shape == a.shape
+        assert np.max(np.abs(a - c)) < 1e-3  # the same graph, fp32: same scores either way
+    assert sorted(per._compiled) == [(1, 32), (2, 64)]
+    assert len({id(m) for m in per._compiled.values()}) == 2  # one compiled model per bucket
+    assert sorted(shared._compiled) == [(1, 32), (2, 64)]
+    assert len({id(m) for m in shared._compiled.values()}) == 1  # one model, a request per bucket
+    with pytest.raises(ConfigError, match="openvino_compile"):
+        create_backend("openvino", bundle, BackendOptions(precision="fp32", openvino_compile="sometimes"))
 
 
 def test_unknown_backend_lists_valid_ones(models_dir):

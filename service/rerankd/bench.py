@@ -150,7 +150,8 @@ class Bench:
         from .stages.reranker import Reranker
 
         try:
-            be = create_backend(backend, rr_bundle, BackendOptions(precision=precision, threads=self.settings.model.threads))
+            be = create_backend(backend, rr_bundle, BackendOptions(precision=precision, threads=self.settings.model.threads,
+                                                                    openvino_compile=self.settings.model.openvino_compile))
         except Exception as e:
             print(f"  (engine {backend}:{precision} skipped: {e})")
             return

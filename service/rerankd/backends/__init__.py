@@ -22,6 +22,9 @@ from ..errors import ConfigError
 class BackendOptions:
     precision: str = "fp32"
     threads: int = 0
+    # OpenVINO: "shared" = one compiled model for every bucket shape; "per-shape" = one compiled
+    # model per (batch, length) bucket (see openvino_cpu.py for the measured trade-off).
+    openvino_compile: str = "shared"
 
 
 @runtime_checkable
