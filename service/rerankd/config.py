@@ -60,8 +60,9 @@ class ModelConfig:
     threads: int = _f(0, "Intra-op threads per model (0 = number of CPU cores)")
     openvino_compile: str = _f(
         "shared",
-        "OpenVINO: shared = one compiled model serves every bucket shape (~0.2 GiB per model); per-shape = one "
-        "compiled model per (batch, length) bucket (~90 MB each: ~5.4 GiB for both default models, a few percent faster)",
+        "OpenVINO: shared = one compiled model serves every bucket shape (~0.8 GiB server RSS with both models); "
+        "per-shape = one compiled model per (batch, length) bucket (~90 MB each: ~5.4 GiB for both default models; "
+        "~8 percent faster per batch)",
     )
     score_activation: str = _f("none", "Reranker score: none (raw logit) | sigmoid")
     max_query_tokens: int = _f(128, "Reranker: queries up to this many tokens are kept whole (the passage is cut); longer ones are rejected")
