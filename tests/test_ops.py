@@ -91,7 +91,13 @@ def test_metrics_endpoint_changes_after_calls(models_dir, tmp_path):
             c.search("aspirin", top_n=3, candidates=8)
             with pytest.raises(grpc.RpcError):
                 c.search("")
-        after = urllib.request.urlopen(url, timeout=10).read().decode()
+        # The server counts a call in its `finally`, which can run just after the client has the
+        # status: scrape until the last call shows up (bounded), as a periodic scraper would.
+        for _ in range(100):
+            after = urllib.request.urlopen(url, timeout=10).read().decode()
+            if 'method="Search"} 1.0' in after and 'code="INVALID_ARGUMENT",method="Search"' in after:
+                break
+            time.sleep(0.05)
     assert 'rerankd_calls_total{code="OK",method="Search"}' not in before
     assert 'rerankd_calls_total{code="OK",method="Search"} 1.0' in after
     assert 'rerankd_calls_total{code="INVALID_ARGUMENT",method="Search"} 1.0' in after
