@@ -30,6 +30,12 @@ class ServerConfig:
     listen: str = _f("[::]:50051", "gRPC listen address(es), comma-separated: host:port or unix:///path")
     grace_period_s: float = _f(10.0, "SIGTERM: seconds to finish in-flight calls before cancelling them")
     max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
+    max_queue_wait_ratio: float = _f(
+        0.0,
+        "Reranked Search: also refuse (RESOURCE_EXHAUSTED) when the estimated wait behind the calls already in "
+        "flight (their typical solo latency minus elapsed time) exceeds this fraction of one call; 0 = off, only "
+        "--max-concurrent-search (measured at 0.5: admitted p99 unchanged, see loadtest/README.md)",
+    )
     max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (except Search); beyond it RESOURCE_EXHAUSTED")
     max_concurrent_search: int = _f(
         2,

@@ -103,7 +103,19 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         self.app = app
         self._inflight: dict[str, int] = {}
         self._ewma: dict[str, tuple[float, int]] = {}  # method -> (EWMA of OK latency, observations)
+        # Latency-aware admission (reranked Searches): start times of the calls in flight, and the
+        # EWMA latency of calls that ran with no other call of their lane in flight ("solo").
+        self._starts: dict[str, dict[int, float]] = {}
+        self._solo: dict[str, tuple[float, int]] = {}
+        self._seq = 0
 
+    def estimated_wait(self, lane: str, now: float) -> float | None:
+        """Seconds a call admitted now would wait for the calls already in flight in ``lane``:
+        the sum of their typical solo latency minus their elapsed time (None without history)."""
+        est, n = self._solo.get(lane, (0.0, 0))
+        if n < 3:
+            return None
+        return sum(max(0.0, est - (now - t)) for t in self._starts.get(lane, {}).values())
     def _limit(self, lane: str) -> int:
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls
@@ -143,7 +155,20 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 app.metrics.rejected.labels(method, "concurrency").inc()
                 est, _ = self._ewma.get(lane, (0.05, 0))
                 raise errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
+            ratio = app.settings.server.max_queue_wait_ratio
+            if lane == RERANKED_SEARCH and ratio > 0 and self._inflight.get(lane, 0) > 0:
+                wait = self.estimated_wait(lane, t0)
+                solo = self._solo.get(lane, (0.0, 0))[0]
+                if wait is not None and wait > ratio * solo:
+                    app.metrics.rejected.labels(method, "queue_wait").inc()
+                    raise errors.Overloaded(
+                        f"{lane}: estimated wait {wait * 1e3:.0f} ms behind the calls in flight exceeds "
+                        f"{ratio:g} x one call ({solo * 1e3:.0f} ms); retry later", retry_after_s=max(wait, 0.01))
+            solo_start = self._inflight.get(lane, 0) == 0
             self._inflight[lane] = self._inflight.get(lane, 0) + 1
+            self._seq += 1
+            token = self._seq
+            self._starts.setdefault(lane, {})[token] = t0
             admitted = True
             remaining = context.time_remaining()
             deadline = None
@@ -158,7 +183,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     )
                 deadline = asyncio.get_running_loop().time() + remaining
             result = await fn(app.pipeline, deadline)
-            self._observe(lane, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self._observe(lane, took)
+            if solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
+                est, n = self._solo.get(lane, (took, 0))
+                self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)
             return result
         except errors.RerankdError as e:
             code = status_for(e)
@@ -179,6 +208,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         finally:
             if admitted:
                 self._inflight[lane] -= 1
+                self._starts[lane].pop(token, None)
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
             app.metrics.on_call(method, code, seconds)
