@@ -110,8 +110,10 @@ def make(
     max_batch_tokens: int = 8192,
     max_queue: int = 4096,
     sort_window: int = 256,
+    batch_order: str = "length",
 ) -> Batcher:
     cfg = BatchConfig(
+        batch_order=batch_order,
         batch_sizes=tuple(batch_sizes),
         seq_buckets=tuple(seq_buckets),
         max_batch_tokens=max_batch_tokens,
@@ -727,3 +729,35 @@ def test_cancelled_work_stops_counting_against_the_queue_at_once():
             await b.close()
 
     asyncio.run(run())
+
+
+def test_arrival_order_serves_the_oldest_call_first():
+    fake = FakeForward()
+
+    async def body():
+        b = make(fake, batch_sizes=(1, 2, 4), batch_order="arrival")
+        await b.start()
+        try:
+            plugs = await plug(b, fake)
+            a = [seq(4), seq(120), seq(6), seq(110)]
+            c = [seq(115), seq(3), seq(125), seq(5)]
+            ta = asyncio.create_task(b.submit(a))
+            await wait_until(lambda: b.queue_depth == 4, "first call queued")
+            tc = asyncio.create_task(b.submit(c))
+            await wait_until(lambda: b.queue_depth == 8, "both calls queued")
+            fake.release()
+            (ra, _), (rc, _) = await asyncio.gather(ta, tc)
+            await asyncio.gather(*plugs)
+            assert [int(r) for r in ra] == expected(a)
+            assert [int(r) for r in rc] == expected(c)
+            # the whole first call, then the second: never a batch mixing them
+            assert fake.batch_tags()[2:] == [{tag(s) for s in a}, {tag(s) for s in c}]
+        finally:
+            await finish(b, fake)
+
+    run(body)
+
+
+def test_unknown_batch_order_is_rejected():
+    with pytest.raises(ValueError, match="batch_order"):
+        make(FakeForward(), batch_order="random")

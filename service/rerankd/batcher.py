@@ -2,7 +2,9 @@
 
 * Coalesces sequences from concurrent calls into batches filled up to a token budget.
 * Sorts by token length inside a window of queued sequences (longest first), so a batch holds
-  sequences of similar length and padding waste stays small.
+  sequences of similar length and padding waste stays small — or, with ``batch_order=arrival``,
+  serves the oldest call's sequences first (longest first within it), trading some padding for
+  calls finishing in arrival order under load.
 * Pads each batch to a fixed shape from a small bucket set (``seq_buckets`` x ``batch_sizes``)
   when the backend compiles per shape (``static_shapes()``); every such shape is run once by
   ``warmup()`` before the service reports SERVING. Dynamic-shape backends (ONNX Runtime CPU)
@@ -108,6 +110,8 @@ class Batcher:
         if self.batch_sizes[0] != 1:
             # Without a bucket of 1 a lone sequence would need padding rows; keep it simple.
             self.batch_sizes = [1, *self.batch_sizes]
+        if config.batch_order not in ("length", "arrival"):
+            raise ValueError(f"batch_order must be length or arrival, got {config.batch_order!r}")
         if config.sort_window < 1:
             # A window of 0 never takes a batch: the former would spin on the event loop forever.
             raise ValueError(f"sort_window must be at least 1, got {config.sort_window}")
@@ -263,7 +267,12 @@ class Batcher:
                 self.stats.dropped += 1
         if not window:
             return []
-        window.sort(key=lambda it: len(it.seq), reverse=True)
+        if self.config.batch_order == "arrival":
+            # Oldest call first (its pairs longest first): a call admitted later never delays the
+            # remaining batches of one that is already running.
+            window.sort(key=lambda it: (it.call.submitted, -len(it.seq), it.index))
+        else:
+            window.sort(key=lambda it: len(it.seq), reverse=True)
         padded = self.seq_bucket(len(window[0].seq))
         n = self.batch_bucket(min(len(window), self.max_rows(padded)))
         batch, rest = window[:n], window[n:]

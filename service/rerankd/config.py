@@ -81,6 +81,11 @@ class BatchConfig:
     max_batch_tokens: int = _f(8192, "Token budget per batch (batch size x padded length)")
     max_queue: int = _f(4096, "Sequences waiting per model; beyond it calls get RESOURCE_EXHAUSTED")
     sort_window: int = _f(256, "Queued sequences considered together for length sorting")
+    batch_order: str = _f(
+        "length",
+        "Order inside the sort window: length = longest first across all queued calls (least padding); "
+        "arrival = oldest call first, longest first within a call (a running call is not slowed by newcomers)",
+    )
     warmup: bool = _f(True, "Run every (batch, length) bucket once before reporting SERVING")
 
 
