@@ -344,6 +344,22 @@ def test_length_sorting_keeps_short_and_long_apart():
     assert fake.shapes == [(8, 104), (8, 8)]
 
 
+async def _two_calls(b: Batcher, fake: "FakeForward", a: list, c: list, *, in_turn: bool = False) -> None:
+    """Queue calls a and c behind plug batches (c strictly after a when ``in_turn``), release,
+    and check each call got its own rows back."""
+    plugs = await plug(b, fake)
+    ta = asyncio.create_task(b.submit(a))
+    if in_turn:
+        await wait_until(lambda: b.queue_depth == len(a), "first call queued")
+    tc = asyncio.create_task(b.submit(c))
+    await wait_until(lambda: b.queue_depth == len(a) + len(c), "both calls queued")
+    fake.release()
+    (ra, _), (rc, _) = await asyncio.gather(ta, tc)
+    await asyncio.gather(*plugs)
+    assert [int(r) for r in ra] == expected(a)
+    assert [int(r) for r in rc] == expected(c)
+
+
 def test_length_sorting_across_calls():
     fake = FakeForward()
 
@@ -351,17 +367,9 @@ def test_length_sorting_across_calls():
         b = make(fake, batch_sizes=(1, 2, 4))
         await b.start()
         try:
-            plugs = await plug(b, fake)
             a = [seq(4), seq(120), seq(6), seq(110)]
             c = [seq(115), seq(3), seq(125), seq(5)]
-            ta = asyncio.create_task(b.submit(a))
-            tc = asyncio.create_task(b.submit(c))
-            await wait_until(lambda: b.queue_depth == 8, "both calls queued")
-            fake.release()
-            (ra, _), (rc, _) = await asyncio.gather(ta, tc)
-            await asyncio.gather(*plugs)
-            assert [int(r) for r in ra] == expected(a)
-            assert [int(r) for r in rc] == expected(c)
+            await _two_calls(b, fake, a, c)
             longs = {tag(s) for s in a + c if len(s) > 100}
             shorts = {tag(s) for s in a + c if len(s) < 10}
             assert fake.batch_tags()[2:] == [longs, shorts]
@@ -738,18 +746,9 @@ def test_arrival_order_serves_the_oldest_call_first():
         b = make(fake, batch_sizes=(1, 2, 4), batch_order="arrival")
         await b.start()
         try:
-            plugs = await plug(b, fake)
             a = [seq(4), seq(120), seq(6), seq(110)]
             c = [seq(115), seq(3), seq(125), seq(5)]
-            ta = asyncio.create_task(b.submit(a))
-            await wait_until(lambda: b.queue_depth == 4, "first call queued")
-            tc = asyncio.create_task(b.submit(c))
-            await wait_until(lambda: b.queue_depth == 8, "both calls queued")
-            fake.release()
-            (ra, _), (rc, _) = await asyncio.gather(ta, tc)
-            await asyncio.gather(*plugs)
-            assert [int(r) for r in ra] == expected(a)
-            assert [int(r) for r in rc] == expected(c)
+            await _two_calls(b, fake, a, c, in_turn=True)
             # the whole first call, then the second: never a batch mixing them
             assert fake.batch_tags()[2:] == [{tag(s) for s in a}, {tag(s) for s in c}]
         finally:

@@ -47,30 +47,36 @@ def _serve(models_dir, tmp_path, **server):
     return EmbeddedServer(s)
 
 
+def _concurrent_searches(target: str, n: int, **kw) -> list[tuple]:
+    """n Searches at once from n threads: [(code or "ok", seconds, retry-after-ms, details)]."""
+    results: list[tuple] = []
+    lock = threading.Lock()
+
+    def one():
+        with Client(target, timeout=300) as c:
+            t0 = time.perf_counter()
+            try:
+                c.search("aspirin colorectal cancer", **kw)
+                out = ("ok", time.perf_counter() - t0, None, "")
+            except grpc.RpcError as e:
+                md = dict(e.trailing_metadata() or ())
+                out = (e.code(), time.perf_counter() - t0, md.get("retry-after-ms"), e.details())
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_overload_is_resource_exhausted_while_admitted_calls_succeed(models_dir, tmp_path):
     with _serve(models_dir, tmp_path, max_concurrent_search=1, early_deadline_reject=False) as srv:
         with Client(srv.target, timeout=300) as c:
             c.upsert(DOCS)
-        results: list[object] = []
-        lock = threading.Lock()
-
-        def one():
-            with Client(srv.target, timeout=300) as c:
-                t0 = time.perf_counter()
-                try:
-                    c.search("aspirin colorectal cancer", top_n=5, candidates=32)
-                    out = ("ok", time.perf_counter() - t0, None)
-                except grpc.RpcError as e:
-                    md = dict(e.trailing_metadata() or ())
-                    out = (e.code(), time.perf_counter() - t0, md.get("retry-after-ms"))
-            with lock:
-                results.append(out)
-
-        threads = [threading.Thread(target=one) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _concurrent_searches(srv.target, 6, top_n=5, candidates=32)
         codes = [r[0] for r in results]
         assert "ok" in codes
         rejected = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -268,24 +274,7 @@ def test_queue_wait_admission_sheds_only_with_resource_exhausted(models_dir, tmp
             c.upsert(DOCS)
             for _ in range(3):  # solo history for the estimate
                 c.search("aspirin colorectal cancer", top_n=3, candidates=16)
-        results: list[object] = []
-        lock = threading.Lock()
-
-        def one():
-            with Client(srv.target, timeout=300) as c:
-                try:
-                    c.search("aspirin colorectal cancer", top_n=3, candidates=16)
-                    out = ("ok", "")
-                except grpc.RpcError as e:
-                    out = (e.code(), e.details())
-            with lock:
-                results.append(out)
-
-        threads = [threading.Thread(target=one) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _concurrent_searches(srv.target, 6, top_n=3, candidates=16)
     codes = [r[0] for r in results]
     assert "ok" in codes and set(codes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}, results
-    assert all("estimated wait" in d for code, d in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert all("estimated wait" in r[3] for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED)

@@ -13,7 +13,7 @@ pairs, and Spearman over all pairs >= 0.99 (both variants). A reranker's output 
 to *order* candidates, so the gate is relative to the spread of its scores, not an absolute logit
 budget: a model trained to a wider logit range drifts more in absolute terms under the same
 quantization. Measured on SciFact test through the served pipeline (hybrid top-k, `docs/`): the
-NNCF int8 reranker that passes this gate (worst drift 0.30 sd, Spearman 0.997) scores NDCG@10
+NNCF int8 reranker that passes this gate (worst drift 0.09 sd, Spearman 0.997) scores NDCG@10
 within 0.002 of bf16 at k = 10, 20 and 50. A variant that fails its gate is refused: not written
 to the manifest (its files are removed) but recorded under ``refused_variants``.
 """
