@@ -246,7 +246,10 @@ def server(eval_run, models_dir):
     from rerankd.embedded import EmbeddedServer
 
     assert eval_run["rc"] == 0
-    with EmbeddedServer(settings_for(models_dir, eval_run["data"], model={"threads": 1, "backend": "onnxruntime", "precision": "fp32"})) as srv:
+    # rerank fusion on (the default is off), so the k-rows below must be re-fused per k
+    settings = settings_for(models_dir, eval_run["data"], model={"threads": 1, "backend": "onnxruntime", "precision": "fp32"},
+                            index={"data_dir": eval_run["data"], "rerank_fusion_weight": 1.0})
+    with EmbeddedServer(settings) as srv:
         with Client(srv.target, timeout=300) as c:
             assert c.stats().documents == N_DOCS
         yield srv
@@ -266,7 +269,7 @@ def test_shared_call_k_rows_equal_real_searches(server, queries, stage, big, ks,
 
     with Client(server.target, timeout=300) as c:
         weight = c.stats().rerank_fusion_weight
-        assert weight > 0  # the default: rows are re-fused over each k's candidates
+        assert weight > 0  # this server's: rows are re-fused over each k's candidates
         for qid, text in queries.queries[:n]:
             shared = drop_self(hits_of(c.search(text, first_stage=stage, rerank=True, candidates=big, top_n=big, raw=True)), qid)
             rows = k_rows(shared, ks, weight)

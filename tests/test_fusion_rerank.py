@@ -59,7 +59,9 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
-    with EmbeddedServer(settings_for(models_dir, tmp_path_factory.mktemp("data-fusion"))) as srv:
+    data = tmp_path_factory.mktemp("data-fusion")
+    # fusion is off by default (see IndexConfig.rerank_fusion_weight): this server turns it on
+    with EmbeddedServer(settings_for(models_dir, data, index={"data_dir": data, "rerank_fusion_weight": 1.0})) as srv:
         with Client(srv.target, timeout=120) as c:
             c.upsert(DOCS)
         yield srv
@@ -68,7 +70,8 @@ def server(models_dir, tmp_path_factory):
 def test_search_orders_by_the_fused_score_and_reports_the_reranker_score(server):
     q = "does aspirin prevent colon cancer"
     with Client(server.target, timeout=120) as c:
-        assert c.stats().rerank_fusion_weight == Settings().index.rerank_fusion_weight == 1.0
+        assert Settings().index.rerank_fusion_weight == 0.0  # the served default: reranker order alone
+        assert c.stats().rerank_fusion_weight == 1.0
         fused = c.search(q, candidates=6, top_n=6)
         alone = c.search(q, candidates=6, top_n=6, fusion_weight=0.0)
         heavy = c.search(q, candidates=6, top_n=6, fusion_weight=100.0)
@@ -78,7 +81,7 @@ def test_search_orders_by_the_fused_score_and_reports_the_reranker_score(server)
     # fusion_weight=0: score IS the reranker score, ordered by it.
     assert [h["score"] for h in alone] == [h["rerank_score"] for h in alone]
     assert [h["id"] for h in alone] == sorted(ce, key=lambda d: -ce[d])
-    # Default weight: the served order is the fused score's, computed from the hits' own fields.
+    # The server's weight: the served order is the fused score's, computed from the hits' own fields.
     expect = rerank_fusion([h["rerank_score"] for h in fused], [h["first_stage_rank"] for h in fused], 1.0)
     assert [h["score"] for h in fused] == pytest.approx(expect.tolist(), abs=1e-3)
     assert all(a["score"] >= b["score"] for a, b in zip(fused, fused[1:]))

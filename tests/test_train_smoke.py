@@ -165,6 +165,7 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
             "--bf16", "off",
             "--device", "cpu",
             "--cache-dir", "none",
+            "--holdout-queries", "2",
         ]
     )
     rc = train_reranker.run_train(args)
@@ -187,7 +188,15 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     r = cfg["rerankd"]
     assert cfg["torch_dtype"] == "float32"
     assert r["steps"] == 3 and r["negatives"] == 3 and r["train_max_length"] == 64
-    assert r["pseudo_queries"] == 4 and r["claim_groups"] == 7
+    held = r["holdout_qids"]
+    assert len(held) == 2 and set(held) <= set(TRAIN_QUERIES)
+    assert held == train_reranker.pick_holdout(
+        {q: {d: 1 for d in docs} for q, (_, docs) in TRAIN_QUERIES.items()},
+        {q: t for q, (t, _) in TRAIN_QUERIES.items()}, 2, 42)
+    assert r["train_claims"] == len(TRAIN_QUERIES) - 2
+    assert r["pseudo_queries"] == 4
+    assert r["claim_groups"] == sum(len(d) for q, (_, d) in TRAIN_QUERIES.items() if q not in held)
+    assert "--holdout-queries 2" in r["command"] and "held out of" in (out / "README.md").read_text()
     assert r["losses_finite"] and math.isfinite(r["final_loss_ema"])
     assert all(math.isfinite(v) for _, v in r["loss_curve"])
     assert "non-commercial" in (out / "README.md").read_text()
@@ -207,6 +216,43 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
         scores = model(**enc).logits[:, 0]
     assert torch.isfinite(scores).all()
     assert abs(float(scores[0] - scores[1])) > 1e-4
+
+    # quick_eval --holdout evaluates exactly the held-out claims; fusion weight 0 is the
+    # cross-encoder alone
+    from rerankd_export import quick_eval
+
+    res = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
+                                       cache_dir=None, holdout=True, fusion_weights=[0, 1])
+    assert res["queries"] == 2 and res["holdout"] is True
+    assert res["fusion"]["0"] == res["reranked"]
+    assert set(res["fusion"]["1"]) == {"NDCG@10", "MRR@10", "P@5"}
+    assert all(0.0 <= v <= 1.0 for v in res["fusion"]["1"].values())
+    with pytest.raises(ValueError, match="held out 'train' claims"):
+        quick_eval.evaluate_reranker(out, data, "dev", cache_dir=None, holdout=True, device="cpu")
+
+
+def test_holdout_draw():
+    qrels = {f"q{i}": {"d": 1} for i in range(20)} | {"q-neg": {"d": 0}}
+    queries = {q: q for q in qrels}
+    a = train_reranker.pick_holdout(qrels, queries, 5, seed=1)
+    assert a == train_reranker.pick_holdout(qrels, queries, 5, seed=1) == sorted(a)
+    assert len(set(a)) == 5 and "q-neg" not in a  # only claims with a positive are drawn
+    assert a != train_reranker.pick_holdout(qrels, queries, 5, seed=2)
+    assert train_reranker.pick_holdout(qrels, queries, 0, seed=1) == []
+    with pytest.raises(ValueError, match="leaves no training claims"):
+        train_reranker.pick_holdout(qrels, queries, 20, seed=1)
+
+
+def test_quick_eval_metrics_without_ir_measures(monkeypatch):
+    """A bare GPU image has no ir_measures: the fallback (the service's own metrics) must agree."""
+    from rerankd_export import quick_eval
+
+    qrels = {"a": {"d1": 1, "d3": 2}, "b": {"d2": 1}, "c": {"d9": 1}}
+    run = {"a": {"d1": 0.2, "d2": 0.9, "d3": 0.5}, "b": {"d2": 0.1, "d4": 0.3}, "c": {"d1": 1.0}}
+    pytest.importorskip("ir_measures")
+    want = quick_eval._metrics(qrels, run)
+    monkeypatch.setitem(__import__("sys").modules, "ir_measures", None)  # import -> ImportError
+    assert quick_eval._metrics(qrels, run) == want
 
 
 def test_refuses_test_split(tmp_path):

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -46,7 +47,13 @@ LABELS = {"nDCG@10": "NDCG@10", "RR@10": "MRR@10", "P@5": "P@5"}
 
 
 def _metrics(qrels: dict, run: dict) -> dict[str, float]:
-    import ir_measures
+    try:
+        import ir_measures
+    except ImportError:  # e.g. a bare GPU image: the service's metrics (tested against ir_measures)
+        from rerankd import irmetrics
+
+        m = irmetrics.evaluate({q: irmetrics.rank_by_score(r) for q, r in run.items()}, qrels)
+        return {"NDCG@10": round(m["ndcg@10"], 4), "MRR@10": round(m["mrr@10"], 4), "P@5": round(m["p@5"], 4)}
 
     measures = [ir_measures.parse_measure(m) for m in MEASURES]
     agg = ir_measures.calc_aggregate(measures, qrels, run)
@@ -132,15 +139,26 @@ def evaluate_reranker(
     threads: int | None = None,
     cache_dir=DEFAULT_CACHE,
     limit_queries: int | None = None,
+    holdout: bool = False,
+    fusion_weights: Sequence[float] = (),
 ) -> dict:
     """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
 
     Returns ``{"first_stage": {...}, "reranked": {...}, ...}`` with NDCG@10, MRR@10, P@5.
+    ``holdout``: evaluate only on the claims the checkpoint's trainer held out (its recipe's
+    ``holdout_qids``; ``split`` must be the split it trained on). ``fusion_weights``: also
+    report the served rerank fusion (``rerankd.stages.fusion.rerank_fusion``) at each weight,
+    under ``"fusion"`` -- this is how the served default weight is chosen, on held-out claims.
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     t0 = time.time()
+    held: list[str] = []
+    if holdout:
+        held, trained_split = _holdout_qids(model_dir)
+        if split != trained_split:
+            raise ValueError(f"--holdout: the model held out {trained_split!r} claims, not {split!r}")
     dev = resolve_device(device)
     use_bf16 = resolve_bf16(bf16, dev)
     n_threads = set_threads(threads)
@@ -149,6 +167,8 @@ def evaluate_reranker(
     queries = load_queries(dataset)
     qrels = load_qrels(dataset, split)
     qids = [q for q in sorted(qrels) if q in queries]
+    if holdout:
+        qids = [q for q in qids if q in set(held)]
     if limit_queries:
         qids = qids[:limit_queries]
     qrels = {q: qrels[q] for q in qids}
@@ -195,8 +215,20 @@ def evaluate_reranker(
     )
     t_rerank = time.time() - t1
     rerun: dict[str, dict[str, float]] = {}
+    per_query: dict[str, list[tuple[str, int, float]]] = {}
     for (q, d), s in zip(owners, scores):
         rerun.setdefault(q, {})[d] = float(s)
+    for (q, d), s, rank in zip(owners, scores, _ranks(hits)):
+        per_query.setdefault(q, []).append((d, rank, float(s)))
+    fusion = {}
+    for w in fusion_weights:
+        from rerankd.stages.fusion import rerank_fusion
+
+        fused_run: dict[str, dict[str, float]] = {q: {} for q in qids}
+        for q, rows in per_query.items():
+            fused = rerank_fusion([s for _, _, s in rows], [r for _, r, _ in rows], float(w))
+            fused_run[q] = {d: float(f) for (d, _, _), f in zip(rows, fused)}
+        fusion[f"{float(w):g}"] = _metrics(qrels, fused_run)
     # queries whose first stage returned nothing still count (as zeros)
     for q in qids:
         first_run.setdefault(q, {})
@@ -211,6 +243,8 @@ def evaluate_reranker(
         "max_length": max_length,
         "first_stage": _metrics(qrels, first_run),
         "reranked": _metrics(qrels, rerun),
+        **({"fusion": fusion} if fusion else {}),
+        **({"holdout": True} if holdout else {}),
         "first_stage_desc": f"hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), RRF k=60, top-{depth}",
         "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
         "rerank_pairs": len(pairs),
@@ -220,6 +254,20 @@ def evaluate_reranker(
         "machine": _machine(dev, n_threads),
     }
     return result
+
+
+def _ranks(hits) -> list[int]:
+    """1-based first-stage ranks, flattened in the same order as the rerank pairs."""
+    return [r for h in hits for r in range(1, len(h) + 1)]
+
+
+def _holdout_qids(model_dir) -> tuple[list[str], str]:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    recipe = cfg.get("rerankd") or {}
+    held = recipe.get("holdout_qids") or []
+    if not held:
+        raise ValueError(f"{model_dir} was trained without --holdout-queries: no held-out claims")
+    return [str(q) for q in held], str(recipe.get("split", "train"))
 
 
 def metrics_markdown(res: dict) -> str:
@@ -279,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="'none' to disable")
     p.add_argument("--limit-queries", type=int, default=None, help="first N queries only")
+    p.add_argument("--holdout", action="store_true",
+                   help="evaluate on the claims the checkpoint's trainer held out (--holdout-queries)")
+    p.add_argument("--fusion-weights", type=float, nargs="*", default=(), metavar="W",
+                   help="also report the served rerank fusion at these weights")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
@@ -287,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate_reranker(
         a.model, a.dataset, a.split, a.depth, a.max_length, encoder_dir=a.encoder,
         device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
-        cache_dir=cache, limit_queries=a.limit_queries,
+        cache_dir=cache, limit_queries=a.limit_queries, holdout=a.holdout,
+        fusion_weights=a.fusion_weights,
     )
     print(json.dumps(res, indent=2))
     print(metrics_markdown(res), file=sys.stderr)

@@ -215,7 +215,7 @@ def encode_dense(
     from transformers import AutoModel, AutoTokenizer
 
     tok = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
-    mdl = model or AutoModel.from_pretrained(str(model_dir)).to(device).eval()
+    mdl = model or AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     dim = mdl.config.hidden_size
     out = np.zeros((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -270,6 +270,7 @@ class HybridRetriever:
         rrf_k: int = RRF_K,
     ) -> None:
         import bm25s
+        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.corpus = corpus
@@ -279,7 +280,8 @@ class HybridRetriever:
         self.batch_size = batch_size
         self.rrf_k = rrf_k
         self.tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-        self.model = AutoModel.from_pretrained(str(encoder_dir)).to(device).eval()
+        # fp32 as served, also when the checkpoint is stored in fp16
+        self.model = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32).to(device).eval()
         texts = corpus.full_texts()
         self.doc_emb = self._doc_embeddings(texts, cache_dir)
         self.bm25 = bm25s.BM25()
@@ -414,13 +416,18 @@ def build_groups(
     mining_depth: int,
     skip_top: int,
     seed: int,
+    holdout: Sequence[str] = (),
 ) -> tuple[list[Group], dict]:
     rng = random.Random(seed)
     groups: list[Group] = []
-    stats = {"claims": 0, "claim_groups": 0, "pseudo_groups": 0, "missing_docs": 0}
+    stats = {"claims": 0, "claim_groups": 0, "pseudo_groups": 0, "missing_docs": 0,
+             "held_out": 0}
 
-    # 1) labeled claims of the training split
+    # 1) labeled claims of the training split, minus the held-out ones
+    held = set(holdout)
     qids = [q for q in sorted(qrels) if q in queries and any(v > 0 for v in qrels[q].values())]
+    stats["held_out"] = sum(q in held for q in qids)
+    qids = [q for q in qids if q not in held]
     claim_text = [queries[q] for q in qids]
     ranked = retriever.search(claim_text, depth=mining_depth) if qids else []
     for qid, text, hits in zip(qids, claim_text, ranked):
@@ -460,6 +467,18 @@ def build_groups(
             groups.append(Group(title, docs, "pseudo"))
             stats["pseudo_groups"] += 1
     return groups, stats
+
+
+def pick_holdout(qrels: dict[str, dict[str, int]], queries: dict[str, str], n: int, seed: int) -> list[str]:
+    """``n`` labeled claims of the training split, drawn with ``seed``, kept out of training so
+    that settings tuned after training (the served rerank-fusion weight) are chosen on queries the
+    model has not seen -- the test split stays untouched. Sorted ids."""
+    if n <= 0:
+        return []
+    qids = [q for q in sorted(qrels) if q in queries and any(v > 0 for v in qrels[q].values())]
+    if n >= len(qids):
+        raise ValueError(f"--holdout-queries {n} leaves no training claims (split has {len(qids)})")
+    return sorted(random.Random(f"holdout:{seed}").sample(qids, n))
 
 
 def tokenize_groups(tokenizer, groups: list[Group], max_length: int, max_query_tokens: int):
@@ -562,6 +581,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="bf16 autocast (auto: on for CUDA/CPUs with native bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--mining-depth", type=int, default=50, help="hybrid depth for negatives")
+    p.add_argument("--holdout-queries", type=int, default=0, metavar="N",
+                   help="keep N seeded training claims out of training (a dev set; their ids go "
+                        "into the recipe, and quick_eval --holdout evaluates on them)")
     p.add_argument("--skip-top", type=int, default=0,
                    help="skip this many top-ranked non-positives (false-negative guard)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -622,6 +644,7 @@ def run_train(args: argparse.Namespace) -> int:
     corpus = load_corpus(dataset)
     queries = load_queries(dataset)
     qrels = load_qrels(dataset, args.split)
+    holdout = pick_holdout(qrels, queries, getattr(args, "holdout_queries", 0) or 0, args.seed)
     t0 = time.time()
     # fp32 first stage, exactly as served (and shared with quick_eval through the cache)
     retriever = HybridRetriever(
@@ -637,6 +660,7 @@ def run_train(args: argparse.Namespace) -> int:
         mining_depth=args.mining_depth,
         skip_top=args.skip_top,
         seed=args.seed,
+        holdout=holdout,
     )
     del retriever
     mining_s = time.time() - t0
@@ -803,6 +827,7 @@ def run_train(args: argparse.Namespace) -> int:
         "dataset": dataset.resolve().name,
         "split": args.split,
         "train_claims": stats["claims"],
+        "holdout_qids": holdout,
         "claim_groups": stats["claim_groups"],
         "pseudo_queries": stats["pseudo_groups"],
         "pseudo_query_docs": "abstract only (no title) for every member of a pseudo-query group",
@@ -862,9 +887,9 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["rerankd", "train-reranker"]
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
-                "seed", "device", "bf16", "threads", "mining_depth", "skip_top"):
+                "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries"):
         val = getattr(args, key, None)
-        if val is None:
+        if val is None or (key == "holdout_queries" and not val):
             continue
         parts += ["--" + key.replace("_", "-"), str(val)]
     if args.base:
@@ -893,6 +918,14 @@ def _version(pkg: str) -> str:
         return version(pkg)
     except PackageNotFoundError:  # pragma: no cover
         return "?"
+
+
+def _holdout_line(r: dict) -> str:
+    held = r.get("holdout_qids") or []
+    if not held:
+        return ""
+    return (f"\n  {len(held)} more `{r['split']}` claims (seeded, ids in `config.json`) were held out of "
+            "training as a dev set.")
 
 
 def model_card(r: dict, metrics_md: str | None = None) -> str:
@@ -935,7 +968,7 @@ only, max {r['max_length']} tokens at inference. Document = `title + " " + text`
 
 * **{r['dataset']}** (BEIR layout) `{r['split']}` claims: {r['train_claims']} claims -> {r['claim_groups']}
   (claim, cited abstract) positives, from `qrels/{r['split']}.tsv` only. The test qrels are
-  never read by the trainer.
+  never read by the trainer.{_holdout_line(r)}
 * **{r['pseudo_queries']} title->abstract pseudo-queries** sampled (seeded) from the
   unlabeled {r['dataset']} corpus: the paper title is the query and its own abstract is the
   positive. In these groups every document is shown as its abstract only (no title),

