@@ -13,6 +13,8 @@
 #   whl/      wheels the machine lacks (bm25s)
 # Output: $OUT/train-{A,B}.log, holdout-B.json, test-A.json, ckpt-A.tar.* (15 MiB parts:
 # `cat ckpt-A.tar.* | tar x -C DIR`).
+# MODE=soup: seeds 42 and $SEED2 (43) with 100 claims held out, and their weight average
+# (rerankd_export.soup), all evaluated on the held-out claims; A2 (seed 43, all claims) comes back.
 # Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
 set -euo pipefail
 G=${GPU_DIR:-.gpu}
@@ -32,6 +34,37 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 RECIPE=(--dataset "$G/scifact" --base "$G/base" --encoder "$G/base" --epochs 4 --negatives 15
         --pseudo-queries 5183 --max-length 256 --device "$DEVICE" --threads 8
         --cache-dir "$W/cache" ${TRAIN_EXTRA:-})
+if [ "${MODE:-ship}" = soup ]; then
+  # Does a weight-average of two seeds beat one model? Asked on the held-out claims: B (seed 42)
+  # and B2 (seed $SEED2, same held-out draw) and their soup; A2 = all claims with seed $SEED2, the
+  # other ingredient for the shipped soup (A + A2) if the answer is yes.
+  S2=${SEED2:-43}
+  python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --seed "$S2" --output "$W/A2" >"$W/train-A2.log" 2>&1 &
+  a=$!
+  python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --holdout-queries 100 --output "$W/B" >"$W/train-B.log" 2>&1 &
+  b=$!
+  python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --seed "$S2" --holdout-queries 100 --holdout-seed 42 \
+    --output "$W/B2" >"$W/train-B2.log" 2>&1 &
+  c=$!
+  rc=0
+  wait $a || rc=$?
+  wait $b || rc=$?
+  wait $c || rc=$?
+  cat "$W"/train-*.log >"$OUT/train.log"
+  grep -h "^\[train\]" "$W"/train-*.log || true
+  if [ $rc -ne 0 ]; then tail -n 30 "$W"/train-*.log; exit $rc; fi
+  python3 -m rerankd_export.soup "$W/BS" "$W/B" "$W/B2"
+  # shellcheck disable=SC2206
+  EVAL=(--dataset "$G/scifact" --encoder "$G/base" --device "$DEVICE" --cache-dir "$W/cache"
+        --fusion-weights 0 0.25 0.5 1 ${EVAL_EXTRA:-})
+  for m in B B2 BS; do
+    python3 -m rerankd_export.quick_eval --model "$W/$m" --split train --holdout "${EVAL[@]}" \
+      --json "$OUT/holdout-$m.json" 2>&1 | grep -A3 "^| run"
+  done
+  tar cf - -C "$W/A2" . | split -b 15m - "$OUT/ckpt-A2.tar."
+  ls -la "$OUT"
+  exit 0
+fi
 python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --output "$W/A" >"$OUT/train-A.log" 2>&1 &
 a=$!
 python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --holdout-queries 100 --output "$W/B" >"$OUT/train-B.log" 2>&1 &

@@ -261,3 +261,68 @@ def test_refuses_test_split(tmp_path):
     args = parser.parse_args(["--dataset", str(data), "--split", "test", "--output", str(tmp_path / "x")])
     assert train_reranker.run_train(args) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_doc_embedding_cache_survives_concurrent_writers(tmp_path, monkeypatch):
+    """Runs sharing a cache dir once moved each other's temporary file (FileNotFoundError)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    corpus = train_reranker.Corpus(["a", "b"], ["t1", "t2"], ["x1", "x2"])
+
+    def slow_encode(*a, **kw):
+        time.sleep(0.2)
+        return np.ones((2, 4), dtype=np.float32)
+
+    monkeypatch.setattr(train_reranker, "encode_dense", slow_encode)
+    errors, results = [], []
+
+    def one():
+        r = train_reranker.HybridRetriever.__new__(train_reranker.HybridRetriever)
+        r.corpus, r.encoder_dir, r.device, r.bf16, r.batch_size = corpus, tmp_path / "enc", "cpu", False, 8
+        r.model = r.tokenizer = None
+        try:
+            results.append(r._doc_embeddings(corpus.full_texts(), tmp_path / "cache"))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 3 and all(x.shape == (2, 4) for x in results)
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".npy" and ".tmp" not in cached[0].name
+
+
+def test_soup_averages_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rerankd_export import soup
+
+    for i, name in enumerate(("a", "b")):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"w": torch.full((2, 2), float(i * 2), dtype=torch.float16),
+                   "ids": torch.arange(3)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"rerankd": {"seed": i, "loss_curve": [[1, 0.5]]}}))
+    (tmp_path / "a" / "tokenizer.json").write_text("{}")
+    out = soup.soup(tmp_path / "s", [tmp_path / "a", tmp_path / "b"])
+    st = load_file(str(out / "model.safetensors"))
+    assert st["w"].dtype == torch.float16 and torch.all(st["w"] == 1.0)
+    assert torch.equal(st["ids"], torch.arange(3))
+    recipe = json.loads((out / "config.json").read_text())["rerankd"]
+    assert [r["seed"] for r in recipe["soup"]["recipes"]] == [0, 1]
+    assert (out / "tokenizer.json").is_file()
+    bad = tmp_path / "c"
+    bad.mkdir()
+    save_file({"w": torch.zeros((3, 2), dtype=torch.float16), "ids": torch.arange(3)}, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="shape"):
+        soup.soup(tmp_path / "s2", [tmp_path / "a", bad])
+    with pytest.raises(ValueError, match="at least two"):
+        soup.soup(tmp_path / "s3", [tmp_path / "a"])

@@ -39,6 +39,7 @@ import platform
 import random
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,7 +320,9 @@ class HybridRetriever:
         )
         if key is not None:
             key.parent.mkdir(parents=True, exist_ok=True)
-            tmp = key.with_suffix(".tmp.npy")
+            # a name of its own per writer: runs sharing a cache dir (scripts/gpu_train_reranker.sh
+            # trains three at once) must not move each other's half-written files
+            tmp = key.with_name(f"{key.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npy")
             np.save(tmp, emb)
             os.replace(tmp, key)
         return emb
@@ -584,6 +587,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--holdout-queries", type=int, default=0, metavar="N",
                    help="keep N seeded training claims out of training (a dev set; their ids go "
                         "into the recipe, and quick_eval --holdout evaluates on them)")
+    p.add_argument("--holdout-seed", type=int, default=None,
+                   help="seed of the held-out draw (default: --seed); fix it to compare runs "
+                        "of different --seed on the same held-out claims")
     p.add_argument("--skip-top", type=int, default=0,
                    help="skip this many top-ranked non-positives (false-negative guard)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -644,7 +650,8 @@ def run_train(args: argparse.Namespace) -> int:
     corpus = load_corpus(dataset)
     queries = load_queries(dataset)
     qrels = load_qrels(dataset, args.split)
-    holdout = pick_holdout(qrels, queries, getattr(args, "holdout_queries", 0) or 0, args.seed)
+    hseed = args.seed if getattr(args, "holdout_seed", None) is None else args.holdout_seed
+    holdout = pick_holdout(qrels, queries, getattr(args, "holdout_queries", 0) or 0, hseed)
     t0 = time.time()
     # fp32 first stage, exactly as served (and shared with quick_eval through the cache)
     retriever = HybridRetriever(
@@ -887,7 +894,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["rerankd", "train-reranker"]
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
-                "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries"):
+                "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries",
+                "holdout_seed"):
         val = getattr(args, key, None)
         if val is None or (key == "holdout_queries" and not val):
             continue

@@ -102,8 +102,8 @@ class IndexConfig:
     rerank_fusion_weight: float = _f(
         0.0,
         "Rerank fusion: final order = z(reranker scores) + weight * z(-ln first-stage rank) over the candidates; "
-        "0 = reranker order alone, the default: with the shipped reranker every weight > 0 lowered NDCG@10 on "
-        "held-out train claims (SearchRequest.fusion_weight overrides per call)",
+        "0 = reranker order alone, the default: for rerankers trained with the shipped recipe it gave no reliable "
+        "gain on held-out train claims, see README (SearchRequest.fusion_weight overrides per call)",
     )
     snapshot_every: int = _f(
         10000,
