@@ -241,6 +241,12 @@ def test_holdout_draw():
     assert train_reranker.pick_holdout(qrels, queries, 0, seed=1) == []
     with pytest.raises(ValueError, match="leaves no training claims"):
         train_reranker.pick_holdout(qrels, queries, 20, seed=1)
+    # the recorded command replays the draw: --holdout-seed only when given, nothing without a holdout
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    cmd = train_reranker.canonical_command(parser.parse_args(
+        ["--dataset", "x", "--seed", "43", "--holdout-queries", "3", "--holdout-seed", "42"]))
+    assert "--holdout-queries 3" in cmd and "--holdout-seed 42" in cmd and "--seed 43" in cmd
+    assert "holdout" not in train_reranker.canonical_command(parser.parse_args(["--dataset", "x"]))
 
 
 def test_quick_eval_metrics_without_ir_measures(monkeypatch):
