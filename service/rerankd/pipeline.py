@@ -268,8 +268,9 @@ class Pipeline:
         top_n, k = resolve_search(p.top_n, p.candidates, limits)
         stage = check_first_stage(p.first_stage or self.settings.index.first_stage)
         rerank = True if p.rerank is None else p.rerank
-        fusion_weight = check_fusion_weight(self.settings.index.rerank_fusion_weight if p.fusion_weight is None
-                                            else p.fusion_weight)
+        # the server's own weight was validated at start; only a per-call one needs checking
+        fusion_weight = (self.settings.index.rerank_fusion_weight if p.fusion_weight is None
+                         else check_fusion_weight(p.fusion_weight))
         q_ids = self.reranker.query_ids(p.query) if rerank else None
         t = Timings()
 

@@ -116,6 +116,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         if n < 3:
             return None
         return sum(max(0.0, est - (now - t)) for t in self._starts.get(lane, {}).values())
+
     def _limit(self, lane: str) -> int:
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls

@@ -36,8 +36,9 @@ def rerank_fusion(rerank_scores: Sequence[float], first_stage_ranks: Sequence[in
     multi-phase ranking (as in Vespa's first/second phase). Standardizing per list makes the
     weight independent of the reranker's logit scale and of the first stage's score type (RRF,
     cosine, BM25 have different ranges; their ranks do not); -ln(rank) keeps the head of the
-    first-stage list distinct while flattening its tail. weight 0 returns the reranker's scores
-    unchanged. Measured on SciFact (weight picked on train queries, reported on test): see README.
+    first-stage list distinct while flattening its tail. weight 0 (the server default) returns the
+    reranker's scores unchanged. Measured on SciFact, weight chosen on held-out train claims: see
+    README ("How the defaults were chosen").
     """
     s = np.asarray(rerank_scores, dtype=np.float64)
     if weight == 0 or s.size < 2:
