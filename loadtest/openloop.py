@@ -330,6 +330,14 @@ def overload_schedule(base_rps: float, over_rps: float, baseline_s: float, overl
     return times, (baseline_s, baseline_s + overload_s, baseline_s + overload_s + recovery_s)
 
 
+def baseline_seconds(base_rps: float, baseline_s: float, min_calls: int) -> float:
+    """Length of the baseline phase: at least ``baseline_s``, and long enough for ``min_calls``
+    arrivals. A nearest-rank p99 of fewer than 100 samples is their maximum, which estimates a lower
+    quantile (the max of 16 calls sits near p94), so a short baseline understates the unloaded p99
+    and overstates the overload ratio."""
+    return max(baseline_s, math.ceil(min_calls / base_rps) if min_calls > 0 else 0.0)
+
+
 def _shifted(outcomes: Sequence[Outcome], lo: float, hi: float) -> list[Outcome]:
     return [Outcome(o.index, o.scheduled - lo, None if o.launched is None else o.launched - lo,
                     None if o.done is None else o.done - lo, o.code)
@@ -372,6 +380,7 @@ def judge_overload(phases: dict, outcomes: Sequence[Outcome], bounds: tuple[floa
         checks["rss_growth_bounded"] = growth <= args.max_rss_growth_mb
     return {
         "baseline_p99_ms": base_p99, "admitted_p99_ms": over_p99, "admitted_p99_ratio": ratio,
+        "baseline_ok": base["ok"],
         "admitted_ok": over["ok"], "shed": sum(over["codes"].get(k, 0) for k in _SHED),
         "rejected_p99_ms": rej["p99"], "recovery_s": rec_s, "unexpected_codes": unexpected,
         "limits": {"max_p99_ratio": args.max_p99_ratio, "max_reject_ms": args.max_reject_ms,
@@ -386,7 +395,8 @@ async def overload_test(tgt: GrpcTarget, payloads: Payloads, rpc: str, capacity:
     the baseline rate again — one open-loop schedule, so the overload's queue carries into recovery."""
     base_rps = capacity * args.baseline_fraction
     over_rps = capacity * args.overload_factor
-    times, bounds = overload_schedule(base_rps, over_rps, args.baseline_s, args.overload_s, args.recovery_s)
+    baseline_s = baseline_seconds(base_rps, args.baseline_s, args.baseline_calls)
+    times, bounds = overload_schedule(base_rps, over_rps, baseline_s, args.overload_s, args.recovery_s)
     if len(times) > args.max_requests:
         raise ValueError(f"overload test needs {len(times)} requests, more than --max-requests {args.max_requests}")
     requests = payloads.pool(rpc, min(len(times), 1024))
@@ -473,6 +483,7 @@ def format_overload(v: dict) -> str:
         f"\noverload test ({v['rpc']}): capacity {v['capacity_rps']:g} rps, baseline {v['baseline_rps']:g} rps, "
         f"overload {v['overload_rps']:g} rps",
         f"  admitted p99 {v['admitted_p99_ms']} ms = {v['admitted_p99_ratio']}x baseline p99 {v['baseline_p99_ms']} ms "
+        f"(of {v.get('baseline_ok')} baseline calls) "
         f"(<= {lim['max_p99_ratio']:g}x): {mark(c['admitted_p99_within_ratio'])}; {v['admitted_ok']} admitted OK, {v['shed']} shed",
         f"  rejections p99 {v['rejected_p99_ms']} ms (<= {lim['max_reject_ms']:g} ms): {mark(c['rejections_fast'])}",
         f"  recovered {v['recovery_s']} s after the load dropped (<= {lim['recovery_grace_s']:g} s): "
@@ -527,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overload-factor", type=float, default=4.0, help="overload rate = factor x capacity")
     o.add_argument("--baseline-fraction", type=float, default=0.25,
                    help="baseline and recovery rate = fraction x capacity (the 'unloaded' reference)")
-    o.add_argument("--baseline-s", type=float, default=30.0, help="seconds of baseline arrivals")
+    o.add_argument("--baseline-s", type=float, default=30.0, help="seconds of baseline arrivals (at least)")
+    o.add_argument("--baseline-calls", type=int, default=100,
+                   help="lengthen the baseline phase to at least this many arrivals, so that its p99 is a p99 "
+                        "(nearest rank over < 100 calls is their maximum, a lower quantile); 0 = --baseline-s only")
     o.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload arrivals")
     o.add_argument("--recovery-s", type=float, default=20.0, help="seconds of arrivals after the load drops")
     o.add_argument("--max-p99-ratio", type=float, default=2.0,
@@ -559,6 +573,8 @@ def _validate(args, p: argparse.ArgumentParser) -> list[str]:
                      "max_reject_ms", "recovery_grace_s"):
             if not getattr(args, name) > 0:
                 p.error(f"--{name.replace('_', '-')} must be > 0")
+        if args.baseline_calls < 0:
+            p.error("--baseline-calls must be >= 0")
         if args.capacity_rps is not None and not args.capacity_rps > 0:
             p.error("--capacity-rps must be > 0")
         if args.metrics_url and not args.allow_remote:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train the shipped cross-encoder on a CUDA machine and evaluate it there.
 #
-# Runs two trainings of the same recipe side by side on one GPU:
+# The shipped checkpoint comes from MODE=select (below): SEEDS trained side by side with 100 train
+# claims held out, the best on those claims shipped. The default MODE=ship runs two trainings of the
+# same recipe side by side on one GPU:
 #   A  all train claims                      -> the checkpoint we ship (packed into $OUT)
 #   B  the same, 100 train claims held out   -> a dev set: the served rerank-fusion weight is
 #                                               chosen on B's held-out claims, never on test
@@ -27,6 +29,10 @@
 # `cat ckpt-A.tar.* | tar x -C DIR`).
 # MODE=soup: seeds 42 and $SEED2 (43) with 100 claims held out, and their weight average
 # (rerankd_export.soup), all evaluated on the held-out claims; A2 (seed 43, all claims) comes back.
+# MODE=select: SEEDS (default 42 43 44 45) side by side, 100 claims held out; the best on those
+# claims comes back as ckpt-pick.tar.*, with every seed's dev and test figures in results.tgz.
+# The shipped checkpoint: MODE=select THREADS=4 TRAIN_EXTRA="--time-budget 5.5" (4 runs share the
+# GPU at ~1,070 pairs/s each, so the 5.5 min cap ended them at ~94 % of the planned steps).
 # Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
 set -euo pipefail
 G=${GPU_DIR:-.gpu}
@@ -44,8 +50,61 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 # shellcheck disable=SC2206
 RECIPE=(--dataset "$G/scifact" --base "$G/base" --encoder "$G/base" --epochs 4 --negatives 15
-        --pseudo-queries 5183 --max-length 256 --device "$DEVICE" --threads 8
+        --pseudo-queries 5183 --max-length 256 --device "$DEVICE" --threads "${THREADS:-8}"
         --cache-dir "$W/cache" ${TRAIN_EXTRA:-})
+if [ "${MODE:-ship}" = select ]; then
+  # Seed selection on held-out claims. GPU training is not bit-reproducible (the same seed twice
+  # scored 0.8210 and 0.7891 on the dev claims), so an "all-claims twin" of a good seed is not the
+  # same model: instead train SEEDS side by side, all holding out the same 100 train claims
+  # (--holdout-seed 42), pick the best NDCG@10 on those claims (never on test) and ship that very
+  # checkpoint. Every seed is also evaluated on test, for the record of the spread only; the pick
+  # is fixed by the dev score before those numbers exist.
+  # shellcheck disable=SC2206
+  SEEDS=(${SEEDS:-42 43 44 45})
+  pids=()
+  for s in "${SEEDS[@]}"; do
+    python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --seed "$s" --holdout-queries 100 \
+      --holdout-seed 42 --output "$W/S$s" >"$W/train-S$s.log" 2>&1 &
+    pids+=($!)
+  done
+  rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  grep -h "^\[train\]" "$W"/train-S*.log | grep -v "^\[train\] base=" || true
+  if [ $rc -ne 0 ]; then tail -n 30 "$W"/train-S*.log; exit $rc; fi
+  # shellcheck disable=SC2206
+  EVAL=(--dataset "$G/scifact" --encoder "$G/base" --device "$DEVICE" --cache-dir "$W/cache" ${EVAL_EXTRA:-})
+  for s in "${SEEDS[@]}"; do
+    python3 -m rerankd_export.quick_eval --model "$W/S$s" --split train --holdout "${EVAL[@]}" \
+      --json "$W/dev-S$s.json" >/dev/null 2>&1 &
+  done
+  wait
+  best=$(python3 - "$W" "${SEEDS[@]}" <<'PY'
+import json, sys
+w, seeds = sys.argv[1], sys.argv[2:]
+dev = {s: json.load(open(f"{w}/dev-S{s}.json"))["reranked"]["NDCG@10"] for s in seeds}
+for s, v in sorted(dev.items(), key=lambda kv: -kv[1]):
+    print(f"dev seed {s}: NDCG@10 {v:.4f}", file=sys.stderr)
+print(max(seeds, key=lambda s: (dev[s], -int(s))))
+PY
+)
+  echo "picked seed $best on the held-out claims"
+  for s in "${SEEDS[@]}"; do
+    extra=()
+    [ "$s" = "$best" ] && extra=(${CARD---update-card})
+    python3 -m rerankd_export.quick_eval --model "$W/S$s" --split test "${EVAL[@]}" \
+      --json "$W/test-S$s.json" "${extra[@]}" >/dev/null 2>&1 &
+  done
+  wait
+  for s in "${SEEDS[@]}"; do
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('test seed', sys.argv[2], 'NDCG@10', round(r['reranked']['NDCG@10'], 4))" \
+      "$W/test-S$s.json" "$s" || true
+  done
+  echo "$best" >"$W/picked-seed"
+  tar czf "$OUT/results.tgz" -C "$W" picked-seed $(cd "$W" && ls train-S*.log dev-S*.json test-S*.json)
+  tar cf - -C "$W/S$best" . | split -b 15m - "$OUT/ckpt-pick.tar."
+  ls -la "$OUT"
+  exit 0
+fi
 if [ "${MODE:-ship}" = soup ]; then
   # Does a weight-average of two seeds beat one model? Asked on the held-out claims: B (seed 42)
   # and B2 (seed $SEED2, same held-out draw) and their soup; A2 = all claims with seed $SEED2, the

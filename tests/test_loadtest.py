@@ -317,6 +317,17 @@ def test_overload_schedule_has_three_phases_at_their_rates():
     assert times == sorted(times)
 
 
+def test_baseline_phase_is_long_enough_for_a_real_p99():
+    # 0.39 rps for 40 s is 16 calls, whose nearest-rank p99 is their maximum: stretch to 100 calls
+    assert openloop.baseline_seconds(0.39, 40.0, 100) == 257
+    assert openloop.baseline_seconds(2.0, 90.0, 100) == 90.0  # already 180 calls
+    assert openloop.baseline_seconds(0.39, 40.0, 0) == 40.0
+    args = openloop.build_parser().parse_args(["--overload-test", "--capacity-rps", "1"])
+    assert args.baseline_calls == 100
+    with pytest.raises(SystemExit):
+        openloop.main(["--overload-test", "--capacity-rps", "1", "--baseline-calls", "-1"])
+
+
 def _o(i, scheduled, latency, code="OK"):
     return openloop.Outcome(i, scheduled, scheduled, None if latency is None else scheduled + latency, code)
 
@@ -379,7 +390,7 @@ def test_overload_test_against_a_server_sheds_and_recovers(models_dir, dataset, 
         proc = subprocess.run(
             [sys.executable, str(LOADTEST / "openloop.py"), "--target", srv.target, "--rpc", "search",
              "--candidates", "6", "--top-n", "3", "--overload-test", "--capacity-rps", "2", "--overload-factor", "20",
-             "--baseline-s", "2", "--overload-s", "2", "--recovery-s", "2", "--timeout", "30",
+             "--baseline-s", "2", "--baseline-calls", "0", "--overload-s", "2", "--recovery-s", "2", "--timeout", "30",
              "--metrics-url", f"http://127.0.0.1:{srv.app.metrics_port}/metrics", "--dataset", str(dataset),
              "--json", str(out)],
             capture_output=True, text=True, timeout=300,
@@ -390,6 +401,7 @@ def test_overload_test_against_a_server_sheds_and_recovers(models_dir, dataset, 
     assert report["mode"] == "overload-test"
     assert [r["phase"] for r in report["runs"]] == ["baseline", "overload", "recovery"]
     assert [r["requests"] for r in report["runs"]] == [1, 80, 1]
+    assert ov["baseline_ok"] == report["runs"][0]["ok"] == 1
     over = report["runs"][1]
     assert over["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and over["ok"] > 0, over
     assert set(over["codes"]) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, over
