@@ -33,6 +33,9 @@
 # claims comes back as ckpt-pick.tar.*, with every seed's dev and test figures in results.tgz.
 # The shipped checkpoint: MODE=select THREADS=4 TRAIN_EXTRA="--time-budget 5.5" (4 runs share the
 # GPU at ~1,070 pairs/s each, so the 5.5 min cap ended them at ~94 % of the planned steps).
+# Run it without a pipe after it (`| grep`, `| tail`): a device call that hits its timeout kills the
+# whole pipeline and returns none of the output. A cold device start took ~40 s here; four seeds
+# with the 5.5 min cap took 483 s in all; two seeds with a 3.3 min cap did not fit a 290 s call.
 # Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
 set -euo pipefail
 G=${GPU_DIR:-.gpu}
