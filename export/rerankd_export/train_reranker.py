@@ -323,7 +323,7 @@ class HybridRetriever:
         if key is not None:
             key.parent.mkdir(parents=True, exist_ok=True)
             # a name of its own per writer: runs sharing a cache dir (scripts/gpu_train_reranker.sh
-            # trains three at once) must not move each other's half-written files
+            # trains several at once) must not move each other's half-written files
             tmp = key.with_name(f"{key.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npy")
             np.save(tmp, emb)
             os.replace(tmp, key)
@@ -430,7 +430,7 @@ def build_groups(
 
     # 1) labeled claims of the training split, minus the held-out ones
     held = set(holdout)
-    qids = [q for q in sorted(qrels) if q in queries and any(v > 0 for v in qrels[q].values())]
+    qids = labeled_claims(qrels, queries)
     stats["held_out"] = sum(q in held for q in qids)
     qids = [q for q in qids if q not in held]
     claim_text = [queries[q] for q in qids]
@@ -474,13 +474,19 @@ def build_groups(
     return groups, stats
 
 
+def labeled_claims(qrels: dict[str, dict[str, int]], queries: dict[str, str]) -> list[str]:
+    """Sorted ids of the split's claims that have text and at least one positive."""
+    return [q for q in sorted(qrels) if q in queries and any(v > 0 for v in qrels[q].values())]
+
+
 def pick_holdout(qrels: dict[str, dict[str, int]], queries: dict[str, str], n: int, seed: int) -> list[str]:
     """``n`` labeled claims of the training split, drawn with ``seed``, kept out of training so
-    that settings tuned after training (the served rerank-fusion weight) are chosen on queries the
-    model has not seen -- the test split stays untouched. Sorted ids."""
+    that what is decided after training (which of several runs to ship, the served rerank-fusion
+    weight) is decided on queries the model has not seen -- the test split stays untouched.
+    Sorted ids."""
     if n <= 0:
         return []
-    qids = [q for q in sorted(qrels) if q in queries and any(v > 0 for v in qrels[q].values())]
+    qids = labeled_claims(qrels, queries)
     if n >= len(qids):
         raise ValueError(f"--holdout-queries {n} leaves no training claims (split has {len(qids)})")
     return sorted(random.Random(f"holdout:{seed}").sample(qids, n))
