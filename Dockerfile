@@ -9,6 +9,14 @@
 #   docker build --build-arg EXPORT_ARGS='--int8' -t rerankd:0.1.0 .   # + int8 model variants
 #   docker run --rm -p 127.0.0.1:50051:50051 -v rerankd-data:/data -e RERANKD_THREADS=2 rerankd:0.1.0
 #
+# GPU image (same base; the CUDA 13 runtime and cuDNN 9 come as pip wheels with onnxruntime-gpu,
+# the host needs only the NVIDIA driver and the container toolkit):
+#   docker build --build-arg ONNXRUNTIME_GPU='onnxruntime-gpu[cuda,cudnn]==1.31.1' \
+#       --build-arg EXPORT_ARGS='--fp16' -t rerankd:0.1.0-gpu .
+#   docker run --rm --gpus all -p 127.0.0.1:50051:50051 -v rerankd-data:/data rerankd:0.1.0-gpu
+# (`--backend auto` then serves the fp16 bundles on the CUDA provider; TensorRT needs its own
+# libraries in the image, see README "GPU".)
+#
 # The trained reranker checkpoint (checkpoints/rerankd-ce-MiniLM-L6/, written by
 # `rerankd train-reranker`) must be in the build context: the build fails without it rather
 # than ship a reranker with an untrained head.
@@ -21,8 +29,10 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional extras of the rerankd package to install at runtime, e.g. "[eval]" (serving needs none).
 ARG EXTRAS=""
-# Extra `rerankd export` flags, e.g. "--int8".
+# Extra `rerankd export` flags, e.g. "--int8", or "--fp16" for a GPU image.
 ARG EXPORT_ARGS=""
+# GPU image: the onnxruntime-gpu requirement that replaces the CPU onnxruntime at runtime.
+ARG ONNXRUNTIME_GPU=""
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -49,6 +59,7 @@ COPY export ./export
 # Wheelhouse for the runtime stage (rerankd and its runtime dependencies only), then the
 # export tools (torch==2.13.0 is already satisfied by the CPU build installed above).
 RUN pip wheel --wheel-dir=/wheels "./${EXTRAS}" \
+ && if [ -n "${ONNXRUNTIME_GPU}" ]; then pip wheel --wheel-dir=/wheels "${ONNXRUNTIME_GPU}"; fi \
  && pip install --find-links=/wheels "./[export]"
 
 COPY checkpoints/rerankd-ce-MiniLM-L6 /src/checkpoints/rerankd-ce-MiniLM-L6
@@ -61,6 +72,7 @@ RUN rerankd export --defaults --models-dir /models \
 FROM python:3.11-slim-trixie AS runtime
 
 ARG EXTRAS=""
+ARG ONNXRUNTIME_GPU=""
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -70,9 +82,15 @@ ENV PYTHONUNBUFFERED=1 \
     RERANKD_DATA_DIR=/data
 
 # Runtime dependencies only, offline from the builder's wheelhouse (bind-mounted, so the
-# wheels themselves never land in a layer).
+# wheels themselves never land in a layer). ONNXRUNTIME_GPU carries its own pin (==1.31.1 above),
+# which hadolint cannot see through the variable.
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "rerankd${EXTRAS}==0.1.0"
+    pip install --no-index --find-links=/wheels "rerankd${EXTRAS}==0.1.0" \
+ && if [ -n "${ONNXRUNTIME_GPU}" ]; then \
+        pip uninstall -y onnxruntime \
+     && pip install --no-index --find-links=/wheels "${ONNXRUNTIME_GPU}"; \
+    fi
 
 COPY --from=builder /models /models
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -215,8 +216,15 @@ def test_markdown_table_lists_every_field():
     assert len(lines) == 2 + len(fields)
     for line, (_, f) in zip(lines[2:], fields):
         assert f"`{flag_name(f.name)}`" in line and f"`{env_name(f.name)}`" in line
-        assert f.metadata["help"] in line
+        assert f.metadata["help"].replace("|", "\\|") in line
+        # exactly four cells: a "|" inside a help text is escaped, never a column break
+        assert len(re.split(r"(?<!\\)\|", line)) == 6, line
     assert "`1 2 4 8 16 32`" in table  # tuples shown space-separated
+
+
+def test_readme_embeds_the_current_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "README's configuration table is stale: paste `rerankd config`"
 
 
 def test_settings_replace():

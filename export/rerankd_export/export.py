@@ -686,6 +686,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None,
                         help="also add the gated OpenVINO variants: bf16 (CPUs with AVX-512 BF16/AMX) and "
                              "NNCF int8 (default: on when openvino and nncf are installed)")
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also add the gated GPU variant: model.fp16.onnx (ONNX Runtime BERT fusions + "
+                             "float16) and the probe the cuda backend re-checks on the GPU at load (default: on "
+                             "when this onnxruntime is a GPU build)")
     parser.add_argument("--calibration-jsonl", default=os.environ.get("RERANKD_CALIBRATION_JSONL"), metavar="FILE",
                         help="corpus JSONL ({title?, text}) whose texts calibrate NNCF int8 and join its gate")
     parser.add_argument("--force", action="store_true", help="re-export even if up to date")
@@ -709,7 +713,7 @@ def _summary(name: str, m: dict, fresh: bool) -> str:
         g = m["variants"]["int8"]["parity"]
         bits.append(f", int8 min_cos {g['min_cosine']:.4f}" if m["task"] == "embed"
                     else f", int8 max_diff {g['max_abs_diff']:.3f}")
-    for v in ("openvino-bf16", "openvino-int8"):
+    for v in ("openvino-bf16", "openvino-int8", "fp16"):
         if v in m["variants"]:
             g = m["variants"][v]["parity"]
             bits.append(f", {v} min_cos {g['min_cosine']:.4f}" if m["task"] == "embed"
@@ -777,6 +781,16 @@ def run_export(args: argparse.Namespace) -> int:
                 )
             except GateError as exc:  # the variant is refused; fp32/int8 stay usable
                 logger.error("%s: %s", n, exc)
+    want_fp16 = getattr(args, "fp16", None)
+    if want_fp16 is None:
+        from .gpu_variants import cuda_available
+
+        want_fp16 = cuda_available()
+    if want_fp16:
+        from .gpu_variants import add_fp16_variant
+
+        for n in manifests:  # a refused fp16 is recorded under refused_variants; the CPU variants stay
+            manifests[n] = add_fp16_variant(models_dir / n, force=args.force)
     parts = [_summary(n, m, fresh[n]) for n, m in manifests.items()]
     print(f"rerankd export: {models_dir}: " + "; ".join(parts))
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import parity
+from .gates import GateError, check_gate
 
 log = logging.getLogger("rerankd_export.openvino")
 
@@ -40,10 +41,6 @@ GATES = {
     ("rerank", "openvino-int8"): {"max_diff_in_sd": 0.5, "min_spearman": 0.99},
 }
 INT8_FILE = "model.ov-int8.xml"
-
-
-class GateError(parity.ParityError):
-    pass
 
 
 def _has_bf16() -> bool:
@@ -65,37 +62,7 @@ def _run(compiled, encoding: dict, inputs: Sequence[str]) -> np.ndarray:
 
 
 def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
-    gate = GATES[(task, variant)]
-    records = []
-    if task == "embed":
-        worst = 1.0
-        for case, ref, got in zip(cases, ref_outputs, outputs):
-            mask = case.encoding["attention_mask"]
-            cos = float(np.min(np.sum(parity.mean_pool_normalize(got, mask) * parity.mean_pool_normalize(ref, mask), axis=1)))
-            worst = min(worst, cos)
-            records.append({"kind": case.kind, "batch": case.batch, "length": case.length, "min_cosine": cos})
-        ok = worst >= gate["min_cosine"]
-        rec = {"reference": "onnxruntime fp32", "metric": "min_cosine", "gate": gate, "min_cosine": worst, "cases": records}
-        summary = f"min cosine {worst:.5f} (gate >= {gate['min_cosine']})"
-    else:
-        refs = np.concatenate([r.ravel() for r in ref_outputs])
-        gots = np.concatenate([g.ravel() for g in outputs])
-        worst = float(np.max(np.abs(refs.astype(np.float64) - gots)))
-        rho = parity.spearman(refs, gots)
-        sd = float(np.std(refs))
-        in_sd = worst / sd if sd > 0 else float("inf")
-        ok = in_sd <= gate["max_diff_in_sd"] and rho >= gate["min_spearman"]
-        rec = {"reference": "onnxruntime fp32", "metric": "max_diff_in_sd", "gate": gate, "max_abs_diff": worst,
-               "max_diff_in_sd": in_sd, "spearman": rho, "pairs": int(refs.size), "logit_std_fp32": sd}
-        summary = (f"max |diff| {worst:.4f} = {in_sd:.3f} sd of fp32 logits (gate <= {gate['max_diff_in_sd']}), "
-                   f"Spearman {rho:.4f} (gate >= {gate['min_spearman']})")
-    rec["passed"] = bool(ok)
-    if not ok:
-        err = GateError(f"{variant} ({task}) refused: {summary}")
-        err.record = rec
-        raise err
-    log.info("%s (%s) gate ok: %s", variant, task, summary)
-    return rec
+    return check_gate(task, variant, GATES[(task, variant)], cases, ref_outputs, outputs, log)
 
 
 def _sha(path: Path) -> str:

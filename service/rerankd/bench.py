@@ -150,8 +150,7 @@ class Bench:
         from .stages.reranker import Reranker
 
         try:
-            be = create_backend(backend, rr_bundle, BackendOptions(precision=precision, threads=self.settings.model.threads,
-                                                                    openvino_compile=self.settings.model.openvino_compile))
+            be = create_backend(backend, rr_bundle, BackendOptions.from_settings(self.settings, precision))
         except Exception as e:
             print(f"  (engine {backend}:{precision} skipped: {e})")
             return
@@ -258,7 +257,10 @@ class Bench:
         self.raw_ort(rr_bundle)
         variants = self.args.variants
         if variants is None:
-            variants = [f"{b}:{p}" for b, p, v in AUTO_ORDER[::-1] if v in rr_bundle.manifest.get("variants", {})]
+            from .backends import onnxruntime_gpu
+
+            variants = [f"{b}:{p}" for b, p, v in AUTO_ORDER[::-1] if v in rr_bundle.manifest.get("variants", {})
+                        and (b != "cuda" or onnxruntime_gpu.available())]
             variants += ["openvino:fp32"]
         for v in variants:
             b, _, p = v.partition(":")

@@ -61,8 +61,8 @@ class ModelConfig:
     models_dir: Path = _f(Path("models"), "Directory of exported model bundles (rerankd export)")
     embedder: str = _f(DEFAULT_EMBEDDER, "Embedder bundle name under --models-dir")
     reranker: str = _f(DEFAULT_RERANKER, "Cross-encoder bundle name under --models-dir")
-    backend: str = _f("auto", "Inference backend: auto | onnxruntime | openvino (auto = fastest gated variant)")
-    precision: str = _f("auto", "Precision: auto | fp32 | int8 | bf16 (openvino); must be a gated bundle variant")
+    backend: str = _f("auto", "Inference backend: auto | onnxruntime | openvino | cuda (auto = fastest gated variant; cuda needs onnxruntime-gpu and a GPU)")
+    precision: str = _f("auto", "Precision: auto | fp32 | int8 | bf16 (openvino) | fp16 (cuda); must be a gated bundle variant")
     threads: int = _f(0, "Intra-op threads per model (0 = number of CPU cores)")
     openvino_compile: str = _f(
         "shared",
@@ -70,6 +70,12 @@ class ModelConfig:
         "per-shape = one compiled model per (batch, length) bucket (~90 MB each: ~5.4 GiB for both default models; "
         "~8 percent faster per batch)",
     )
+    device_id: int = _f(0, "cuda backend: CUDA device index")
+    gpu_provider: str = _f(
+        "auto",
+        "cuda backend: auto | tensorrt | cuda (auto = TensorRT when onnxruntime-gpu has it and libnvinfer loads, else CUDA)",
+    )
+    tensorrt_cache_dir: str = _f("", "cuda backend with TensorRT: engine/timing cache directory (empty = <data-dir>/tensorrt-cache)")
     score_activation: str = _f("none", "Reranker score: none (raw logit) | sigmoid")
     max_query_tokens: int = _f(128, "Reranker: queries up to this many tokens are kept whole (the passage is cut); longer ones are rejected")
 
@@ -230,5 +236,7 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
-            rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{_show(_default(f))}` | {f.metadata['help']} |")
+            default = _show(_default(f))
+            meaning = f.metadata["help"].replace("|", "\\|")  # a literal | would split the table cell
+            rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | {f'`{default}`' if default else '(empty)'} | {meaning} |")
     return "\n".join(rows)

@@ -150,11 +150,10 @@ class Pipeline:
         self.backend_name = emb_be if emb_be == rr_be else f"embed={emb_be},rerank={rr_be}"
         self.precision = emb_prec if emb_prec == rr_prec else f"embed={emb_prec},rerank={rr_prec}"
         log.info("embedder %s:%s, reranker %s:%s", emb_be, emb_prec, rr_be, rr_prec)
-        threads = s.model.threads
-        self.embedder = Embedder(emb_bundle, create_backend(emb_be, emb_bundle, BackendOptions(precision=emb_prec, threads=threads, openvino_compile=s.model.openvino_compile)),
+        self.embedder = Embedder(emb_bundle, create_backend(emb_be, emb_bundle, BackendOptions.from_settings(s, emb_prec)),
                                  s.batch, on_batch=on_batch)
         self.reranker = Reranker(
-            rr_bundle, create_backend(rr_be, rr_bundle, BackendOptions(precision=rr_prec, threads=threads, openvino_compile=s.model.openvino_compile)), s.batch,
+            rr_bundle, create_backend(rr_be, rr_bundle, BackendOptions.from_settings(s, rr_prec)), s.batch,
             max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
         )
         if not self.reranker.trained:

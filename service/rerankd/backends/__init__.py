@@ -25,6 +25,23 @@ class BackendOptions:
     # OpenVINO: "shared" = one compiled model for every bucket shape; "per-shape" = one compiled
     # model per (batch, length) bucket (see openvino_cpu.py for the measured trade-off).
     openvino_compile: str = "shared"
+    # GPU (backend "cuda"): which CUDA device, which ONNX Runtime provider (auto | tensorrt | cuda),
+    # where TensorRT caches its engines ("" = <bundle>/.tensorrt-cache), and the largest batch
+    # bucket (the top of the TensorRT shape profile).
+    device_id: int = 0
+    gpu_provider: str = "auto"
+    tensorrt_cache_dir: str = ""
+    max_batch: int = 32
+
+    @classmethod
+    def from_settings(cls, settings, precision: str) -> "BackendOptions":
+        """The options of one model's backend under the service ``Settings``."""
+        from pathlib import Path
+
+        m = settings.model
+        return cls(precision=precision, threads=m.threads, openvino_compile=m.openvino_compile,
+                   device_id=m.device_id, gpu_provider=m.gpu_provider, max_batch=max(settings.batch.batch_sizes),
+                   tensorrt_cache_dir=str(m.tensorrt_cache_dir or Path(settings.index.data_dir) / "tensorrt-cache"))
 
 
 @runtime_checkable
@@ -49,12 +66,17 @@ class Backend(Protocol):
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("rerankd.backends.onnxruntime_cpu", "OnnxRuntimeBackend", "onnxruntime"),
     "openvino": ("rerankd.backends.openvino_cpu", "OpenVinoBackend", "openvino"),
+    "cuda": ("rerankd.backends.onnxruntime_gpu", "OnnxRuntimeGpuBackend", "onnxruntime-gpu"),
 }
 
 
 # ``--backend auto --precision auto``: the fastest gated variant this machine and bundle support,
-# in this order (measured on a 2-core AVX-512 BF16 CPU, see README "Performance").
+# in this order (CPU rows measured on a 2-core AVX-512 BF16 CPU, see README "Performance"; a GPU,
+# when onnxruntime-gpu and a CUDA device are present, beats any CPU variant by two orders of
+# magnitude for these models — see the architecture notes' H100 figures).
 AUTO_ORDER: tuple[tuple[str, str, str], ...] = (
+    ("cuda", "fp16", "fp16"),
+    ("cuda", "fp32", "fp32"),
     ("openvino", "int8", "openvino-int8"),
     ("openvino", "bf16", "openvino-bf16"),
     ("onnxruntime", "fp32", "fp32"),
@@ -73,6 +95,11 @@ def resolve(backend: str, precision: str, bundles: list[ModelBundle]) -> tuple[s
             continue
         if not all(variant in b.manifest.get("variants", {}) for b in bundles):
             continue
+        if name == "cuda":
+            from . import onnxruntime_gpu
+
+            if not onnxruntime_gpu.available():
+                continue
         if name == "openvino":
             try:
                 from . import openvino_cpu

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Verify the `cuda` backend on a GPU machine lent through the `device` tool (15 min a task, 64 MiB
+# carried per call). Three steps; only the last one needs more than a few seconds.
+#
+# 1. Here, once (needs `rerankd export --defaults --fp16` into ./models and SciFact):
+#      bash scripts/gpu_check.sh prepare
+#    -> .gpu/check/<bundle>/{manifest.json,tokenizer.json,model.fp16.onnx,gpu-probe.npz}
+#       (reranker ~45 MiB; the embedder goes in a second call, see below),
+#       .gpu/check/corpus50.jsonl (50 SciFact passages for the engine timing),
+#       .whl/part-* (the onnxruntime-gpu cp312 wheel, 244 MiB, in 60 MiB parts).
+#    Both folders are git-ignored (.git/info/exclude), so they travel only when carried.
+# 2. On the device, one call per wheel part (carry [".whl/part-aa"], then -ab, -ac, -ad, -ae):
+#      bash scripts/gpu_check.sh part
+# 3. On the device (carry [".gpu/check"]; no pipe after it: a timed-out pipeline returns nothing):
+#      OUT=$OUT bash scripts/gpu_check.sh run
+#    -> $OUT/gpu-check.json: providers, the load-time probe figures (fp16 drift on the GPU's
+#       arithmetic), raw batch latencies and the engine's 50-passage rerank latency.
+# The device image has CUDA 13 and cuDNN as pip packages; onnxruntime.preload_dlls() finds them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
+BUNDLES=${BUNDLES:-rerankd-ce-MiniLM-L6}
+
+case "${1:-}" in
+prepare)
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  rm -rf .gpu/check && mkdir -p .gpu/check
+  for b in $BUNDLES; do
+    test -f "models/$b/model.fp16.onnx" || { echo "models/$b has no fp16 variant: run rerankd export --defaults --fp16" >&2; exit 1; }
+    mkdir -p ".gpu/check/$b"
+    cp "models/$b/"{manifest.json,tokenizer.json,model.fp16.onnx,gpu-probe.npz} ".gpu/check/$b/"
+  done
+  head -n 50 "${SCIFACT:-../shared/datasets/scifact}/corpus.jsonl" > .gpu/check/corpus50.jsonl
+  if ! ls .whl/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      -d .whl "$ORT_GPU"
+  fi
+  rm -f .whl/part-*
+  split -b 60m .whl/onnxruntime_gpu-*.whl .whl/part-
+  basename .whl/onnxruntime_gpu-*.whl > .gpu/check/wheel-name.txt  # pip reads the tags from the name
+  du -sh .gpu/check .whl/part-*
+  ;;
+part)
+  mkdir -p /tmp/w
+  cp .whl/part-* /tmp/w/
+  ls -la /tmp/w
+  ;;
+run)
+  : "${OUT:?set OUT}"
+  if [ ! -d /tmp/site/onnxruntime ]; then
+    wheel=/tmp/w/$(cat .gpu/check/wheel-name.txt)
+    cat /tmp/w/part-* > "$wheel"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
+  fi
+  export PYTHONPATH=/tmp/site:service
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || true
+  python3 scripts/gpu_check.py --models .gpu/check --passages .gpu/check/corpus50.jsonl --json "$OUT/gpu-check.json" \
+    > "$OUT/gpu-check.log" 2>&1 || { tail -c 6000 "$OUT/gpu-check.log"; exit 1; }
+  tail -c 6000 "$OUT/gpu-check.log"
+  ;;
+*)
+  echo "usage: bash scripts/gpu_check.sh prepare | part | run" >&2
+  exit 2
+  ;;
+esac

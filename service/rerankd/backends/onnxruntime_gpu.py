@@ -1,0 +1,248 @@
+"""GPU backend: ONNX Runtime with the TensorRT or CUDA execution provider (``onnxruntime-gpu``).
+
+Precisions:
+
+* ``fp16`` (the GPU default) — with the **CUDA** provider, the bundle's ``model.fp16.onnx``
+  (written by ``rerankd export --fp16``: ONNX Runtime's BERT fusions — fused ``Attention``,
+  ``EmbedLayerNormalization``, ``SkipLayerNormalization`` — then float16 with float32 I/O); with
+  the **TensorRT** provider, the fp32 ``model.onnx`` compiled by TensorRT with fp16 enabled (TensorRT
+  fuses by itself and cannot run ORT's contrib operators), its engines cached on disk;
+* ``fp32`` — ``model.onnx`` on the CUDA provider with TF32 off.
+
+Provider choice (``--gpu-provider``): ``auto`` takes TensorRT when this onnxruntime build has it
+and its libraries load, else CUDA. Nothing here ever runs on the CPU by accident: ONNX Runtime
+silently falls back to the CPU provider when a GPU provider fails to initialise, so the backend
+checks which providers the session really got and refuses to start without a GPU one.
+
+Accuracy at load: the fp16 variant carries a probe (``gpu-probe.npz``: real parity batches and
+their fp32 outputs, written at export). The backend runs it on the device it will serve from and
+refuses to start when the drift exceeds the gate stored with it — the export-time gate could
+only check the fp16 graph on a CPU, this one checks fp16 arithmetic and the kernels/engines of
+the serving GPU. The figures are kept in ``probe_result`` (logged, and in ``/debug`` status).
+
+Shapes: TensorRT builds an engine for the profile min (1 x 1) .. max (largest batch bucket x the
+bundle's max length), optimised at the max; the batcher warms every bucket before SERVING, so no
+engine build or kernel autotune ever happens on a live call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import ModelBundle
+from ..errors import BackendError, ConfigError
+from . import BackendOptions
+
+log = logging.getLogger("rerankd.backends.gpu")
+
+PRECISIONS = ("fp16", "fp32")
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+INSTALL_HINT = ("install the GPU build of ONNX Runtime in place of the CPU one: "
+                "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver or a GPU); never raises."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    try:
+        if cuda.cuInit(0) != 0:
+            return 0
+        n = ctypes.c_int(0)
+        return int(n.value) if cuda.cuDeviceGetCount(ctypes.byref(n)) == 0 else 0
+    except (AttributeError, OSError):
+        return 0
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the pip ``nvidia-*`` wheels when they are installed
+    (``pip install 'onnxruntime-gpu[cuda,cudnn]'``, as the GPU image does); a no-op otherwise."""
+    global _preloaded
+    if _preloaded:
+        return
+    _preloaded = True
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # missing libraries surface again, with context, at session creation
+            log.debug("onnxruntime.preload_dlls(): %s", e)
+
+
+def cuda_provider_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def available() -> bool:
+    """True when ``--backend auto`` may pick this backend: a GPU build of onnxruntime and a GPU."""
+    return cuda_provider_available() and gpu_count() > 0
+
+
+def _tensorrt_loadable() -> bool:
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return False
+    for lib in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _profile(inputs: list[str], batch: int, length: int) -> str:
+    return ",".join(f"{name}:{batch}x{length}" for name in inputs)
+
+
+def session_providers(provider: str, precision: str, options: BackendOptions, inputs: list[str],
+                      max_length: int, cache_dir: Path) -> list[tuple[str, dict]]:
+    """The (provider, options) list for one session; CUDA always follows TensorRT for its leftovers."""
+    cuda = ("CUDAExecutionProvider", {
+        "device_id": options.device_id,
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": True,
+        # fp32 means fp32: no TF32 tensor-core rounding behind the user's back.
+        "use_tf32": 0 if precision == "fp32" else 1,
+    })
+    if provider != "tensorrt":
+        return [cuda]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    max_batch = max(1, options.max_batch)
+    trt = ("TensorrtExecutionProvider", {
+        "device_id": options.device_id,
+        "trt_fp16_enable": precision == "fp16",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": _profile(inputs, 1, 1),
+        "trt_profile_opt_shapes": _profile(inputs, max_batch, max_length),
+        "trt_profile_max_shapes": _profile(inputs, max_batch, max_length),
+    })
+    return [trt, cuda]
+
+
+class OnnxRuntimeGpuBackend:
+    name = "cuda"
+
+    def __init__(self, bundle: ModelBundle, options: BackendOptions) -> None:
+        if options.precision not in PRECISIONS:
+            raise ConfigError(f"cuda backend: precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+        if not cuda_provider_available():
+            raise ConfigError(f"cuda backend: this onnxruntime ({ort.__version__}) has no CUDA execution provider; {INSTALL_HINT}")
+        if options.gpu_provider not in ("auto", "tensorrt", "cuda"):
+            raise ConfigError(f"gpu_provider must be auto, tensorrt or cuda, got {options.gpu_provider!r}")
+        self.precision = options.precision
+        _preload_cuda_libraries()
+        provider = options.gpu_provider
+        if provider == "auto":
+            provider = "tensorrt" if _tensorrt_loadable() else "cuda"
+        elif provider == "tensorrt" and not _tensorrt_loadable():
+            raise ConfigError("gpu_provider tensorrt: this onnxruntime has no TensorRT execution provider or "
+                              "libnvinfer does not load; install TensorRT 10 or use --gpu-provider cuda")
+        fp16 = bundle.manifest.get("variants", {}).get("fp16")
+        if self.precision == "fp16" and fp16 is None:
+            raise ConfigError(f"bundle {bundle.name!r} has no gated fp16 variant; re-export with `rerankd export --fp16`")
+        path = bundle.variant_file("fp16" if self.precision == "fp16" and provider == "cuda" else "fp32")
+        cache_dir = Path(options.tensorrt_cache_dir or bundle.path / ".tensorrt-cache") / f"{bundle.name}-{self.precision}"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = options.threads or 1  # host-side ops only: the GPU does the work
+        so.log_severity_level = 3
+        providers = session_providers(provider, self.precision, options, list(bundle.input_names),
+                                      bundle.max_length, cache_dir)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ConfigError(f"cuda backend: cannot load {path.name} on GPU {options.device_id} ({provider}): {e}") from e
+        active = self._session.get_providers()
+        if not GPU_PROVIDERS & set(active):
+            raise ConfigError(f"cuda backend: onnxruntime fell back to {active} (no usable GPU {options.device_id}?); "
+                              "refusing to serve a GPU configuration on the CPU")
+        self.provider = active[0]
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._output = self._session.get_outputs()[0].name
+        self.probe_result = self._check_probe(bundle, fp16)
+        log.info("%s: %s %s on GPU %d from %s; probe %s", bundle.name, self.provider, self.precision,
+                 options.device_id, path.name, self.probe_result)
+
+    def static_shapes(self) -> bool:
+        # TensorRT builds per shape range and cuDNN/cuBLAS pick kernels on first use of a shape:
+        # warm every bucket before SERVING.
+        return True
+
+    def health(self) -> None:
+        if self._session is None:
+            raise BackendError("onnxruntime GPU session closed")
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self._session.run([self._output], {k: feeds[k] for k in self._inputs})[0]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        try:
+            return np.asarray(self._run(feeds), dtype=np.float32)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime GPU ({self.provider}) failed on a batch of shape {input_ids.shape}: {e}") from e
+
+    def _check_probe(self, bundle: ModelBundle, fp16: dict | None) -> dict:
+        """Re-run the export's probe batches here; refuse to start past the gate."""
+        probe = (fp16 or {}).get("probe")
+        if not probe:
+            return {"checked": False, "why": "bundle has no GPU probe (exported without --fp16)"}
+        try:
+            data = np.load(bundle.path / probe["file"])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"bundle {bundle.name!r}: unreadable GPU probe {probe['file']}: {e}") from e
+        task = bundle.manifest["task"]
+        gate = probe["gate"]
+        refs, outs = [], []
+        i = 0
+        while f"reference_{i}" in data:
+            feeds = {name: data[f"{name}_{i}"].astype(np.int64) for name in bundle.input_names}
+            got = np.asarray(self._run(feeds), dtype=np.float64)
+            ref = data[f"reference_{i}"].astype(np.float64)
+            if task == "embed":
+                mask = feeds["attention_mask"].astype(np.float64)[..., None]
+                pooled = (got * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+                got = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            refs.append(ref.reshape(len(ref), -1))
+            outs.append(got.reshape(len(ref), -1))
+            i += 1
+        ref, got = np.concatenate(refs), np.concatenate(outs)
+        if task == "embed":
+            worst = float(np.min(np.sum(ref * got, axis=1)))
+            ok = bool(np.isfinite(worst) and worst >= gate["min_cosine"])
+            result = {"checked": True, "rows": int(len(ref)), "min_cosine": round(worst, 6), "gate": gate, "passed": ok}
+        else:
+            sd = float((fp16.get("parity") or {}).get("logit_std_fp32") or np.std(ref[:, 0]))
+            diff = float(np.max(np.abs(ref[:, 0] - got[:, 0])))
+            in_sd = diff / sd if sd > 0 else float("inf")
+            rho = _spearman(ref[:, 0], got[:, 0])
+            ok = bool(np.isfinite(diff) and in_sd <= gate["max_diff_in_sd"] and rho >= gate["min_spearman"])
+            result = {"checked": True, "rows": int(len(ref)), "max_abs_diff": round(diff, 5),
+                      "max_diff_in_sd": round(in_sd, 5), "spearman": round(rho, 6), "gate": gate, "passed": ok}
+        if not ok:
+            raise ConfigError(f"bundle {bundle.name!r} on {self.provider} {self.precision}: the GPU probe drifted past "
+                              f"its gate: {result}; serve another precision (--precision fp32) or re-export")
+        return result
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a, kind="mergesort"), kind="mergesort").astype(np.float64)
+    rb = np.argsort(np.argsort(b, kind="mergesort"), kind="mergesort").astype(np.float64)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
