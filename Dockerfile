@@ -15,7 +15,10 @@
 #       --build-arg EXPORT_ARGS='--fp16' -t rerankd:0.1.0-gpu .
 #   docker run --rm --gpus all -p 127.0.0.1:50051:50051 -v rerankd-data:/data rerankd:0.1.0-gpu
 # (`--backend auto` then serves the fp16 bundles on the CUDA provider; TensorRT needs its own
-# libraries in the image, see README "GPU".)
+# libraries in the image, see README "GPU". onnxruntime-gpu provides the same `onnxruntime`
+# module as the CPU package rerankd pins, so `pip check` reports that pin as unmet there; the
+# fp16 graph is built by the builder's onnxruntime 1.32 optimizer and served by 1.31.1, which the
+# backend's load-time probe checks on the GPU. Never built here: no Docker engine, no GPU.)
 #
 # The trained reranker checkpoint (checkpoints/rerankd-ce-MiniLM-L6/, written by
 # `rerankd train-reranker`) must be in the build context: the build fails without it rather

@@ -9,7 +9,8 @@
 #       .gpu/check/corpus50.jsonl (50 SciFact passages for the engine timing),
 #       .whl/part-* (the onnxruntime-gpu cp312 wheel, 244 MiB, in 60 MiB parts).
 #    Both folders are git-ignored (.git/info/exclude), so they travel only when carried.
-# 2. On the device, one call per wheel part (carry [".whl/part-aa"], then -ab, -ac, -ad, -ae):
+# 2. On the device, one call per wheel part, back to back (carry [".whl/part-aa"], then -ab, -ac,
+#    -ad, -ae; a machine idle ~30 s is given back with /tmp/w, and `run` then says so):
 #      bash scripts/gpu_check.sh part
 # 3. On the device (carry [".gpu/check"]; no pipe after it: a timed-out pipeline returns nothing):
 #      OUT=$OUT bash scripts/gpu_check.sh run
@@ -32,14 +33,15 @@ prepare)
     cp "models/$b/"{manifest.json,tokenizer.json,model.fp16.onnx,gpu-probe.npz} ".gpu/check/$b/"
   done
   head -n 50 "${SCIFACT:-../shared/datasets/scifact}/corpus.jsonl" > .gpu/check/corpus50.jsonl
-  if ! ls .whl/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-      -d .whl "$ORT_GPU"
-  fi
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    -d .whl "$ORT_GPU"
+  wheel=$(ls .whl/onnxruntime_gpu-"${ORT_GPU##*==}"-cp312-*.whl)
   rm -f .whl/part-*
-  split -b 60m .whl/onnxruntime_gpu-*.whl .whl/part-
-  basename .whl/onnxruntime_gpu-*.whl > .gpu/check/wheel-name.txt  # pip reads the tags from the name
+  split -b 60m "$wheel" .whl/part-
+  # pip reads the tags from the file name; the part count and checksum catch a lost part (the
+  # machine is given back after ~30 s idle, and /tmp/w with it).
+  { basename "$wheel"; ls .whl/part-* | wc -l; sha256sum < "$wheel" | cut -d' ' -f1; } > .gpu/check/wheel.txt
   du -sh .gpu/check .whl/part-*
   ;;
 part)
@@ -50,8 +52,12 @@ part)
 run)
   : "${OUT:?set OUT}"
   if [ ! -d /tmp/site/onnxruntime ]; then
-    wheel=/tmp/w/$(cat .gpu/check/wheel-name.txt)
+    { read -r name; read -r parts; read -r sum; } < .gpu/check/wheel.txt
+    have=$(ls /tmp/w/part-* 2>/dev/null | wc -l)
+    [ "$have" -eq "$parts" ] || { echo "/tmp/w has $have of $parts wheel parts: the machine was given back; carry them again" >&2; exit 3; }
+    wheel=/tmp/w/$name
     cat /tmp/w/part-* > "$wheel"
+    [ "$(sha256sum < "$wheel" | cut -d' ' -f1)" = "$sum" ] || { echo "wheel checksum mismatch" >&2; exit 3; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
   fi
   export PYTHONPATH=/tmp/site:service

@@ -50,12 +50,18 @@ def fp16_models(models_dir, tmp_path_factory) -> Path:
     return out
 
 
+def _pretend_gpu(monkeypatch):
+    """A CUDA build of onnxruntime and one GPU, as far as the backend's checks can tell."""
+    monkeypatch.setattr(onnxruntime_gpu, "cuda_provider_available", lambda: True)
+    monkeypatch.setattr(onnxruntime_gpu, "gpu_count", lambda: 1)
+    monkeypatch.setattr(onnxruntime_gpu, "session_providers", lambda *a, **k: [("CPUExecutionProvider", {})])
+
+
 @pytest.fixture
 def on_cpu(monkeypatch):
     """Let the cuda backend build its session on the CPU provider (the only one here)."""
-    monkeypatch.setattr(onnxruntime_gpu, "cuda_provider_available", lambda: True)
-    monkeypatch.setattr(onnxruntime_gpu, "GPU_PROVIDERS", frozenset({"CPUExecutionProvider"}))
-    monkeypatch.setattr(onnxruntime_gpu, "session_providers", lambda *a, **k: [("CPUExecutionProvider", {})])
+    _pretend_gpu(monkeypatch)
+    monkeypatch.setattr(onnxruntime_gpu, "PROVIDER_NAMES", {"cuda": "CPUExecutionProvider", "tensorrt": "CPUExecutionProvider"})
 
 
 @pytest.mark.parametrize("task", ["rerank", "embed"])
@@ -97,10 +103,18 @@ def test_fp16_gate_refuses_a_variant_past_it(models_dir, tmp_path, monkeypatch):
     assert "fp16" not in m["variants"]
     assert m["refused_variants"]["fp16"]["parity"]["passed"] is False
     assert not (bundle / gpu_variants.FP16_FILE).exists()
-    # Refusals are remembered: no retry on every export, unless forced.
-    monkeypatch.setitem(gpu_variants.GATES, "rerank", {"max_diff_in_sd": 0.05, "min_spearman": 0.999})
+    # Refusals are remembered under the same gate and optimizer: no retry on every export...
+    real = gpu_variants.optimize_fp16
+    monkeypatch.setattr(gpu_variants, "optimize_fp16", lambda *a: pytest.fail("a remembered refusal was retried"))
     assert "fp16" not in gpu_variants.add_fp16_variant(bundle)["variants"]
+    # ...but a changed gate (or onnxruntime) retries it, and so does --force.
+    monkeypatch.setattr(gpu_variants, "optimize_fp16", real)
+    monkeypatch.setitem(gpu_variants.GATES, "rerank", {"max_diff_in_sd": 0.05, "min_spearman": 0.999})
+    m = gpu_variants.add_fp16_variant(bundle)
+    assert "fp16" in m["variants"] and "fp16" not in m.get("refused_variants", {})
+    assert (bundle / gpu_variants.FP16_FILE).is_file() and (bundle / gpu_variants.PROBE_FILE).is_file()
     assert "fp16" in gpu_variants.add_fp16_variant(bundle, force=True)["variants"]
+    assert not list(bundle.glob("tmp-*"))
 
 
 def test_fp16_export_refuses_a_graph_without_fused_attention(models_dir, tmp_path, monkeypatch):
@@ -124,11 +138,16 @@ def test_cuda_backend_refuses_without_onnxruntime_gpu(fp16_models):
 
 
 def test_cuda_backend_refuses_a_silent_cpu_fallback(fp16_models, monkeypatch):
-    monkeypatch.setattr(onnxruntime_gpu, "cuda_provider_available", lambda: True)
-    monkeypatch.setattr(onnxruntime_gpu, "session_providers", lambda *a, **k: [("CPUExecutionProvider", {})])
+    _pretend_gpu(monkeypatch)  # the session ends up on the CPU provider: what a failed CUDA start looks like
     bundle = ModelBundle.load(fp16_models, MODELS["rerank"], "rerank")
-    with pytest.raises(ConfigError, match="fell back"):
+    with pytest.raises(ConfigError, match="asked onnxruntime for CUDAExecutionProvider"):
         create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
+
+
+def test_cuda_backend_checks_the_device_id(fp16_models, on_cpu):
+    bundle = ModelBundle.load(fp16_models, MODELS["rerank"], "rerank")
+    with pytest.raises(ConfigError, match="device_id 1 but the CUDA driver reports 1"):
+        create_backend("cuda", bundle, BackendOptions(precision="fp16", device_id=1))
 
 
 def _pairs(scifact, bundle, n=16):
@@ -151,7 +170,8 @@ def test_cuda_backend_fp16_scores_match_fp32_and_pass_the_probe(fp16_models, sci
     bundle = ModelBundle.load(fp16_models, MODELS["rerank"], "rerank")
     be = create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
     assert be.probe_result["checked"] and be.probe_result["passed"]
-    assert be.probe_result["rows"] >= 8
+    assert be.probe_result["rows"] == bundle.manifest["variants"]["fp16"]["parity"]["pairs"]  # every parity pair
+    assert be._session._enable_fallback is False  # a failed run raises; it never moves the session to the CPU
     batch = _pairs(scifact, bundle)
     got = be.run(*batch).ravel()
     ref = create_backend("onnxruntime", bundle, BackendOptions(precision="fp32")).run(*batch).ravel()
@@ -180,27 +200,34 @@ def test_cuda_backend_refuses_to_start_when_the_probe_drifts(fp16_models, tmp_pa
         create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
 
 
-def test_cuda_backend_needs_the_fp16_variant_for_fp16(models_dir, on_cpu):
-    bundle = ModelBundle.load(models_dir, MODELS["rerank"], "rerank")
-    if "fp16" in bundle.manifest["variants"]:
-        pytest.skip("the shared test bundle was exported with --fp16")
+def test_cuda_backend_needs_the_fp16_variant_for_fp16(models_dir, tmp_path, on_cpu):
+    d = _copy_bundle(models_dir / MODELS["rerank"], tmp_path / "b")
+    m = json.loads((d / "manifest.json").read_text())
+    m["variants"].pop("fp16", None)
+    (d / "manifest.json").write_text(json.dumps(m))
+    bundle = ModelBundle.load(tmp_path, "b", "rerank")
     with pytest.raises(ConfigError, match="--fp16"):
         create_backend("cuda", bundle, BackendOptions(precision="fp16"))
     with pytest.raises(ConfigError, match="precision must be one of"):
         create_backend("cuda", bundle, BackendOptions(precision="int8"))
 
 
-def test_tensorrt_provider_options_cover_every_bucket():
+def test_tensorrt_provider_options_cover_every_bucket(tmp_path):
     opts = BackendOptions(precision="fp16", device_id=1, max_batch=32)
     provs = onnxruntime_gpu.session_providers("tensorrt", "fp16", opts, ["input_ids", "attention_mask"], 256,
-                                              Path("/tmp/rerankd-trt-test"))
+                                              tmp_path / "trt")
     (trt, t), (cuda, c) = provs
     assert (trt, cuda) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     assert t["trt_fp16_enable"] is True and t["device_id"] == 1 and c["device_id"] == 1
     assert t["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1"
-    assert t["trt_profile_max_shapes"] == "input_ids:32x256,attention_mask:32x256"
-    assert t["trt_engine_cache_enable"] is True and t["trt_engine_cache_path"] == "/tmp/rerankd-trt-test"
-    (name, c32), = onnxruntime_gpu.session_providers("cuda", "fp32", opts, ["input_ids"], 256, Path("/tmp/x"))
+    assert t["trt_profile_opt_shapes"] == t["trt_profile_max_shapes"] == "input_ids:32x256,attention_mask:32x256"
+    assert t["trt_engine_cache_enable"] is True and t["trt_engine_cache_path"] == str(tmp_path / "trt")
+    assert (tmp_path / "trt").is_dir()
+    # every key is one the TensorRT provider documents (a typo would be ignored by onnxruntime)
+    assert set(t) <= {"device_id", "trt_fp16_enable", "trt_engine_cache_enable", "trt_engine_cache_path",
+                      "trt_timing_cache_enable", "trt_timing_cache_path", "trt_profile_min_shapes",
+                      "trt_profile_opt_shapes", "trt_profile_max_shapes"}
+    (name, c32), = onnxruntime_gpu.session_providers("cuda", "fp32", opts, ["input_ids"], 256, tmp_path / "x")
     assert name == "CUDAExecutionProvider" and c32["use_tf32"] == 0
 
 
@@ -216,9 +243,25 @@ def test_auto_prefers_the_gpu_when_there_is_one(monkeypatch):
     # a bundle exported without --fp16 still runs on the GPU, in fp32
     assert resolve("auto", "auto", [_fake("rerank", ["fp32", "openvino-int8"])]) == ("cuda", "fp32")
     assert resolve("cuda", "auto", [b]) == ("cuda", "fp16")
+    assert resolve("auto", "fp32", [b]) == ("cuda", "fp32")
+    cpu_pick = resolve("auto", "auto", [b], skip=("cuda",))
+    assert cpu_pick[0] != "cuda"
     monkeypatch.setattr(onnxruntime_gpu, "available", lambda: False)
-    be, prec = resolve("auto", "auto", [b])
-    assert be != "cuda"
+    assert resolve("auto", "auto", [b]) == cpu_pick
+
+
+def test_auto_falls_back_to_the_cpu_when_the_gpu_backend_cannot_start(models_dir, monkeypatch, caplog):
+    from rerankd.config import Settings
+
+    bundle = ModelBundle.load(models_dir, MODELS["rerank"], "rerank")
+    monkeypatch.setattr(onnxruntime_gpu, "available", lambda: True)  # auto picks cuda; its start fails here
+    s = Settings().replace(model={"models_dir": models_dir})
+    be, name, prec = backends.create_for(s, bundle)
+    assert name != "cuda" and be.name == name
+    assert (name, prec) == resolve("auto", "auto", [bundle], skip=("cuda",))
+    assert "falls back to the CPU" in caplog.text
+    with pytest.raises(ConfigError):  # asked for by name: no fallback
+        backends.create_for(Settings().replace(model={"models_dir": models_dir, "backend": "cuda"}), bundle)
 
 
 def test_cuda_is_a_registered_backend():

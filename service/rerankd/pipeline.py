@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import snapshot
-from .backends import BackendOptions, create_backend, resolve
+from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings
 from .errors import ConfigError, InvalidArgument, NotReady
@@ -145,15 +145,14 @@ class Pipeline:
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
         # run int8 while the reranker, whose int8 drifted past the gate, runs bf16.
-        emb_be, emb_prec = resolve(s.model.backend, s.model.precision, [emb_bundle])
-        rr_be, rr_prec = resolve(s.model.backend, s.model.precision, [rr_bundle])
+        emb_backend, emb_be, emb_prec = create_for(s, emb_bundle)
+        rr_backend, rr_be, rr_prec = create_for(s, rr_bundle)
         self.backend_name = emb_be if emb_be == rr_be else f"embed={emb_be},rerank={rr_be}"
         self.precision = emb_prec if emb_prec == rr_prec else f"embed={emb_prec},rerank={rr_prec}"
         log.info("embedder %s:%s, reranker %s:%s", emb_be, emb_prec, rr_be, rr_prec)
-        self.embedder = Embedder(emb_bundle, create_backend(emb_be, emb_bundle, BackendOptions.from_settings(s, emb_prec)),
-                                 s.batch, on_batch=on_batch)
+        self.embedder = Embedder(emb_bundle, emb_backend, s.batch, on_batch=on_batch)
         self.reranker = Reranker(
-            rr_bundle, create_backend(rr_be, rr_bundle, BackendOptions.from_settings(s, rr_prec)), s.batch,
+            rr_bundle, rr_backend, s.batch,
             max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
         )
         if not self.reranker.trained:

@@ -26,8 +26,8 @@ class BackendOptions:
     # model per (batch, length) bucket (see openvino_cpu.py for the measured trade-off).
     openvino_compile: str = "shared"
     # GPU (backend "cuda"): which CUDA device, which ONNX Runtime provider (auto | tensorrt | cuda),
-    # where TensorRT caches its engines ("" = <bundle>/.tensorrt-cache), and the largest batch
-    # bucket (the top of the TensorRT shape profile).
+    # where TensorRT caches its engines (the service passes <data-dir>/tensorrt-cache; "" =
+    # <bundle>/.tensorrt-cache), and the largest batch bucket (the top of the TensorRT profile).
     device_id: int = 0
     gpu_provider: str = "auto"
     tensorrt_cache_dir: str = ""
@@ -86,12 +86,12 @@ AUTO_ORDER: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def resolve(backend: str, precision: str, bundles: list[ModelBundle]) -> tuple[str, str]:
-    """Resolve ``auto`` backend/precision to a concrete pair every bundle supports."""
+def resolve(backend: str, precision: str, bundles: list[ModelBundle], skip: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Resolve ``auto`` backend/precision to a concrete pair every bundle supports (never one in ``skip``)."""
     if backend != "auto" and precision != "auto":
         return backend, precision
     for name, prec, variant in AUTO_ORDER:
-        if backend not in ("auto", name) or precision not in ("auto", prec):
+        if backend not in ("auto", name) or precision not in ("auto", prec) or name in skip:
             continue
         if not all(variant in b.manifest.get("variants", {}) for b in bundles):
             continue
@@ -111,6 +111,27 @@ def resolve(backend: str, precision: str, bundles: list[ModelBundle]) -> tuple[s
     if backend == "auto":
         raise ConfigError(f"no backend supports precision {precision!r} for these bundles")
     return backend, "fp32"
+
+
+def create_for(settings, bundle: ModelBundle) -> tuple[Backend, str, str]:
+    """The backend for one model under the service settings: ``(backend, name, precision)``.
+
+    With ``--backend auto``, a GPU backend that cannot start (driver or cuDNN missing, the load-time
+    probe refused) is logged as an error and the next variant in ``AUTO_ORDER`` is used: a GPU
+    machine then serves slowly instead of not at all. A backend asked for by name never falls back.
+    """
+    import logging
+
+    name, prec = resolve(settings.model.backend, settings.model.precision, [bundle])
+    try:
+        return create_backend(name, bundle, BackendOptions.from_settings(settings, prec)), name, prec
+    except ConfigError as e:
+        if settings.model.backend != "auto" or name != "cuda":
+            raise
+        logging.getLogger("rerankd.backends").error(
+            "%s: the cuda backend cannot start (%s); --backend auto falls back to the CPU", bundle.name, e)
+    name, prec = resolve(settings.model.backend, settings.model.precision, [bundle], skip=("cuda",))
+    return create_backend(name, bundle, BackendOptions.from_settings(settings, prec)), name, prec
 
 
 def available() -> list[str]:

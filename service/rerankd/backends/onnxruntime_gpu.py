@@ -7,7 +7,8 @@ Precisions:
   ``EmbedLayerNormalization``, ``SkipLayerNormalization`` — then float16 with float32 I/O); with
   the **TensorRT** provider, the fp32 ``model.onnx`` compiled by TensorRT with fp16 enabled (TensorRT
   fuses by itself and cannot run ORT's contrib operators), its engines cached on disk;
-* ``fp32`` — ``model.onnx`` on the CUDA provider with TF32 off.
+* ``fp32`` — ``model.onnx`` on the CUDA provider with TF32 off (always CUDA: TensorRT would allow TF32
+  in an fp32 engine).
 
 Provider choice (``--gpu-provider``): ``auto`` takes TensorRT when this onnxruntime build has it
 and its libraries load, else CUDA. Nothing here ever runs on the CPU by accident: ONNX Runtime
@@ -41,7 +42,7 @@ from . import BackendOptions
 log = logging.getLogger("rerankd.backends.gpu")
 
 PRECISIONS = ("fp16", "fp32")
-GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 INSTALL_HINT = ("install the GPU build of ONNX Runtime in place of the CPU one: "
                 "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
 
@@ -144,8 +145,13 @@ class OnnxRuntimeGpuBackend:
             raise ConfigError(f"gpu_provider must be auto, tensorrt or cuda, got {options.gpu_provider!r}")
         self.precision = options.precision
         _preload_cuda_libraries()
+        n_gpus = gpu_count()
+        if options.device_id < 0 or options.device_id >= n_gpus:
+            raise ConfigError(f"cuda backend: device_id {options.device_id} but the CUDA driver reports {n_gpus} GPU(s)")
         provider = options.gpu_provider
-        if provider == "auto":
+        if self.precision == "fp32":
+            provider = "cuda"  # TensorRT would allow TF32 in fp32 engines: fp32 means fp32
+        elif provider == "auto":
             provider = "tensorrt" if _tensorrt_loadable() else "cuda"
         elif provider == "tensorrt" and not _tensorrt_loadable():
             raise ConfigError("gpu_provider tensorrt: this onnxruntime has no TensorRT execution provider or "
@@ -153,8 +159,13 @@ class OnnxRuntimeGpuBackend:
         fp16 = bundle.manifest.get("variants", {}).get("fp16")
         if self.precision == "fp16" and fp16 is None:
             raise ConfigError(f"bundle {bundle.name!r} has no gated fp16 variant; re-export with `rerankd export --fp16`")
-        path = bundle.variant_file("fp16" if self.precision == "fp16" and provider == "cuda" else "fp32")
-        cache_dir = Path(options.tensorrt_cache_dir or bundle.path / ".tensorrt-cache") / f"{bundle.name}-{self.precision}"
+        variant = "fp16" if self.precision == "fp16" and provider == "cuda" else "fp32"
+        path = bundle.variant_file(variant)
+        # TensorRT's engine cache is not keyed by the weights: the directory is, together with what
+        # shapes the engine's profile (largest batch, max length) and the runtime that built it.
+        sha = str(bundle.manifest["variants"][variant].get("sha256", ""))[:12]
+        cache_dir = Path(options.tensorrt_cache_dir or bundle.path / ".tensorrt-cache") / (
+            f"{bundle.name}-{sha}-{self.precision}-b{options.max_batch}-t{bundle.max_length}-ort{ort.__version__}")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = options.threads or 1  # host-side ops only: the GPU does the work
@@ -162,13 +173,21 @@ class OnnxRuntimeGpuBackend:
         providers = session_providers(provider, self.precision, options, list(bundle.input_names),
                                       bundle.max_length, cache_dir)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            # enable_fallback=0: onnxruntime would otherwise retry a failed provider with others
+            # (and without our options) at creation, and switch a session for good to the CPU
+            # after a failed run.
+            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers, enable_fallback=0)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ConfigError(f"cuda backend: cannot load {path.name} on GPU {options.device_id} ({provider}): {e}") from e
+        self._session.disable_fallback()
         active = self._session.get_providers()
-        if not GPU_PROVIDERS & set(active):
-            raise ConfigError(f"cuda backend: onnxruntime fell back to {active} (no usable GPU {options.device_id}?); "
-                              "refusing to serve a GPU configuration on the CPU")
+        want = PROVIDER_NAMES[provider]
+        if not active or active[0] != want:
+            raise ConfigError(f"cuda backend: asked onnxruntime for {want}, got {active} (no usable GPU "
+                              f"{options.device_id}?); refusing to serve a GPU configuration on another provider")
+        got_device = str(self._session.get_provider_options().get(want, {}).get("device_id", options.device_id))
+        if got_device != str(options.device_id):
+            raise ConfigError(f"cuda backend: {want} runs on device {got_device}, not the configured {options.device_id}")
         self.provider = active[0]
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._output = self._session.get_outputs()[0].name
