@@ -85,11 +85,10 @@ def _calibration_texts(path: Path | None, limit: int) -> list[str]:
 def add_openvino_variants(bundle_dir: str | os.PathLike[str], *, int8: bool = True, bf16: bool = True,
                           calibration_jsonl: Path | None = None, calibration_size: int = 128) -> dict:
     """Add gated OpenVINO variants to an exported bundle's manifest (idempotent, process-safe)."""
-    import fcntl
+    from .export import _bundle_lock
 
     bundle = Path(bundle_dir)
-    with open(bundle.parent / f".{bundle.name}.openvino.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _bundle_lock(bundle):  # the export's own lock: one writer of the bundle's manifest at a time
         return _add_variants(bundle, int8=int8, bf16=bf16, calibration_jsonl=calibration_jsonl,
                              calibration_size=calibration_size)
 
