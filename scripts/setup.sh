@@ -12,8 +12,10 @@ fi
 STAMP="$VENV/.rerankd-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # CPU-only torch first: a plain `torch` requirement would pull GBs of CUDA wheels.
-  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  # CPU-only torch first: a plain `torch` requirement would pull GBs of CUDA wheels. Here and in CI
+  # pip finds the CPU wheel on its own; elsewhere point RERANKD_TORCH_INDEX_URL at
+  # https://download.pytorch.org/whl/cpu.
+  "$VENV/bin/python" -m pip install --quiet ${RERANKD_TORCH_INDEX_URL:+--index-url "$RERANKD_TORCH_INDEX_URL"} "torch==2.13.0"
   "$VENV/bin/python" -m pip install --quiet -e ".[export,eval,bench,dev,loadtest]"
   touch "$STAMP"
 fi

@@ -36,14 +36,14 @@ class ServerConfig:
         "flight (their typical solo latency minus elapsed time) exceeds this fraction of one call; 0 = off, only "
         "--max-concurrent-search (measured at 0.5: admitted p99 unchanged, see loadtest/README.md)",
     )
-    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (except Search); beyond it RESOURCE_EXHAUSTED")
+    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (reranked Searches excepted: see --max-concurrent-search); beyond it RESOURCE_EXHAUSTED")
     max_concurrent_search: int = _f(
         2,
         "Reranked Search calls admitted at once; beyond it RESOURCE_EXHAUSTED with a retry hint (first-stage-only "
         "Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
         "while admitted calls wait at most about one call's time; raise it where reranking is cheap (GPU)",
     )
-    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is shorter than the method's recent median latency")
+    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the method's recent average latency (after 20 calls)")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
     metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
     tls_cert: str = _f("", "TLS server certificate chain (PEM); with --tls-key enables TLS on TCP listeners")

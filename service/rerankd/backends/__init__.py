@@ -73,7 +73,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
 # ``--backend auto --precision auto``: the fastest gated variant this machine and bundle support,
 # in this order (CPU rows measured on a 2-core AVX-512 BF16 CPU, see README "Performance"; a GPU,
 # when onnxruntime-gpu and a CUDA device are present, beats any CPU variant by two orders of
-# magnitude for these models — see the architecture notes' H100 figures).
+# magnitude for these models: MiniLM-L6 50x256 took 2.5-4 ms on an H100 against ~550 ms here).
 AUTO_ORDER: tuple[tuple[str, str, str], ...] = (
     ("cuda", "fp16", "fp16"),
     ("cuda", "fp32", "fp32"),
