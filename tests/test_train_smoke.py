@@ -230,6 +230,23 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="held out 'train' claims"):
         quick_eval.evaluate_reranker(out, data, "dev", cache_dir=None, holdout=True, device="cpu")
 
+    # Continuing this checkpoint on chosen claims, with an explicit held-out list: only those
+    # claims form claim groups, the held-out one never does, and the recipe says so.
+    (tmp_path / "train-ids").write_text("q1\nq2\nq3\n")
+    (tmp_path / "held-ids").write_text("q3\n")
+    cont = tmp_path / "cont"
+    args = parser.parse_args(["--dataset", str(data), "--output", str(cont), "--base", str(out),
+                              "--train-ids", str(tmp_path / "train-ids"), "--holdout-ids", str(tmp_path / "held-ids"),
+                              "--max-steps", "1", "--negatives", "3", "--max-length", "64", "--pseudo-queries", "0",
+                              "--batch-groups", "2", "--threads", "2", "--bf16", "off", "--device", "cpu",
+                              "--cache-dir", "none"])
+    assert train_reranker.run_train(args) == 0
+    r2 = json.loads((cont / "config.json").read_text())["rerankd"]
+    assert r2["holdout_qids"] == ["q3"] and r2["train_only_qids"] == ["q1", "q2", "q3"]
+    assert r2["train_claims"] == 2 and r2["claim_groups"] == 2 and r2["pseudo_queries"] == 0
+    assert r2["base_rerankd_recipe"] is not None  # continued from a rerankd checkpoint
+    assert "--train-ids" in r2["command"] and "--holdout-ids" in r2["command"]
+
 
 def test_holdout_draw():
     qrels = {f"q{i}": {"d": 1} for i in range(20)} | {"q-neg": {"d": 0}}

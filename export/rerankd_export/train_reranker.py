@@ -422,17 +422,19 @@ def build_groups(
     skip_top: int,
     seed: int,
     holdout: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> tuple[list[Group], dict]:
     rng = random.Random(seed)
     groups: list[Group] = []
     stats = {"claims": 0, "claim_groups": 0, "pseudo_groups": 0, "missing_docs": 0,
              "held_out": 0}
 
-    # 1) labeled claims of the training split, minus the held-out ones
+    # 1) labeled claims of the training split (only those in ``only`` when given), minus the held-out ones
     held = set(holdout)
     qids = labeled_claims(qrels, queries)
     stats["held_out"] = sum(q in held for q in qids)
-    qids = [q for q in qids if q not in held]
+    keep = None if only is None else set(only)
+    qids = [q for q in qids if q not in held and (keep is None or q in keep)]
     claim_text = [queries[q] for q in qids]
     ranked = retriever.search(claim_text, depth=mining_depth) if qids else []
     for qid, text, hits in zip(qids, claim_text, ranked):
@@ -472,6 +474,10 @@ def build_groups(
             groups.append(Group(title, docs, "pseudo"))
             stats["pseudo_groups"] += 1
     return groups, stats
+
+
+def _read_ids(path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def labeled_claims(qrels: dict[str, dict[str, int]], queries: dict[str, str]) -> list[str]:
@@ -598,6 +604,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--holdout-seed", type=int, default=None,
                    help="seed of the held-out draw (default: --seed); fix it to compare runs "
                         "of different --seed on the same held-out claims")
+    p.add_argument("--holdout-ids", type=Path, default=None, metavar="FILE",
+                   help="held-out claim ids, one per line (instead of the --holdout-queries draw)")
+    p.add_argument("--train-ids", type=Path, default=None, metavar="FILE",
+                   help="train on these claim ids only, one per line (e.g. continuing a checkpoint "
+                        "on the claims it held out: --base CHECKPOINT --train-ids ...)")
     p.add_argument("--skip-top", type=int, default=0,
                    help="skip this many top-ranked non-positives (false-negative guard)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -660,6 +671,9 @@ def run_train(args: argparse.Namespace) -> int:
     qrels = load_qrels(dataset, args.split)
     hseed = args.seed if getattr(args, "holdout_seed", None) is None else args.holdout_seed
     holdout = pick_holdout(qrels, queries, getattr(args, "holdout_queries", 0) or 0, hseed)
+    if getattr(args, "holdout_ids", None):
+        holdout = sorted(_read_ids(args.holdout_ids))
+    only = sorted(_read_ids(args.train_ids)) if getattr(args, "train_ids", None) else None
     t0 = time.time()
     # fp32 first stage, exactly as served (and shared with quick_eval through the cache)
     retriever = HybridRetriever(
@@ -676,6 +690,7 @@ def run_train(args: argparse.Namespace) -> int:
         skip_top=args.skip_top,
         seed=args.seed,
         holdout=holdout,
+        only=only,
     )
     del retriever
     mining_s = time.time() - t0
@@ -843,6 +858,7 @@ def run_train(args: argparse.Namespace) -> int:
         "split": args.split,
         "train_claims": stats["claims"],
         "holdout_qids": holdout,
+        **({"train_only_qids": only} if only is not None else {}),
         "claim_groups": stats["claim_groups"],
         "pseudo_queries": stats["pseudo_groups"],
         "pseudo_query_docs": "abstract only (no title) for every member of a pseudo-query group",
@@ -903,7 +919,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
                 "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries",
-                "holdout_seed"):
+                "holdout_seed", "holdout_ids", "train_ids"):
         val = getattr(args, key, None)
         if val is None or (key == "holdout_queries" and not val):
             continue
