@@ -13,7 +13,8 @@
 # the host needs only the NVIDIA driver and the container toolkit):
 #   docker build --build-arg ONNXRUNTIME_GPU='onnxruntime-gpu[cuda,cudnn]==1.31.1' \
 #       --build-arg EXPORT_ARGS='--fp16' -t rerankd:0.1.0-gpu .
-#   docker run --rm --gpus all -p 127.0.0.1:50051:50051 -v rerankd-data:/data rerankd:0.1.0-gpu
+#   docker run --rm --gpus all -p 127.0.0.1:50051:50051 -v rerankd-data:/data \
+#       -e RERANKD_MAX_CONCURRENT_SEARCH=32 rerankd:0.1.0-gpu   # the default 2 is sized for a CPU
 # (`--backend auto` then serves the fp16 bundles on the CUDA provider; TensorRT needs its own
 # libraries in the image, see README "GPU". onnxruntime-gpu provides the same `onnxruntime`
 # module as the CPU package rerankd pins, so `pip check` reports that pin as unmet there; the
