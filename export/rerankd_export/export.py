@@ -781,7 +781,8 @@ def run_export(args: argparse.Namespace) -> int:
                 )
             except GateError as exc:  # the variant is refused; fp32/int8 stay usable
                 logger.error("%s: %s", n, exc)
-    want_fp16 = getattr(args, "fp16", None)
+    asked_fp16 = getattr(args, "fp16", None)
+    want_fp16 = asked_fp16
     if want_fp16 is None:
         from .gpu_variants import cuda_available
 
@@ -790,7 +791,12 @@ def run_export(args: argparse.Namespace) -> int:
         from .gpu_variants import add_fp16_variant
 
         for n in manifests:  # a refused fp16 is recorded under refused_variants; the CPU variants stay
-            manifests[n] = add_fp16_variant(models_dir / n, force=args.force)
+            try:
+                manifests[n] = add_fp16_variant(models_dir / n, force=args.force)
+            except Exception as exc:  # the optimizer itself failed: not a gate refusal
+                logger.error("%s: the fp16 variant could not be built: %s", n, exc)
+                if asked_fp16:  # asked for by name: fail; on auto the CPU bundles still serve
+                    return 1
     parts = [_summary(n, m, fresh[n]) for n, m in manifests.items()]
     print(f"rerankd export: {models_dir}: " + "; ".join(parts))
     return 0
