@@ -14,7 +14,7 @@ an fp16 variant, and each provider this onnxruntime can start, it:
 
 Writes everything to ``--json``. Usage on the device (see scripts/gpu_check.sh)::
 
-    PYTHONPATH=/tmp/site:service python3 scripts/gpu_check.py --models .gpu/check --json $OUT/gpu-check.json
+    PYTHONPATH=/tmp/site:service python3 scripts/gpu_check.py --models .gpucheck --json $OUT/gpu-check.json
 """
 
 from __future__ import annotations
