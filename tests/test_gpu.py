@@ -284,3 +284,32 @@ def test_gpu_check_script_runs_its_checks(fp16_models, scifact, on_cpu):
     assert r["provider"] == "CPUExecutionProvider" and r["probe"]["passed"]
     assert r["raw"]["2x32"]["p50_ms"] > 0
     assert r["engine"]["pairs"] == 3 and r["engine"]["batches"] >= 1
+
+
+def test_export_cli_adds_the_fp16_variant(models_dir, tmp_path, monkeypatch, capsys):
+    """`rerankd export --defaults --fp16` on up-to-date bundles: only the GPU variant is added."""
+    import os
+
+    from rerankd.cli import main
+
+    out = tmp_path / "models"
+    for name in MODELS.values():  # hard links: the export rewrites manifests by rename, never in place
+        shutil.copytree(models_dir / name, out / name, copy_function=os.link,
+                        ignore=shutil.ignore_patterns("model.fp16.onnx", gpu_variants.PROBE_FILE))
+        m = json.loads((out / name / "manifest.json").read_text())
+        m["variants"].pop("fp16", None)
+        (out / name / "manifest.json").unlink()
+        (out / name / "manifest.json").write_text(json.dumps(m))
+    assert main(["export", "--defaults", "--models-dir", str(out), "--fp16"]) == 0
+    printed = capsys.readouterr().out
+    assert "fp16 max_diff" in printed and "fp16 min_cos" in printed and "up to date" in printed
+    for name in MODELS.values():
+        assert "fp16" in json.loads((out / name / "manifest.json").read_text())["variants"]
+    # an optimizer failure (not a gate refusal) fails the export only when --fp16 was asked for
+    def boom(*a, **k):
+        raise RuntimeError("optimizer exploded")
+
+    monkeypatch.setattr(gpu_variants, "add_fp16_variant", boom)
+    assert main(["export", "--defaults", "--models-dir", str(out), "--fp16"]) == 1
+    monkeypatch.setattr(gpu_variants, "cuda_available", lambda: True)  # --fp16 left to auto
+    assert main(["export", "--defaults", "--models-dir", str(out)]) == 0
