@@ -50,12 +50,10 @@ GATES = {
 
 
 def cuda_available() -> bool:
-    """True when the installed onnxruntime is a GPU build (onnxruntime-gpu)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    """True when the installed onnxruntime is a GPU build (onnxruntime-gpu): the service's own check."""
+    from rerankd.backends.onnxruntime_gpu import cuda_provider_available
+
+    return cuda_provider_available()
 
 
 def optimize_fp16(fp32_path: Path, out_path: Path) -> dict:

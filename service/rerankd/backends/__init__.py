@@ -9,6 +9,7 @@ one fails with its install command.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..bundle import ModelBundle
 from ..errors import ConfigError
+
+log = logging.getLogger("rerankd.backends")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,15 +123,13 @@ def create_for(settings, bundle: ModelBundle) -> tuple[Backend, str, str]:
     probe refused) is logged as an error and the next variant in ``AUTO_ORDER`` is used: a GPU
     machine then serves slowly instead of not at all. A backend asked for by name never falls back.
     """
-    import logging
-
     name, prec = resolve(settings.model.backend, settings.model.precision, [bundle])
     try:
         return create_backend(name, bundle, BackendOptions.from_settings(settings, prec)), name, prec
     except ConfigError as e:
         if settings.model.backend != "auto" or name != "cuda":
             raise
-        logging.getLogger("rerankd.backends").error(
+        log.error(
             "%s: the cuda backend cannot start (%s); --backend auto falls back to the CPU", bundle.name, e)
     name, prec = resolve(settings.model.backend, settings.model.precision, [bundle], skip=("cuda",))
     return create_backend(name, bundle, BackendOptions.from_settings(settings, prec)), name, prec

@@ -19,7 +19,7 @@ Accuracy at load: the fp16 variant carries a probe (``gpu-probe.npz``: real pari
 their fp32 outputs, written at export). The backend runs it on the device it will serve from and
 refuses to start when the drift exceeds the gate stored with it — the export-time gate could
 only check the fp16 graph on a CPU, this one checks fp16 arithmetic and the kernels/engines of
-the serving GPU. The figures are kept in ``probe_result`` (logged, and in ``/debug`` status).
+the serving GPU. The figures are kept in ``probe_result`` and logged at load.
 
 Shapes: TensorRT builds an engine for the profile min (1 x 1) .. max (largest batch bucket x the
 bundle's max length), optimised at the max; the batcher warms every bucket before SERVING, so no
@@ -223,6 +223,9 @@ class OnnxRuntimeGpuBackend:
             data = np.load(bundle.path / probe["file"])
         except (OSError, ValueError) as e:
             raise ConfigError(f"bundle {bundle.name!r}: unreadable GPU probe {probe['file']}: {e}") from e
+        # The embed probe holds pooled vectors: pool exactly as the embed stage serves them.
+        from ..stages.embedder import mean_pool  # lazy: the stage module imports this package
+
         task = bundle.manifest["task"]
         gate = probe["gate"]
         refs, outs = [], []
@@ -232,9 +235,7 @@ class OnnxRuntimeGpuBackend:
             got = np.asarray(self._run(feeds), dtype=np.float64)
             ref = data[f"reference_{i}"].astype(np.float64)
             if task == "embed":
-                mask = feeds["attention_mask"].astype(np.float64)[..., None]
-                pooled = (got * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-                got = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+                got = mean_pool(got, feeds["attention_mask"], normalize=True).astype(np.float64)
             refs.append(ref.reshape(len(ref), -1))
             outs.append(got.reshape(len(ref), -1))
             i += 1
