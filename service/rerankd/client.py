@@ -74,10 +74,14 @@ class Client:
     # -- RPCs ------------------------------------------------------------------------------------------
     def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None, rerank: bool | None = None,
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
-               fusion_weight: float | None = None, timeout: float | None = None,
-               raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               fusion_weight: float | None = None, filter: Mapping[str, str | Iterable[str]] | None = None,
+               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+        """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
+        (every key must match; a list means any of its values)."""
+        conds = [pb.MetadataMatch(key=k, values=[v] if isinstance(v, str) else list(v)) for k, v in (filter or {}).items()]
         req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_STAGES[first_stage],
-                               include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight)
+                               include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
+                               filter=conds)
         resp = self._stub.Search(req, **self._kw(timeout))
         if raw:
             return resp

@@ -111,6 +111,11 @@ class IndexConfig:
         "0 = reranker order alone, the default: for rerankers trained with the shipped recipe it gave no reliable "
         "gain on held-out train claims, see README (SearchRequest.fusion_weight overrides per call)",
     )
+    filter_exact_max: int = _f(
+        10000,
+        "Metadata-filtered dense search: a filter matching at most this many documents is answered by an exact "
+        "scan of their vectors, a larger one by hnswlib's filtered walk (exact again if the walk comes back short)",
+    )
     snapshot_every: int = _f(
         10000,
         "Save the HNSW snapshot in the background after this many changes (upserted or deleted documents), "

@@ -26,9 +26,19 @@ from .stages.bm25 import BM25Index
 from .stages.dense_index import DenseIndex
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
+from .stages.metadata_filter import MetadataIndex, matches
 from .stages.reranker import Reranker
 from .store import DocumentStore, NewDocument, join_title
-from .validation import check_count, check_first_stage, check_fusion_weight, check_ids, check_query, check_text, resolve_search
+from .validation import (
+    check_count,
+    check_filter,
+    check_first_stage,
+    check_fusion_weight,
+    check_ids,
+    check_query,
+    check_text,
+    resolve_search,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,8 @@ class SearchParams:
     include_metadata: bool = False
     first_stage: str | None = None
     fusion_weight: float | None = None
+    # Metadata filter: ((key, (value, ...)), ...), AND across conditions, OR within one.
+    filter: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -178,6 +190,8 @@ class Pipeline:
                                           ef_search=s.index.ef_search)
         self.bm25 = BM25Index(self.store.texts)
         self.bm25.refresh()
+        self.metadata_index = MetadataIndex()
+        self.metadata_index.add(*self.store.metadata())
         self._write_lock: asyncio.Lock | None = None
         # Held (in the worker thread) around "commit to the store + apply to the in-memory
         # indexes", and by a snapshot while it reads the sequence it covers: so every change at
@@ -270,24 +284,33 @@ class Pipeline:
         fusion_weight = (self.settings.index.rerank_fusion_weight if p.fusion_weight is None
                          else check_fusion_weight(p.fusion_weight))
         q_ids = self.reranker.query_ids(p.query) if rerank else None
+        conditions = check_filter(p.filter, limits)
+        # None: no filter. A set (possibly empty): the only labels either leg may return.
+        allowed = await asyncio.to_thread(self.metadata_index.matching, conditions) if conditions else None
+        exact_max = self.settings.index.filter_exact_max
         t = Timings()
 
         async def dense_leg(depth: int) -> list[tuple[int, float]]:
             t0 = time.perf_counter()
             vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
             t1 = time.perf_counter()
-            labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
+            if allowed is None:
+                labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
+            else:
+                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed, exact_max)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
             return list(zip(labels.tolist(), scores.tolist()))
 
         async def bm25_leg(depth: int) -> list[tuple[int, float]]:
             t0 = time.perf_counter()
-            labels, scores = await asyncio.to_thread(self.bm25.search, p.query, depth)
+            labels, scores = await asyncio.to_thread(self.bm25.search, p.query, depth, allowed)
             t.bm25_us = _us(time.perf_counter() - t0)
             return list(zip(labels.tolist(), scores.tolist()))
 
-        if stage == "dense":
+        if allowed is not None and not allowed:
+            first = []  # nothing matches the filter: no model work
+        elif stage == "dense":
             first = await dense_leg(k)
         elif stage == "bm25":
             first = await bm25_leg(k)
@@ -300,7 +323,9 @@ class Pipeline:
         first = first[:k]
 
         docs = await asyncio.to_thread(self.store.fetch, [lb for lb, _ in first])
-        cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1) if lb in docs]  # drop deleted meanwhile
+        # Drop documents deleted meanwhile; re-check the filter on the stored metadata itself.
+        cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1)
+                 if lb in docs and (not conditions or matches(docs[lb].metadata, conditions))]
 
         if rerank and cands:
             t0 = time.perf_counter()
@@ -392,6 +417,8 @@ class Pipeline:
             # New labels in, replaced ones out, under one index lock: a concurrent search sees
             # the old or the new version (the retired row is gone from the store already).
             self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
+            self.metadata_index.remove(retired)
+            self.metadata_index.add(labels, [r.metadata for r in rows])
             self.bm25.mark_dirty()
             self._applied_seq = max(self._applied_seq, seq)
         return labels, replaced, seq
@@ -411,6 +438,7 @@ class Pipeline:
         with self._apply_lock:
             labels, missing, seq = self.store.delete(ids)
             self.dense.delete(labels)
+            self.metadata_index.remove(labels)
             if labels:
                 self.bm25.mark_dirty()
                 self._applied_seq = max(self._applied_seq, seq)

@@ -226,6 +226,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 include_metadata=request.include_metadata,
                 first_stage=_stage_name(request.first_stage),
                 fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
+                filter=tuple((m.key, tuple(m.values)) for m in request.filter),
             )
             r = await p.search(params, deadline)
             self.app.metrics.on_stages(r.timings)

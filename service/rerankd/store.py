@@ -222,6 +222,11 @@ class DocumentStore:
         rows = self._r().execute("SELECT label, title, text FROM documents ORDER BY label").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64), [join_title(r[1], r[2]) for r in rows]
 
+    def metadata(self) -> tuple[list[int], list[dict[str, str]]]:
+        """(labels, metadata) of every document that has metadata (the filter index's source)."""
+        rows = self._r().execute("SELECT label, metadata FROM documents WHERE metadata != '{}' ORDER BY label").fetchall()
+        return [int(r[0]) for r in rows], [json.loads(r[1]) for r in rows]
+
     def deletes_after(self, seq: int) -> list[int]:
         """Labels deleted after ``seq`` and not re-created since (for snapshot replay)."""
         rows = self._r().execute(

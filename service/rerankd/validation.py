@@ -90,3 +90,29 @@ def check_first_stage(name: str, field: str = "first_stage") -> str:
     if name not in FIRST_STAGES:
         raise InvalidArgument(field, f"unknown first stage {name!r}; valid: {', '.join(FIRST_STAGES)}")
     return name
+
+
+MAX_FILTER_CONDITIONS = 32
+MAX_FILTER_VALUES = 1024
+
+
+def check_filter(conditions: Sequence[tuple[str, Sequence[str]]], limits: LimitsConfig,
+                 field: str = "filter") -> list[tuple[str, tuple[str, ...]]]:
+    """A Search metadata filter: ``[(key, values), ...]``, AND across, OR within."""
+    if len(conditions) > MAX_FILTER_CONDITIONS:
+        raise InvalidArgument(field, f"{len(conditions)} conditions exceeds the limit of {MAX_FILTER_CONDITIONS}")
+    out = []
+    for i, (key, values) in enumerate(conditions):
+        if not key:
+            raise InvalidArgument(f"{field}[{i}].key", "must not be empty")
+        if _nbytes(key) > limits.max_id_bytes:
+            raise InvalidArgument(f"{field}[{i}].key", f"longer than {limits.max_id_bytes} bytes")
+        if not values:
+            raise InvalidArgument(f"{field}[{i}].values", "must list at least one value")
+        if len(values) > MAX_FILTER_VALUES:
+            raise InvalidArgument(f"{field}[{i}].values", f"{len(values)} values exceeds the limit of {MAX_FILTER_VALUES}")
+        for j, v in enumerate(values):
+            if _nbytes(v) > limits.max_text_bytes:
+                raise InvalidArgument(f"{field}[{i}].values[{j}]", f"longer than {limits.max_text_bytes} bytes")
+        out.append((key, tuple(values)))
+    return out

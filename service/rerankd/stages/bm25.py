@@ -64,8 +64,13 @@ class BM25Index:
             self._state = (retriever, np.asarray(labels, dtype=np.int64))
             self._built_generation = gen
 
-    def search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (labels, BM25 scores), best first; documents with score 0 are left out."""
+    def search(self, query: str, k: int, allowed: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, BM25 scores), best first; documents with score 0 are left out.
+
+        ``allowed`` (a metadata filter's labels): only those documents can be returned -- bm25s
+        zeroes the others' scores before the top-k (``weight_mask``), so the k are the best
+        matching documents, not what is left of an unfiltered top-k.
+        """
         self.refresh()
         retriever, labels = self._state
         if retriever is None or k <= 0:
@@ -73,8 +78,14 @@ class BM25Index:
         q = tokenize([query])
         if not q.ids or not q.ids[0]:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        mask = None
+        if allowed is not None:
+            mask = np.isin(labels, np.fromiter(allowed, dtype=np.int64, count=len(allowed))).astype(np.float32)
+            k = min(k, int(mask.sum()))
+            if k <= 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         k = min(k, len(labels))
-        docs, scores = retriever.retrieve(q, k=k, show_progress=False, n_threads=1)
+        docs, scores = retriever.retrieve(q, k=k, show_progress=False, n_threads=1, weight_mask=mask)
         docs, scores = docs[0], scores[0].astype(np.float32)
         keep = scores > 0
         return labels[docs[keep]], scores[keep]

@@ -90,6 +90,36 @@ class DenseIndex:
                     k = max(1, k // 2)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
+    def search_within(self, vector: np.ndarray, k: int, allowed: set[int], exact_max: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, cosine scores) among ``allowed`` labels only (a metadata filter).
+
+        Up to ``exact_max`` live allowed documents are scored exactly (their vectors read back
+        from the graph): a selective filter is where a filtered HNSW walk degrades, and an exact
+        scan of a few thousand vectors costs about as much as the walk. Above it, hnswlib's
+        filtered search; should that come back short of ``k`` (a filter that disconnects the
+        graph), the exact scan answers instead, so a filter never loses matching documents.
+        """
+        with self._lock:
+            live = allowed & self._live if len(allowed) <= len(self._live) else self._live & allowed
+            k = min(k, len(live))
+            if k <= 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            q = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+            if len(live) > exact_max:
+                self._index.set_ef(max(self.ef_search, k))
+                try:
+                    labels, dist = self._index.knn_query(q.reshape(1, -1), k=k, num_threads=1, filter=live.__contains__)
+                    if labels.shape[1] == k:
+                        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+                except RuntimeError:
+                    pass  # fewer than k reachable: exact below
+            ids = np.fromiter(live, dtype=np.int64, count=len(live))
+            vecs = self._index.get_items(ids, return_type="numpy")
+        scores = np.asarray(vecs, dtype=np.float32) @ q
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.lexsort((ids[top], -scores[top]))]  # best first, ties by label
+        return ids[top], scores[top].astype(np.float32)
+
     def __len__(self) -> int:
         return len(self._live)
 

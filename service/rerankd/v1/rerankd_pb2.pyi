@@ -26,8 +26,16 @@ class Item(_message.Message):
     text: str
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
+class MetadataMatch(_message.Message):
+    __slots__ = ("key", "values")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight")
+    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +44,7 @@ class SearchRequest(_message.Message):
     FIRST_STAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_METADATA_FIELD_NUMBER: _ClassVar[int]
     FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_n: int
     candidates: int
@@ -44,7 +53,8 @@ class SearchRequest(_message.Message):
     first_stage: FirstStage
     include_metadata: bool
     fusion_weight: float
-    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ...) -> None: ...
+    filter: _containers.RepeatedCompositeFieldContainer[MetadataMatch]
+    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score")
