@@ -222,9 +222,14 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     from rerankd_export import quick_eval
 
     res = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
-                                       cache_dir=None, holdout=True, fusion_weights=[0, 1])
+                                       cache_dir=None, holdout=True, fusion_weights=[0, 1],
+                                       passage_windows=True)
     assert res["queries"] == 2 and res["holdout"] is True
     assert res["fusion"]["0"] == res["reranked"]
+    # the first-window ordering is the plain rerank; max/mean are real metric dicts
+    assert res["windows"]["first"] == res["reranked"]
+    assert res["windows"]["truncated_pairs"] >= 0
+    assert set(res["windows"]["max"]) == set(res["windows"]["mean"]) == {"NDCG@10", "MRR@10", "P@5"}
     assert set(res["fusion"]["1"]) == {"NDCG@10", "MRR@10", "P@5"}
     assert all(0.0 <= v <= 1.0 for v in res["fusion"]["1"].values())
     with pytest.raises(ValueError, match="held out 'train' claims"):
@@ -349,3 +354,26 @@ def test_soup_averages_weights(tmp_path):
         soup.soup(tmp_path / "s2", [tmp_path / "a", bad])
     with pytest.raises(ValueError, match="at least two"):
         soup.soup(tmp_path / "s3", [tmp_path / "a"])
+
+
+def test_tail_window_covers_what_truncation_cut():
+    from transformers import AutoTokenizer
+
+    from rerankd_export.quick_eval import tail_window
+
+    tok = AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "checkpoints" / "rerankd-ce-MiniLM-L6"))
+    q, title = "Aspirin lowers colon cancer risk.", "Aspirin and colorectal neoplasia"
+    text = " ".join(f"sentence {i} about adenoma incidence." for i in range(60)) + " FINAL conclusion here."
+    assert tail_window(tok, q, title, "short abstract.", 64) is None  # nothing cut: no second window
+    ids, types = tail_window(tok, q, title, text, 64)
+    qi = tok(q, add_special_tokens=False)["input_ids"]
+    ti = tok(title, add_special_tokens=False)["input_ids"]
+    xi = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(types) == 64
+    assert ids[: len(qi) + 2] == [tok.cls_token_id, *qi, tok.sep_token_id]
+    assert ids[len(qi) + 2 : len(qi) + 2 + len(ti)] == ti  # the title leads the passage side
+    assert ids[-1] == tok.sep_token_id and ids[-1 - 4 : -1] == xi[-4:]  # ends with the text's end
+    assert types == [0] * (len(qi) + 2) + [1] * (64 - len(qi) - 2)
+    # the plain pair (first window) has the same length but not the text's end
+    first = tok(q, title + " " + text, truncation="only_second", max_length=64)["input_ids"]
+    assert len(first) == 64 and first[-5:-1] != xi[-4:]

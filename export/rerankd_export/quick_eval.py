@@ -125,6 +125,52 @@ def score_pairs(
     return scores
 
 
+def tail_window(tokenizer, query: str, title: str, text: str, max_length: int):
+    """``(input_ids, token_type_ids)`` of a second window for a passage that the
+    ``[CLS] query [SEP] title text [SEP]`` pair truncates at ``max_length``: the title and the
+    *end* of the text (what truncation cut), same length budget. ``None`` when nothing was cut.
+    """
+    q = tokenizer(query, add_special_tokens=False)["input_ids"]
+    t = tokenizer(title.strip(), add_special_tokens=False)["input_ids"] if title and title.strip() else []
+    x = tokenizer(text, add_special_tokens=False)["input_ids"]
+    budget = max_length - 3 - len(q)
+    if len(t) + len(x) <= budget or budget - len(t) <= 0:
+        return None
+    tail = x[-(budget - len(t)):]
+    ids = [tokenizer.cls_token_id, *q, tokenizer.sep_token_id, *t, *tail, tokenizer.sep_token_id]
+    types = [0] * (len(q) + 2) + [1] * (len(t) + len(tail) + 1)
+    return ids, types
+
+
+def score_token_inputs(model, inputs, *, device: str = "cpu", bf16: bool = False, batch_size: int = 32,
+                       pad_id: int = 0, desc: str = "window") -> np.ndarray:
+    """Cross-encoder logits for already-assembled ``(input_ids, token_type_ids)`` sequences."""
+    import torch
+
+    out = np.zeros(len(inputs), dtype=np.float32)
+    order = np.argsort([-len(ids) for ids, _ in inputs], kind="stable")
+    bar = _progress(total=len(inputs), desc=desc, unit="pair", disable=len(inputs) < 256)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            width = max(len(inputs[i][0]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            types = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                a, b = inputs[i]
+                ids[row, : len(a)] = torch.tensor(a)
+                types[row, : len(b)] = torch.tensor(b)
+                mask[row, : len(a)] = 1
+            with autocast(device, bf16):
+                logits = model(input_ids=ids.to(device), token_type_ids=types.to(device),
+                               attention_mask=mask.to(device)).logits
+            out[idx] = logits.float()[:, 0].cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
 def evaluate_reranker(
     model_dir,
     dataset,
@@ -141,6 +187,7 @@ def evaluate_reranker(
     limit_queries: int | None = None,
     holdout: bool = False,
     fusion_weights: Sequence[float] = (),
+    passage_windows: bool = False,
 ) -> dict:
     """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
 
@@ -149,6 +196,9 @@ def evaluate_reranker(
     ``holdout_qids``; ``split`` must be the split it trained on). ``fusion_weights``: also
     report the served rerank fusion (``rerankd.stages.fusion.rerank_fusion``) at each weight,
     under ``"fusion"`` -- this is how the served default weight is chosen, on held-out claims.
+    ``passage_windows``: also score a second window (title + end of the text, ``tail_window``)
+    of every passage the pair truncates, and report the run ordered by the first window alone,
+    the max and the mean of the two windows, under ``"windows"``.
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -192,11 +242,12 @@ def evaluate_reranker(
     model = AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), dtype=torch.float32
     ).to(dev).eval()
-    pairs, owners = [], []
+    pairs, owners, doc_index = [], [], []
     for q, h in zip(qids, hits):
         for d, _ in h:
             pairs.append((queries[q], corpus.full_text(d)))
             owners.append((q, corpus.ids[d]))
+            doc_index.append(d)
     resume = None
     if cache_dir:
         h = hashlib.sha256()
@@ -229,6 +280,24 @@ def evaluate_reranker(
             fused = rerank_fusion([s for _, _, s in rows], [r for _, r, _ in rows], float(w))
             fused_run[q] = {d: float(f) for (d, _, _), f in zip(rows, fused)}
         fusion[f"{float(w):g}"] = _metrics(qrels, fused_run)
+    windows = {}
+    if passage_windows:
+        cut = []
+        for i, ((qt, _), d) in enumerate(zip(pairs, doc_index)):
+            w = tail_window(tok, qt, corpus.titles[d] or "", corpus.texts[d] or "", max_length)
+            if w is not None:
+                cut.append((i, w))
+        tail = scores.copy()
+        if cut:
+            tail[[i for i, _ in cut]] = score_token_inputs(
+                model, [w for _, w in cut], device=dev, bf16=use_bf16, batch_size=batch_size,
+                pad_id=tok.pad_token_id or 0, desc="tail window")
+        for name, combined in (("first", scores), ("max", np.maximum(scores, tail)), ("mean", (scores + tail) / 2)):
+            wrun: dict[str, dict[str, float]] = {q: {} for q in qids}
+            for (q, d), v in zip(owners, combined):
+                wrun[q][d] = float(v)
+            windows[name] = _metrics(qrels, wrun)
+        windows["truncated_pairs"] = len(cut)
     # queries whose first stage returned nothing still count (as zeros)
     for q in qids:
         first_run.setdefault(q, {})
@@ -244,6 +313,7 @@ def evaluate_reranker(
         "first_stage": _metrics(qrels, first_run),
         "reranked": _metrics(qrels, rerun),
         **({"fusion": fusion} if fusion else {}),
+        **({"windows": windows} if windows else {}),
         **({"holdout": True} if holdout else {}),
         "first_stage_desc": f"hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), RRF k=60, top-{depth}",
         "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
@@ -331,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate on the claims the checkpoint's trainer held out (--holdout-queries)")
     p.add_argument("--fusion-weights", type=float, nargs="*", default=(), metavar="W",
                    help="also report the served rerank fusion at these weights")
+    p.add_argument("--passage-windows", action="store_true",
+                   help="also score a title + end-of-text window of each truncated passage and "
+                        "report first-window / max / mean orderings")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
@@ -340,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         a.model, a.dataset, a.split, a.depth, a.max_length, encoder_dir=a.encoder,
         device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
         cache_dir=cache, limit_queries=a.limit_queries, holdout=a.holdout,
-        fusion_weights=a.fusion_weights,
+        fusion_weights=a.fusion_weights, passage_windows=a.passage_windows,
     )
     print(json.dumps(res, indent=2))
     print(metrics_markdown(res), file=sys.stderr)
