@@ -54,20 +54,28 @@ def test_dense_search_within_equals_exact_filtered_topk(exact_max):
     d.upsert(np.arange(3000), v)
     d.delete([7, 14])
     allowed = set(range(0, 3000, 7))
+
+    def load(labels):
+        labels = np.asarray(labels, dtype=np.int64)
+        return labels, v[labels]
     for qi in (5, 700, 2999):
         q = v[qi]
         exact = [i for i in np.argsort(-(v @ q)) if i in allowed and i not in (7, 14)][:20]
-        labels, scores = d.search_within(q, 20, allowed, exact_max)
+        labels, scores = d.search_within(q, 20, allowed, exact_max, load)
         assert set(labels) <= allowed and 7 not in labels and 14 not in labels
         assert len(set(labels) & set(exact)) >= 19  # HNSW may swap a near-tie; exact is exact
         if exact_max:
             assert labels.tolist() == exact
         assert np.all(np.diff(scores) <= 1e-6)
     # k larger than the filtered set: every live allowed document comes back, once
-    labels, _ = d.search_within(v[0], 5000, allowed, exact_max)
+    labels, _ = d.search_within(v[0], 5000, allowed, exact_max, load)
     assert sorted(labels.tolist()) == sorted(allowed - {7, 14})
-    assert d.search_within(v[0], 10, set(), exact_max)[0].size == 0
-    assert d.search_within(v[0], 10, {7, 14, 10_000}, exact_max)[0].size == 0  # deleted / unknown
+    assert d.search_within(v[0], 10, set(), exact_max, load)[0].size == 0
+    assert d.search_within(v[0], 10, {7, 14, 10_000}, exact_max, load)[0].size == 0  # deleted / unknown
+    # a document deleted between the index lookup and the vector read is left out, not an error
+    gone = {21}
+    labels, _ = d.search_within(v[21], 5, allowed, 10**6, lambda ls: load(np.asarray([x for x in ls if x not in gone])))
+    assert 21 not in labels and len(labels) == 5
 
 
 def test_bm25_allowed_mask_returns_best_matching_not_leftovers():

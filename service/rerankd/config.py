@@ -112,9 +112,10 @@ class IndexConfig:
         "gain on held-out train claims, see README (SearchRequest.fusion_weight overrides per call)",
     )
     filter_exact_max: int = _f(
-        10000,
+        5000,
         "Metadata-filtered dense search: a filter matching at most this many documents is answered by an exact "
-        "scan of their vectors, a larger one by hnswlib's filtered walk (exact again if the walk comes back short)",
+        "scan of their stored vectors (~5 us each), a larger one by hnswlib's filtered walk (exact again if the walk "
+        "comes back short); the crossover measured by scripts/filter_bench.py is ~4,000 on a 50k index",
     )
     snapshot_every: int = _f(
         10000,

@@ -297,7 +297,8 @@ class Pipeline:
             if allowed is None:
                 labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
             else:
-                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed, exact_max)
+                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed, exact_max,
+                                                         self._load_vectors)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
             return list(zip(labels.tolist(), scores.tolist()))
@@ -356,6 +357,9 @@ class Pipeline:
             ))
         t.total_us = _us(time.perf_counter() - t_start)
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank))
+
+    def _load_vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.vectors_for(labels, self.dim)
 
     # -- Encode / Score -------------------------------------------------------------------------------
     async def encode(self, items: list[Item], is_query: bool, deadline: float | None = None) -> tuple[np.ndarray, Timings]:

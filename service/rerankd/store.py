@@ -218,6 +218,18 @@ class DocumentStore:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32)
         return labels, vecs
 
+    def vectors_for(self, labels: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels found, vectors) for these labels, in label order; deleted labels are left out.
+        About 5 us per vector (the exact scan of a filtered dense search)."""
+        con = self._r()
+        rows: list = []
+        for chunk in _chunks([int(x) for x in labels], 500):
+            rows += con.execute(f"SELECT label, vector FROM documents WHERE label IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        rows.sort(key=lambda r: r[0])
+        found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32)
+        return found, vecs
+
     def texts(self) -> tuple[np.ndarray, list[str]]:
         rows = self._r().execute("SELECT label, title, text FROM documents ORDER BY label").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64), [join_title(r[1], r[2]) for r in rows]

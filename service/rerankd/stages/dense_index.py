@@ -10,8 +10,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from typing import Callable
+
 import hnswlib
 import numpy as np
+
+# labels -> (labels found, their vectors [n, dim]); labels not found (deleted) are left out
+VectorLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class DenseIndex:
@@ -90,14 +95,16 @@ class DenseIndex:
                     k = max(1, k // 2)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
-    def search_within(self, vector: np.ndarray, k: int, allowed: set[int], exact_max: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_within(self, vector: np.ndarray, k: int, allowed: set[int], exact_max: int,
+                      load_vectors: VectorLoader) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, cosine scores) among ``allowed`` labels only (a metadata filter).
 
-        Up to ``exact_max`` live allowed documents are scored exactly (their vectors read back
-        from the graph): a selective filter is where a filtered HNSW walk degrades, and an exact
-        scan of a few thousand vectors costs about as much as the walk. Above it, hnswlib's
-        filtered search; should that come back short of ``k`` (a filter that disconnects the
-        graph), the exact scan answers instead, so a filter never loses matching documents.
+        Up to ``exact_max`` live allowed documents are scored exactly, their vectors read with
+        ``load_vectors`` (the document store: hnswlib's ``get_items`` is ~6x slower per vector):
+        a selective filter is where a filtered HNSW walk degrades (it visits ~k/share nodes).
+        Above it, hnswlib's filtered walk; should that come back short of ``k`` (a filter that
+        disconnects the graph), the exact scan answers instead, so a filter never loses matching
+        documents. ``scripts/filter_bench.py`` measures the crossover.
         """
         with self._lock:
             live = allowed & self._live if len(allowed) <= len(self._live) else self._live & allowed
@@ -113,9 +120,12 @@ class DenseIndex:
                         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
                 except RuntimeError:
                     pass  # fewer than k reachable: exact below
-            ids = np.fromiter(live, dtype=np.int64, count=len(live))
-            vecs = self._index.get_items(ids, return_type="numpy")
+        # Outside the lock: a label deleted meanwhile is simply not found by the loader.
+        ids, vecs = load_vectors(np.fromiter(sorted(live), dtype=np.int64, count=len(live)))
+        if len(ids) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         scores = np.asarray(vecs, dtype=np.float32) @ q
+        k = min(k, len(ids))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((ids[top], -scores[top]))]  # best first, ties by label
         return ids[top], scores[top].astype(np.float32)
