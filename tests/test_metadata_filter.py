@@ -31,6 +31,8 @@ def test_index_and_or_semantics_and_updates():
     assert ix.matching([("lang", ["de"])]) == set()
     with pytest.raises(ValueError):
         ix.matching([])
+    ix.add([7], [{"": "", "k": ""}])  # empty keys and values are values like any other
+    assert ix.matching([("", [""])]) == {7} and ix.matching([("k", [""]), ("", ["", "x"])]) == {7}
 
 
 def test_matches_predicate_agrees_with_index():
@@ -213,7 +215,7 @@ def test_filter_bad_input_names_the_field(filtered_server):
     srv, _ = filtered_server
     with Client(srv.target, timeout=60) as c:
         stub = c._stub
-        assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="", values=["x"])])),
+        assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="k" * 513, values=["x"])])),
                        "filter[0].key")
         assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="a", values=["x"]),
                                                                                 pb.MetadataMatch(key="b")])),

@@ -137,6 +137,7 @@ class LimitsConfig:
     max_text_bytes: int = _f(65536, "Largest text of one item or document (UTF-8 bytes)")
     max_query_bytes: int = _f(4096, "Largest query (UTF-8 bytes)")
     max_id_bytes: int = _f(512, "Largest id (UTF-8 bytes)")
+    max_metadata_bytes: int = _f(65536, "Largest metadata of one document: keys + values (UTF-8 bytes)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,7 @@ from .validation import (
     check_first_stage,
     check_fusion_weight,
     check_ids,
+    check_metadata,
     check_query,
     check_text,
     resolve_search,
@@ -392,6 +393,7 @@ class Pipeline:
         check_count(len(docs), limits, field_name)
         check_ids([d.id for d in docs], limits, field_name)
         for i, d in enumerate(docs):
+            check_metadata(d.metadata, limits, f"{field_name}[{i}].metadata")
             if d.title.strip() and not d.text.strip():
                 # Abstract-less corpus entries: the title alone is the indexed text.
                 check_text(d.title, limits, f"{field_name}[{i}].title")
@@ -413,6 +415,8 @@ class Pipeline:
             # Durable commit, then the in-memory indexes; the lock keeps both in one order.
             labels, replaced, seq = await asyncio.to_thread(self._apply_upsert, rows, vecs)
         self._maybe_snapshot()
+        if replaced:
+            self._maybe_compact()  # a replaced document leaves its old entry marked deleted, as a Delete does
         return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0)))
 
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:

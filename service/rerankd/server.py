@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -230,7 +231,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             )
             r = await p.search(params, deadline)
             self.app.metrics.on_stages(r.timings)
-            return pb.SearchResponse(
+            resp = pb.SearchResponse(
                 hits=[
                     pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
                            first_stage_rank=h.first_stage_rank, text=h.text, title=h.title, metadata=h.metadata,
@@ -240,6 +241,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
                 first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked,
             )
+            # Say which arguments to change, rather than let grpc fail the send after the fact.
+            limit = self.app.settings.server.max_message_bytes
+            if (size := resp.ByteSize()) > limit:
+                raise errors.InvalidArgument(
+                    "top_n", f"{len(resp.hits)} hits (include_text={request.include_text}, include_metadata="
+                    f"{request.include_metadata}) make a {size}-byte response, over the {limit}-byte message limit: "
+                    "ask for fewer hits or leave out text/metadata")
+            return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
         return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search")
@@ -278,8 +287,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             upserted = replaced = seq = 0
             t0 = time.perf_counter()
             n = 0
-            async for request in request_iterator:
+            requests = aiter(request_iterator)
+            while True:
                 try:
+                    try:
+                        request = await anext(requests)  # a malformed message raises InvalidArgument
+                    except StopAsyncIteration:
+                        break
                     r = await p.upsert(_documents(request), deadline)
                 except errors.InvalidArgument as e:
                     # Earlier batches are committed; say exactly where the stream stopped.
@@ -348,6 +362,53 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return opts
 
 
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A Retrieval request that does not parse (corrupt wire format, a string field that is not
+    UTF-8) is the caller's error: INVALID_ARGUMENT, not grpc's UNKNOWN with a logged traceback.
+
+    The handler gets raw bytes and parses them itself. In a client stream, a malformed message
+    raises ``InvalidArgument`` from the request iterator, so the servicer can say which message it
+    was and what had been committed before it."""
+
+    PREFIX = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.PREFIX) or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        kw = {"response_serializer": handler.response_serializer}
+        if handler.request_streaming and not handler.response_streaming:
+            async def stream_unary(raw_iterator, context):
+                async def requests():
+                    async for raw in raw_iterator:
+                        try:
+                            yield parse(raw)
+                        except DecodeError as e:
+                            raise errors.InvalidArgument("request", _malformed(e)) from None
+
+                return await handler.stream_unary(requests(), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        if not handler.request_streaming and not handler.response_streaming:
+            async def unary_unary(raw, context):
+                try:
+                    request = parse(raw)
+                except DecodeError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {_malformed(e)}")
+                return await handler.unary_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+        return handler  # the service has no server-streaming methods
+
+
+def _malformed(e: DecodeError) -> str:
+    # "Error parsing message with type 'rerankd.v1.SearchRequest': String field had bad UTF-8"
+    what, _, why = str(e).partition(": ")
+    name = what.rsplit(".", 1)[-1].strip("'") if "'" in what else "message"
+    return f"malformed {name}: {why or what}"
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every call except health checks."""
 
@@ -413,7 +474,9 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
     """
     health_servicer = health.aio.HealthServicer()
     app = App(settings=settings, health=health_servicer)
-    interceptors = [BearerTokenInterceptor(settings.server.auth_token)] if settings.server.auth_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if settings.server.auth_token:  # outermost: an unauthenticated call is refused before it is parsed
+        interceptors.insert(0, BearerTokenInterceptor(settings.server.auth_token))
     creds = server_credentials(settings)
     server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(app), server)

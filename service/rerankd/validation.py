@@ -39,6 +39,17 @@ def check_text(text: str, limits: LimitsConfig, field: str) -> None:
         raise InvalidArgument(field, f"{n} bytes exceeds the limit of {limits.max_text_bytes}")
 
 
+def check_metadata(metadata: dict[str, str], limits: LimitsConfig, field: str) -> None:
+    """Per-document metadata bound (keys + values, UTF-8). Metadata is stored with the document,
+    decoded for every first-stage candidate and held in the filter index: without a bound one
+    Upsert (up to the message size) slows every Search that meets the document and breaks those
+    that return it with include_metadata."""
+    n = sum(_nbytes(k) + _nbytes(v) for k, v in metadata.items())
+    if n > limits.max_metadata_bytes:
+        raise InvalidArgument(field, f"{len(metadata)} entries of {n} bytes (keys and values) exceed the limit of "
+                                     f"{limits.max_metadata_bytes}")
+
+
 def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required: bool = True) -> None:
     """Ids non-empty (if required), bounded, unique within the call. ``field`` like 'items' -> 'items[3].id'."""
     first: dict[str, int] = {}
@@ -103,9 +114,7 @@ def check_filter(conditions: Sequence[tuple[str, Sequence[str]]], limits: Limits
         raise InvalidArgument(field, f"{len(conditions)} conditions exceeds the limit of {MAX_FILTER_CONDITIONS}")
     out = []
     for i, (key, values) in enumerate(conditions):
-        if not key:
-            raise InvalidArgument(f"{field}[{i}].key", "must not be empty")
-        if _nbytes(key) > limits.max_id_bytes:
+        if _nbytes(key) > limits.max_id_bytes:  # "" is a valid key: metadata maps may hold it
             raise InvalidArgument(f"{field}[{i}].key", f"longer than {limits.max_id_bytes} bytes")
         if not values:
             raise InvalidArgument(f"{field}[{i}].values", "must list at least one value")
