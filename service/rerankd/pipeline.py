@@ -512,7 +512,11 @@ class Pipeline:
             fresh = snapshot.rebuild(self.store, self.dim, m=s.hnsw_m, ef_construction=s.ef_construction, ef_search=s.ef_search)
             with self._apply_lock:
                 labels, vecs = self.store.vectors(self.dim, after_seq=seq0)
-                fresh.upsert(labels, vecs)
+                # Only what the rebuild did not already read: re-adding a label hnswlib holds is an
+                # in-place update that re-links its neighbours and costs recall, for no change
+                # (labels are immutable per document version).
+                new = ~np.isin(labels, np.fromiter(fresh.labels(), dtype=np.int64))
+                fresh.upsert(labels[new], vecs[new])
                 fresh.mark_deleted_raw(self.store.deletes_after(seq0))
                 dropped = self.dense.deleted_count
                 self.dense = fresh

@@ -108,11 +108,25 @@ def load_or_rebuild(
             return index, SnapshotInfo(seq, float(mf["created_at"]), directory), "loaded"
         except Exception as e:  # corrupt in a way the checksum did not catch
             reason = f"load failed: {e}"
+            # Never trusted again: a snapshot newer than the store (older documents.sqlite3
+            # restored) would pass the sequence check once new writes carry the store past it,
+            # and its graph holds other documents' vectors under the labels handed out again.
+            _discard(directory)
     if reason == "missing" and store.count() == 0:
         log.info("empty data dir: starting a new HNSW index")
     else:
         log.warning("HNSW snapshot unusable (%s); rebuilding from stored vectors", reason)
     return rebuild(store, dim, m=m, ef_construction=ef_construction, ef_search=ef_search), None, "rebuilt"
+
+
+def _discard(directory: Path) -> None:
+    """Remove a refused snapshot (manifest first: an index without one is never loaded)."""
+    try:
+        for name in ("manifest.json", "manifest.json.tmp", "index.bin"):
+            (directory / name).unlink(missing_ok=True)
+        _fsync_dir(directory)
+    except OSError as e:
+        log.warning("could not remove the refused HNSW snapshot in %s: %s", directory, e)
 
 
 def _roll_forward(directory: Path) -> bool:

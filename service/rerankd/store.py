@@ -145,7 +145,7 @@ class DocumentStore:
                     labels.append(int(label))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
             return labels, replaced, int(seq), retired
 
@@ -166,7 +166,7 @@ class DocumentStore:
                     labels.append(int(row[0]))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
             return labels, missing, self.last_seq()
 
@@ -179,7 +179,7 @@ class DocumentStore:
                 con.executemany("UPDATE documents SET token_ids=? WHERE label=?", ((_ids_blob(t), lb) for lb, t in rows))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
     def set_meta(self, key: str, value: str) -> None:
@@ -262,6 +262,14 @@ class DocumentStore:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+
+
+def _rollback(con: sqlite3.Connection) -> None:
+    """Roll back, keeping the caller's error: after a disk-full or I/O error SQLite has often
+    rolled the transaction back itself, and a bare ROLLBACK would then raise "no transaction is
+    active" in place of the error that says what went wrong."""
+    if con.in_transaction:
+        con.execute("ROLLBACK")
 
 
 def _chunks(xs: list, n: int):

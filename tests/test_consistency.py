@@ -1,0 +1,215 @@
+"""Index consistency: the HNSW snapshot + replay against the SQLite store, auto-compaction, and a
+failed commit (disk full). In-process and fast; only the auto-compaction test loads the models."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rerankd import snapshot
+from rerankd.store import DocumentStore, NewDocument
+
+from util import settings_for
+
+DIM = 16
+KW = {"m": 8, "ef_construction": 50, "ef_search": 50}
+
+
+class Docs:
+    """Writes random unit vectors under string ids straight into a store."""
+
+    def __init__(self, store: DocumentStore, seed: int = 0) -> None:
+        self.store = store
+        self.rng = np.random.default_rng(seed)
+
+    def upsert(self, *ids: str) -> None:
+        v = self.rng.normal(size=(len(ids), DIM)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        self.store.upsert([NewDocument(i, f"text {i}", "", {}, x, None) for i, x in zip(ids, v)])
+
+
+def assert_graph_matches_store(index, store: DocumentStore) -> None:
+    """Every live document in the graph with its stored vector, not marked deleted; nothing else live."""
+    labels, vecs = store.vectors(DIM)
+    live = set(labels.tolist())
+    assert index.labels() == live, sorted(index.labels() ^ live)
+    if len(labels):
+        got = index._index.get_items(labels.tolist(), return_type="numpy")  # raises for a deleted mark
+        assert [int(lb) for lb, a, b in zip(labels, got, vecs) if not np.array_equal(a, b)] == []
+    for lb in index._index.get_ids_list():
+        if lb not in live:
+            with pytest.raises(RuntimeError):  # a deleted document is marked deleted
+                index._index.get_items([lb])
+    for lb, v in zip(labels, vecs):  # tiny graphs: every document is its own nearest neighbour
+        assert index.search(v, 1)[0].tolist() == [lb]
+
+
+def load(store: DocumentStore, d: Path):
+    return snapshot.load_or_rebuild(store, d, DIM, **KW)
+
+
+def test_snapshot_newer_than_restored_store_is_never_trusted_later(tmp_path):
+    """documents.sqlite3 restored from an older backup: the snapshot on disk covers a later seq
+    and is refused. It must not be loaded either once new writes carry the store past that seq
+    (a crash before the next snapshot): its graph holds the vectors of the lost documents under
+    the labels the restored store hands out again to new ones."""
+    db = tmp_path / "documents.sqlite3"
+    store = DocumentStore(db)
+    Docs(store, 1).upsert(*[f"a{i}" for i in range(5)])
+    store.close()
+    shutil.copy(db, tmp_path / "backup.sqlite3")
+    store = DocumentStore(db)
+    Docs(store, 2).upsert(*[f"b{i}" for i in range(5)])
+    idx, _, _ = load(store, tmp_path / "hnsw")
+    snapshot.save(idx, tmp_path / "hnsw", store.last_seq())  # covers seq 10
+    store.close()
+
+    for p in tmp_path.glob("documents.sqlite3*"):
+        p.unlink()
+    shutil.copy(tmp_path / "backup.sqlite3", db)  # the restore: the store ends at seq 5
+    store = DocumentStore(db)
+    try:
+        _, _, how = load(store, tmp_path / "hnsw")
+        assert how == "rebuilt"
+        Docs(store, 3).upsert(*[f"c{i}" for i in range(10)])  # seq 15, labels 6..15 reused
+        idx, _, how = load(store, tmp_path / "hnsw")  # restart after a crash, no snapshot since
+        assert how == "rebuilt"
+        assert_graph_matches_store(idx, store)
+    finally:
+        store.close()
+
+
+def test_replay_across_snapshot_boundary_and_snapshot_ahead_of_its_sequence(tmp_path):
+    """Pins the replay: an id upserted, snapshotted, deleted and upserted again; a document
+    created and deleted after the snapshot; and a graph that already holds changes past the
+    sequence its manifest records (a save racing writes) -- all load to exactly the store."""
+    d = tmp_path / "hnsw"
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    docs = Docs(store)
+    try:
+        docs.upsert("x", "y", "z")
+        idx, _, _ = load(store, d)
+        snapshot.save(idx, d, store.last_seq())
+        store.delete(["x"])
+        docs.upsert("x", "w")  # x again (new label), w new
+        store.delete(["w"])  # created and deleted after the snapshot: never in its graph
+        docs.upsert("y")  # replaced after the snapshot
+        idx, info, how = load(store, d)
+        assert how == "loaded" and info is not None
+        assert_graph_matches_store(idx, store)
+
+        # Snapshot the up-to-date graph under an older sequence: the replay of the changes it
+        # already holds (upserts re-applied, deletes re-marked) must be harmless.
+        seq_mid = store.last_seq()
+        docs.upsert("v")
+        store.delete(["z"])
+        idx, _, _ = load(store, d)
+        snapshot.save(idx, d, seq_mid)
+        idx, _, how = load(store, d)
+        assert how == "loaded"
+        assert_graph_matches_store(idx, store)
+    finally:
+        store.close()
+
+
+def test_failed_commit_reports_its_own_error_and_store_stays_usable(tmp_path):
+    """Disk full mid-transaction (a file-size limit): SQLite rolls the transaction back itself;
+    the caller must get that I/O error (not "cannot rollback - no transaction is active"), the
+    store must hold nothing of the failed call, and writes must work again once space is back."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sqlite3, numpy as np
+        from rerankd.store import DocumentStore, NewDocument
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        s = DocumentStore({str(tmp_path / "documents.sqlite3")!r})
+        def docs(pfx, n, size):
+            return [NewDocument(f"{{pfx}}{{i}}", "x" * size, "", {{}}, np.ones(8, np.float32), None) for i in range(n)]
+        s.upsert(docs("a", 3, 10))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+        try:
+            s.upsert(docs("b", 50, 5000))
+            raise SystemExit("the oversized upsert did not fail")
+        except sqlite3.OperationalError as e:
+            print("ERROR:", e)
+        assert not s._w.in_transaction
+        assert (s.count(), s.last_seq()) == (3, 3), (s.count(), s.last_seq())
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        labels, replaced, seq, _ = s.upsert(docs("c", 2, 10))
+        assert (s.count(), seq) == (5, 5), (s.count(), seq)
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout, r.stdout
+    err = r.stdout.split("ERROR:", 1)[1].splitlines()[0]
+    assert "no transaction is active" not in err and ("disk" in err or "full" in err), err
+
+
+def test_replacing_upserts_trigger_background_compaction(models_dir, tmp_path):
+    """Re-upserting documents (re-running an ingest) retires their old graph entries exactly as
+    Delete does; once those exceed --auto-compact-ratio x live documents the graph must be
+    rebuilt in the background, not only after a Delete."""
+    from rerankd.pipeline import Document, Pipeline
+
+    async def run() -> None:
+        s = settings_for(models_dir, tmp_path / "data", index={"data_dir": tmp_path / "data", "auto_compact_ratio": 1.0})
+        p = Pipeline(s)
+        await p.start()
+        try:
+            docs = [Document(f"d{i}", f"document {i} about topic {i % 3}") for i in range(4)]
+            for _ in range(4):  # 3 replacing rounds: 12 retired entries for 4 live documents
+                await p.upsert(docs)
+                if p._compact_task is not None:
+                    await p._compact_task
+            assert p._compact_task is not None, "no background compaction was started"
+            assert p.dense.deleted_count <= len(docs) and len(p.dense) == len(docs), (p.dense.deleted_count, len(p.dense))
+            assert p.dense.labels() == set(p.store.labels_for([d.id for d in docs]).values())
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_compaction_catch_up_keeps_writes_made_during_the_rebuild(models_dir, tmp_path, monkeypatch):
+    """Compaction rebuilds from the store while writes go on: a write the rebuild already read
+    and one it missed must both be in the swapped-in graph, a delete made meanwhile must not."""
+    from rerankd.pipeline import Document, Pipeline
+
+    real_rebuild = snapshot.rebuild
+
+    async def run() -> None:
+        s = settings_for(models_dir, tmp_path / "data", index={"data_dir": tmp_path / "data", "auto_compact_ratio": 0})
+        p = Pipeline(s)
+        await p.start()
+        try:
+            await p.upsert([Document(f"d{i}", f"document {i} about topic {i % 3}") for i in range(6)])
+            await p.delete(["d0"])
+            early = (await p.embedder.encode(["written before the rebuild reads"], is_query=False))[0]
+            late = (await p.embedder.encode(["written after the rebuild read"], is_query=False))[0]
+            tok = p.reranker.passage_ids(["x"])[0]
+            from rerankd.store import NewDocument
+
+            def rebuild_with_writes(*a, **kw):
+                p._apply_upsert([NewDocument("early", "written before the rebuild reads", "", {}, early[0], tok)], early)
+                g = real_rebuild(*a, **kw)
+                p._apply_upsert([NewDocument("late", "written after the rebuild read", "", {}, late[0], tok)], late)
+                p._apply_delete(["d1"])
+                return g
+
+            monkeypatch.setattr(snapshot, "rebuild", rebuild_with_writes)
+            await p.compact()
+            want = set(p.store.labels_for([f"d{i}" for i in range(2, 6)] + ["early", "late"]).values())
+            assert p.dense.labels() == want and p.dense.deleted_count <= 1  # d1, marked after the rebuild
+            labels, vecs = p.store.vectors(p.dim)
+            for lb, v in zip(labels, vecs):
+                assert p.dense.search(v, 1)[0].tolist() == [lb]
+        finally:
+            await p.close()
+
+    asyncio.run(run())
