@@ -49,8 +49,9 @@ def _unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("exact_max", [0, 1_000_000])  # the filtered HNSW walk and the exact scan
-def test_dense_search_within_equals_exact_filtered_topk(exact_max):
+# the oversampled HNSW search (no exact scan allowed), the exact scan (forced), and the cost model
+@pytest.mark.parametrize("exact_max,walk_vs_exact", [(0, None), (1_000_000, float("inf")), (1_000_000, None)])
+def test_dense_search_within_equals_exact_filtered_topk(exact_max, walk_vs_exact):
     v = _unit(3000, 16)
     d = DenseIndex(16, m=16, ef_construction=200, ef_search=200)
     d.upsert(np.arange(3000), v)
@@ -63,20 +64,21 @@ def test_dense_search_within_equals_exact_filtered_topk(exact_max):
     for qi in (5, 700, 2999):
         q = v[qi]
         exact = [i for i in np.argsort(-(v @ q)) if i in allowed and i not in (7, 14)][:20]
-        labels, scores = d.search_within(q, 20, allowed, exact_max, load)
+        labels, scores = d.search_within(q, 20, lambda: allowed, load, exact_max, walk_vs_exact)
         assert set(labels) <= allowed and 7 not in labels and 14 not in labels
         assert len(set(labels) & set(exact)) >= 19  # HNSW may swap a near-tie; exact is exact
-        if exact_max:
+        if walk_vs_exact == float("inf"):
             assert labels.tolist() == exact
         assert np.all(np.diff(scores) <= 1e-6)
     # k larger than the filtered set: every live allowed document comes back, once
-    labels, _ = d.search_within(v[0], 5000, allowed, exact_max, load)
+    labels, _ = d.search_within(v[0], 5000, lambda: allowed, load, exact_max, walk_vs_exact)
     assert sorted(labels.tolist()) == sorted(allowed - {7, 14})
-    assert d.search_within(v[0], 10, set(), exact_max, load)[0].size == 0
-    assert d.search_within(v[0], 10, {7, 14, 10_000}, exact_max, load)[0].size == 0  # deleted / unknown
+    assert d.search_within(v[0], 10, set, load, exact_max)[0].size == 0
+    assert d.search_within(v[0], 10, lambda: {7, 14, 10_000}, load, exact_max)[0].size == 0  # deleted / unknown
     # a document deleted between the index lookup and the vector read is left out, not an error
     gone = {21}
-    labels, _ = d.search_within(v[21], 5, allowed, 10**6, lambda ls: load(np.asarray([x for x in ls if x not in gone])))
+    labels, _ = d.search_within(v[21], 5, lambda: allowed, lambda ls: load(np.asarray([x for x in ls if x not in gone])),
+                                10**6, float("inf"))
     assert 21 not in labels and len(labels) == 5
 
 
@@ -87,9 +89,13 @@ def test_bm25_allowed_mask_returns_best_matching_not_leftovers():
     top, _ = b.search("aspirin", 3)
     assert top[0] == 13 and set(top.tolist()) == {10, 11, 13}
     # Only 11 and 14 are allowed: 11 is found although an unfiltered top-1 would not include it.
-    assert b.search("aspirin", 1, allowed={11, 14})[0].tolist() == [11]
-    assert b.search("aspirin", 3, allowed={12, 14})[0].size == 0  # allowed but no term match
-    assert b.search("aspirin", 3, allowed=set())[0].size == 0
+    assert b.search("aspirin", 1, allowed=lambda: {11, 14})[0].tolist() == [11]
+    assert b.search("aspirin", 3, allowed=lambda: {12, 14, 99})[0].size == 0  # allowed but no term match / unknown
+    assert b.search("aspirin", 3, allowed=set)[0].size == 0
+    # a loader that returns labels out of order: the mask still lines up with the documents
+    shuffled = BM25Index(lambda: (np.asarray(labels[::-1]), texts[::-1]))
+    assert shuffled.search("aspirin", 1, allowed=lambda: {11, 14})[0].tolist() == [11]
+    assert shuffled.search("aspirin", 3)[0][0] == 13
 
 
 # -- through a real server -------------------------------------------------------------------------
@@ -215,7 +221,7 @@ def test_filter_bad_input_names_the_field(filtered_server):
     srv, _ = filtered_server
     with Client(srv.target, timeout=60) as c:
         stub = c._stub
-        assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="k" * 513, values=["x"])])),
+        assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="k" * 65537, values=["x"])])),
                        "filter[0].key")
         assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="a", values=["x"]),
                                                                                 pb.MetadataMatch(key="b")])),
@@ -225,3 +231,37 @@ def test_filter_bad_input_names_the_field(filtered_server):
                        "filter")
         assert_invalid(lambda: stub.Search(pb.SearchRequest(query="q", filter=[pb.MetadataMatch(key="a", values=["v"] * 1025)])),
                        "filter[0].values")
+
+
+def test_filtered_legs_see_a_document_re_upserted_after_the_filter_was_read(models_dir, tmp_path):
+    """A Search reads its filter before embedding the query; a matching document re-upserted
+    meanwhile (new label, old one retired) must still be found by both legs -- as an
+    unfiltered search would find its old or new version."""
+    import asyncio
+
+    from rerankd.pipeline import Document, Pipeline
+    from rerankd.stages.metadata_filter import FilterView
+    from rerankd.validation import check_filter
+
+    from util import settings_for
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path))
+        await p.start()
+        try:
+            docs = [Document(f"d{i}", f"aspirin trial number {i} on stroke", metadata={"t": "x"}) for i in range(5)]
+            await p.upsert(docs)
+            view = FilterView(p.metadata_index, check_filter([("t", ["x"])], p.settings.limits))
+            await p.upsert([docs[0]])  # same text and metadata: a new label for d0
+            new = p.store.labels_for(["d0"])["d0"]
+            assert new not in view._state[1]  # the view's first read predates the write
+            vec = (await p.embedder.encode(["aspirin trial number 0 on stroke"], is_query=True))[0][0]
+            for exact_max, ratio in ((10**6, float("inf")), (0, None)):  # exact scan, HNSW search
+                labels, _ = p.dense.search_within(vec, 10, view, p._load_vectors, exact_max, ratio)
+                assert new in labels.tolist() and len(labels) == 5
+            labels, _ = p.bm25.search("aspirin trial stroke", 10, view)
+            assert new in labels.tolist() and len(labels) == 5
+        finally:
+            await p.close()
+
+    asyncio.run(run())

@@ -78,7 +78,12 @@ class Client:
                timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
         (every key must match; a list means any of its values)."""
-        conds = [pb.MetadataMatch(key=k, values=[v] if isinstance(v, str) else list(v)) for k, v in (filter or {}).items()]
+        conds = []
+        for k, v in (filter or {}).items():
+            values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
+            if values is None or not all(isinstance(x, str) for x in values):
+                raise TypeError(f"filter[{k!r}]: metadata values are strings; give a str or a list of str, got {v!r}")
+            conds.append(pb.MetadataMatch(key=k, values=values))
         req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_STAGES[first_stage],
                                include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
                                filter=conds)

@@ -112,10 +112,10 @@ class IndexConfig:
         "gain on held-out train claims, see README (SearchRequest.fusion_weight overrides per call)",
     )
     filter_exact_max: int = _f(
-        5000,
-        "Metadata-filtered dense search: a filter matching at most this many documents is answered by an exact "
-        "scan of their stored vectors (~5 us each), a larger one by hnswlib's filtered walk (exact again if the walk "
-        "comes back short); the crossover measured by scripts/filter_bench.py is ~4,000 on a 50k index",
+        50000,
+        "Metadata-filtered dense search: most matching documents it scores exactly (vectors read from the store, "
+        "~5 us each). Up to it the cheaper of that scan and an oversampled unfiltered HNSW search is used (a cost "
+        "model measured by scripts/filter_bench.py); above it always HNSW, which may return fewer than k matches",
     )
     snapshot_every: int = _f(
         10000,

@@ -26,7 +26,7 @@ from .stages.bm25 import BM25Index
 from .stages.dense_index import DenseIndex
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
-from .stages.metadata_filter import MetadataIndex, matches
+from .stages.metadata_filter import FilterView, MetadataIndex, matches
 from .stages.reranker import Reranker
 from .store import DocumentStore, NewDocument, join_title
 from .validation import (
@@ -154,6 +154,8 @@ class Pipeline:
             check_fusion_weight(s.index.rerank_fusion_weight, "rerank_fusion_weight")
         except InvalidArgument as e:
             raise ConfigError(f"--rerank-fusion-weight: {e}") from None
+        if s.index.filter_exact_max < 0:
+            raise ConfigError(f"--filter-exact-max must be >= 0, got {s.index.filter_exact_max}")
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
@@ -286,9 +288,9 @@ class Pipeline:
                          else check_fusion_weight(p.fusion_weight))
         q_ids = self.reranker.query_ids(p.query) if rerank else None
         conditions = check_filter(p.filter, limits)
-        # None: no filter. A set (possibly empty): the only labels either leg may return.
-        allowed = await asyncio.to_thread(self.metadata_index.matching, conditions) if conditions else None
-        exact_max = self.settings.index.filter_exact_max
+        # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
+        # its own index if a write changed the filter index since (see FilterView).
+        allowed = await asyncio.to_thread(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
 
         async def dense_leg(depth: int) -> list[tuple[int, float]]:
@@ -298,8 +300,8 @@ class Pipeline:
             if allowed is None:
                 labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
             else:
-                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed, exact_max,
-                                                         self._load_vectors)
+                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed,
+                                                         self._load_vectors, self.settings.index.filter_exact_max)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
             return list(zip(labels.tolist(), scores.tolist()))
@@ -310,7 +312,7 @@ class Pipeline:
             t.bm25_us = _us(time.perf_counter() - t0)
             return list(zip(labels.tolist(), scores.tolist()))
 
-        if allowed is not None and not allowed:
+        if allowed is not None and allowed.empty_at_start:
             first = []  # nothing matches the filter: no model work
         elif stage == "dense":
             first = await dense_leg(k)
@@ -324,10 +326,8 @@ class Pipeline:
             t.fusion_us = _us(time.perf_counter() - t0)
         first = first[:k]
 
-        docs = await asyncio.to_thread(self.store.fetch, [lb for lb, _ in first])
-        # Drop documents deleted meanwhile; re-check the filter on the stored metadata itself.
-        cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1)
-                 if lb in docs and (not conditions or matches(docs[lb].metadata, conditions))]
+        docs = await asyncio.to_thread(self._fetch, [lb for lb, _ in first], conditions)
+        cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1) if lb in docs]  # drop deleted meanwhile
 
         if rerank and cands:
             t0 = time.perf_counter()
@@ -358,6 +358,14 @@ class Pipeline:
             ))
         t.total_us = _us(time.perf_counter() - t_start)
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank))
+
+    def _fetch(self, labels: list[int], conditions) -> dict:
+        """Candidates' stored rows (deleted ones absent); with a filter, also re-checked against
+        the stored metadata itself -- a guard on the filter index, in this worker thread."""
+        docs = self.store.fetch(labels)
+        if conditions:
+            docs = {lb: d for lb, d in docs.items() if matches(d.metadata, conditions)}
+        return docs
 
     def _load_vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.store.vectors_for(labels, self.dim)
@@ -422,12 +430,15 @@ class Pipeline:
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
         with self._apply_lock:
             labels, replaced, seq, retired = self.store.upsert(rows)
+            # The filter index gets new labels before the graph and loses retired ones after it:
+            # a filtered search reads it under the graph's lock, so it never misses the live
+            # version of a matching document (stale labels it still holds are not live).
+            self.metadata_index.add(labels, [r.metadata for r in rows])
             # New labels in, replaced ones out, under one index lock: a concurrent search sees
             # the old or the new version (the retired row is gone from the store already).
             self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
-            self.metadata_index.remove(retired)
-            self.metadata_index.add(labels, [r.metadata for r in rows])
             self.bm25.mark_dirty()
+            self.metadata_index.remove(retired)
             self._applied_seq = max(self._applied_seq, seq)
         return labels, replaced, seq
 

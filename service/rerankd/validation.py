@@ -107,21 +107,25 @@ MAX_FILTER_CONDITIONS = 32
 MAX_FILTER_VALUES = 1024
 
 
-def check_filter(conditions: Sequence[tuple[str, Sequence[str]]], limits: LimitsConfig,
-                 field: str = "filter") -> list[tuple[str, tuple[str, ...]]]:
-    """A Search metadata filter: ``[(key, values), ...]``, AND across, OR within."""
+def check_filter(conditions: Sequence[tuple[str, Sequence[str] | str]], limits: LimitsConfig,
+                 field: str = "filter") -> list[tuple[str, frozenset[str]]]:
+    """A Search metadata filter ``[(key, values), ...]`` (AND across, OR within) -> the same
+    with each condition's values as a frozenset (a bare string is one value)."""
     if len(conditions) > MAX_FILTER_CONDITIONS:
         raise InvalidArgument(field, f"{len(conditions)} conditions exceeds the limit of {MAX_FILTER_CONDITIONS}")
     out = []
     for i, (key, values) in enumerate(conditions):
-        if _nbytes(key) > limits.max_id_bytes:  # "" is a valid key: metadata maps may hold it
-            raise InvalidArgument(f"{field}[{i}].key", f"longer than {limits.max_id_bytes} bytes")
+        if isinstance(values, str):
+            values = (values,)
+        # "" is a valid key: metadata maps may hold it. Keys and values are bounded as stored ones are.
+        if _nbytes(key) > limits.max_metadata_bytes:
+            raise InvalidArgument(f"{field}[{i}].key", f"longer than {limits.max_metadata_bytes} bytes")
         if not values:
             raise InvalidArgument(f"{field}[{i}].values", "must list at least one value")
         if len(values) > MAX_FILTER_VALUES:
             raise InvalidArgument(f"{field}[{i}].values", f"{len(values)} values exceeds the limit of {MAX_FILTER_VALUES}")
         for j, v in enumerate(values):
-            if _nbytes(v) > limits.max_text_bytes:
-                raise InvalidArgument(f"{field}[{i}].values[{j}]", f"longer than {limits.max_text_bytes} bytes")
-        out.append((key, tuple(values)))
+            if _nbytes(v) > limits.max_metadata_bytes:
+                raise InvalidArgument(f"{field}[{i}].values[{j}]", f"longer than {limits.max_metadata_bytes} bytes")
+        out.append((key, frozenset(values)))
     return out

@@ -56,6 +56,10 @@ class BM25Index:
             if self._built_generation == gen:
                 return
             labels, texts = self._loader()
+            labels = np.asarray(labels, dtype=np.int64)
+            if len(labels) > 1 and not np.all(labels[:-1] < labels[1:]):  # the filter mask needs them sorted
+                order = np.argsort(labels, kind="stable")
+                labels, texts = labels[order], [texts[i] for i in order]
             if texts:
                 retriever = bm25s.BM25()
                 retriever.index(tokenize(texts), show_progress=False)
@@ -64,12 +68,13 @@ class BM25Index:
             self._state = (retriever, np.asarray(labels, dtype=np.int64))
             self._built_generation = gen
 
-    def search(self, query: str, k: int, allowed: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: str, k: int, allowed: Callable[[], set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, BM25 scores), best first; documents with score 0 are left out.
 
-        ``allowed`` (a metadata filter's labels): only those documents can be returned -- bm25s
-        zeroes the others' scores before the top-k (``weight_mask``), so the k are the best
-        matching documents, not what is left of an unfiltered top-k.
+        ``allowed`` (a metadata filter: returns the matching labels; called after the index is
+        brought up to date, so it is read no earlier than the index): only those documents can
+        be returned -- bm25s zeroes the others' scores before the top-k (``weight_mask``), so the
+        k are the best matching documents, not what is left of an unfiltered top-k.
         """
         self.refresh()
         retriever, labels = self._state
@@ -80,8 +85,15 @@ class BM25Index:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         mask = None
         if allowed is not None:
-            mask = np.isin(labels, np.fromiter(allowed, dtype=np.int64, count=len(allowed))).astype(np.float32)
-            k = min(k, int(mask.sum()))
+            wanted = allowed()
+            want = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
+            pos = np.searchsorted(labels, want)  # labels are sorted (refresh)
+            ok = pos < len(labels)
+            ok[ok] = labels[pos[ok]] == want[ok]
+            pos = pos[ok]
+            mask = np.zeros(len(labels), dtype=np.float32)
+            mask[pos] = 1.0
+            k = min(k, len(pos))
             if k <= 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         k = min(k, len(labels))

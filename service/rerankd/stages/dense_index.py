@@ -18,6 +18,11 @@ import numpy as np
 # labels -> (labels found, their vectors [n, dim]); labels not found (deleted) are left out
 VectorLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
+# Cost of one HNSW candidate (at ef = candidates asked) relative to one exact-scan vector read
+# from the store: a filtered search scans exactly when matching <= this x the oversampled
+# candidates. Measured by scripts/filter_bench.py on this VM (see README).
+WALK_VS_EXACT_COST = 1.5
+
 
 class DenseIndex:
     def __init__(self, dim: int, *, m: int, ef_construction: int, ef_search: int, capacity: int = 1024) -> None:
@@ -95,33 +100,58 @@ class DenseIndex:
                     k = max(1, k // 2)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
-    def search_within(self, vector: np.ndarray, k: int, allowed: set[int], exact_max: int,
-                      load_vectors: VectorLoader) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (labels, cosine scores) among ``allowed`` labels only (a metadata filter).
+    def search_within(self, vector: np.ndarray, k: int, allowed: Callable[[], set[int]], load_vectors: VectorLoader,
+                      exact_max: int, walk_vs_exact: float = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, cosine scores) among the labels ``allowed()`` returns (a metadata filter).
 
-        Up to ``exact_max`` live allowed documents are scored exactly, their vectors read with
-        ``load_vectors`` (the document store: hnswlib's ``get_items`` is ~6x slower per vector):
-        a selective filter is where a filtered HNSW walk degrades (it visits ~k/share nodes).
-        Above it, hnswlib's filtered walk; should that come back short of ``k`` (a filter that
-        disconnects the graph), the exact scan answers instead, so a filter never loses matching
-        documents. ``scripts/filter_bench.py`` measures the crossover.
+        ``allowed`` is called under the index lock, so it is read at the same moment as the
+        graph (the pipeline adds a document's labels to the filter index before the graph and
+        removes them after it, so no live version of a matching document is ever missed).
+
+        Two ways, whichever the cost model says is cheaper (``scripts/filter_bench.py``):
+        * an exact scan of the matching documents, their vectors read with ``load_vectors`` (the
+          document store, ~5 us each), for filters matching few documents;
+        * an *unfiltered* HNSW search for ``k * live / matching`` candidates (oversampled), the
+          first k matching kept -- for filters matching a large share, where that is a small
+          multiple of k. hnswlib's own filtered search is not used: its filter is a Python
+          callback per visited node, which needs the GIL each time and stalls for seconds when
+          another thread is busy in Python (a BM25 rebuild, the batchers).
+        Should the HNSW search come back with fewer than k matching documents, it is repeated
+        with 4x the candidates (twice at most); then the exact scan answers if the filter
+        matches at most ``exact_max`` documents, else the search returns what it found.
+        ``walk_vs_exact``: the cost model's ratio (default ``WALK_VS_EXACT_COST``).
         """
+        ratio = WALK_VS_EXACT_COST if walk_vs_exact is None else walk_vs_exact
+        q = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         with self._lock:
-            live = allowed & self._live if len(allowed) <= len(self._live) else self._live & allowed
-            k = min(k, len(live))
+            matching = allowed()
+            n_live = len(self._live)
+            k = min(k, len(matching), n_live)
             if k <= 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            q = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
-            if len(live) > exact_max:
-                self._index.set_ef(max(self.ef_search, k))
-                try:
-                    labels, dist = self._index.knn_query(q.reshape(1, -1), k=k, num_threads=1, filter=live.__contains__)
-                    if labels.shape[1] == k:
-                        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
-                except RuntimeError:
-                    pass  # fewer than k reachable: exact below
+            # candidates an unfiltered search needs to hold ~k matching ones (+25 %, +8)
+            fetch = min(n_live, int(np.ceil(k * n_live / len(matching) * 1.25)) + 8)
+            walk_labels = np.zeros(0, dtype=np.int64)
+            walk_scores = np.zeros(0, dtype=np.float32)
+            if len(matching) > exact_max or len(matching) > ratio * fetch:
+                for _ in range(3):
+                    self._index.set_ef(max(self.ef_search, fetch))
+                    try:
+                        labels, dist = self._index.knn_query(q.reshape(1, -1), k=fetch, num_threads=1)
+                    except RuntimeError:
+                        break  # fewer reachable live elements than asked for (heavy deletes)
+                    labels = labels[0].astype(np.int64)
+                    keep = np.fromiter((lb in matching for lb in labels.tolist()), dtype=bool, count=len(labels))
+                    walk_labels, walk_scores = labels[keep][:k], (1.0 - dist[0][keep][:k]).astype(np.float32)
+                    if len(walk_labels) == k or fetch >= n_live:
+                        break
+                    fetch = min(n_live, fetch * 4)
+                self._index.set_ef(self.ef_search)
+                if len(walk_labels) == k or len(matching) > exact_max:
+                    return walk_labels, walk_scores
+            live = matching & self._live  # set & iterates the smaller of the two
         # Outside the lock: a label deleted meanwhile is simply not found by the loader.
-        ids, vecs = load_vectors(np.fromiter(sorted(live), dtype=np.int64, count=len(live)))
+        ids, vecs = load_vectors(np.fromiter(live, dtype=np.int64, count=len(live)))
         if len(ids) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         scores = np.asarray(vecs, dtype=np.float32) @ q

@@ -24,9 +24,11 @@ class MetadataIndex:
         self._lock = threading.Lock()
         self._postings: dict[str, dict[str, set[int]]] = {}  # key -> value -> labels
         self._by_label: dict[int, Mapping[str, str]] = {}
+        self.version = 0  # bumped by every add/remove: a FilterView re-reads only after a change
 
     def add(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> None:
         with self._lock:
+            self.version += 1
             for lb, md in zip(labels, metadatas):
                 lb = int(lb)
                 if lb in self._by_label:
@@ -40,6 +42,7 @@ class MetadataIndex:
 
     def remove(self, labels: Iterable[int]) -> None:
         with self._lock:
+            self.version += 1
             for lb in labels:
                 self._remove_locked(int(lb))
 
@@ -61,29 +64,51 @@ class MetadataIndex:
 
     def matching(self, conditions: Sequence[Condition]) -> set[int]:
         """Labels whose metadata satisfies every condition (a new set the caller may keep)."""
+        return self.matching_at(conditions)[1]
+
+    def matching_at(self, conditions: Sequence[Condition]) -> tuple[int, set[int]]:
+        """``(version, labels)``: the matching labels and the index version they were read at."""
         if not conditions:
             raise ValueError("matching() needs at least one condition (no filter = every document)")
         with self._lock:
-            # Smallest condition first: the intersection never grows past it.
+            # Smallest condition first: the result never grows past it, and every later
+            # condition only tests those few labels (no union of a broad condition is built).
             sized = []
             for key, values in conditions:
                 by_value = self._postings.get(key, {})
                 sets = [by_value[v] for v in set(values) if v in by_value]
                 sized.append((sum(len(s) for s in sets), sets))
             sized.sort(key=lambda x: x[0])
-            out: set[int] | None = None
-            for _, sets in sized:
-                union = set().union(*sets) if sets else set()
-                out = union if out is None else out & union
+            out: set[int] = set().union(*sized[0][1])
+            for _, sets in sized[1:]:
                 if not out:
-                    return set()
-            return out if out is not None else set()
+                    break
+                out = {lb for lb in out if any(lb in s for s in sets)}
+            return self.version, out
 
     def __len__(self) -> int:
         """Documents with any metadata."""
         return len(self._by_label)
 
 
-def matches(metadata: Mapping[str, str], conditions: Sequence[Condition]) -> bool:
+def matches(metadata: Mapping[str, str], conditions: Sequence[tuple[str, frozenset[str]]]) -> bool:
     """The same predicate for one document (the final check on fetched rows)."""
-    return all(metadata.get(key) in set(values) for key, values in conditions)
+    return all(metadata.get(key) in values for key, values in conditions)
+
+
+class FilterView:
+    """The labels matching one Search's filter, as of the moment it is called: read once, and
+    again only when the index changed since (a write between the two first-stage legs, or
+    between the filter's first read and a leg's index read)."""
+
+    def __init__(self, index: MetadataIndex, conditions: Sequence[Condition]) -> None:
+        self._index = index
+        self._conditions = conditions
+        self._state = index.matching_at(conditions)  # (version, labels): one attribute, swapped whole
+        self.empty_at_start = not self._state[1]
+
+    def __call__(self) -> set[int]:
+        version, labels = self._state  # the two legs may call this from two threads at once
+        if self._index.version != version:
+            version, labels = self._state = self._index.matching_at(self._conditions)
+        return labels
