@@ -265,3 +265,13 @@ def test_filtered_legs_see_a_document_re_upserted_after_the_filter_was_read(mode
             await p.close()
 
     asyncio.run(run())
+
+
+def test_client_filter_values_must_be_strings():
+    from rerankd.client import Client
+
+    with Client("127.0.0.1:1") as c:  # never connects: refused before any RPC
+        with pytest.raises(TypeError, match=r"filter\['year'\]"):
+            c.search("q", filter={"year": 2001})
+        with pytest.raises(TypeError, match=r"filter\['year'\]"):
+            c.search("q", filter={"year": ["2001", 2002]})
