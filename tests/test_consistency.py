@@ -170,6 +170,12 @@ def test_replacing_upserts_trigger_background_compaction(models_dir, tmp_path):
             assert p._compact_task is not None, "no background compaction was started"
             assert p.dense.deleted_count <= len(docs) and len(p.dense) == len(docs), (p.dense.deleted_count, len(p.dense))
             assert p.dense.labels() == set(p.store.labels_for([d.id for d in docs]).values())
+            # the compaction saved its graph (snapshot_every is 10,000: nothing else saves one
+            # here), so a restart loads it and replays the later writes instead of compacting again
+            assert p.snapshot_info is not None
+            g, info, how = snapshot.load_or_rebuild(p.store, p.snapshot_dir, p.dim, m=s.index.hnsw_m,
+                                                    ef_construction=s.index.ef_construction, ef_search=s.index.ef_search)
+            assert how == "loaded" and g.deleted_count == p.dense.deleted_count and g.labels() == p.dense.labels()
         finally:
             await p.close()
 

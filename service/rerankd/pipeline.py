@@ -555,6 +555,13 @@ class Pipeline:
                      dropped, len(self.dense), time.perf_counter() - t0)
         except Exception:
             log.exception("background HNSW compaction failed (the current graph stays in use)")
+            return
+        try:
+            # Persist the compacted graph now, as Compact does: the snapshot on disk still holds the
+            # deleted entries, and a restart would load it and compact again before serving.
+            await asyncio.to_thread(self._save_snapshot, True)
+        except Exception:
+            log.exception("snapshot after background compaction failed (the previous one stays valid)")
 
     async def flush(self) -> None:
         """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""
