@@ -184,3 +184,28 @@ def test_concurrent_upsert_delete_search_of_one_id_keeps_the_indexes_consistent(
     server.call(p.flush)
     assert set(p.bm25._state[1].tolist()) == stored
     assert stub.Stats(pb.StatsRequest(), timeout=30).documents == len(stored)
+
+
+def test_idle_upsert_stream_is_ended_and_says_what_was_committed(models_dir, tmp_path):
+    """A client that opens an UpsertStream and stops sending must not hold the method's slot
+    forever: the stream ends with DEADLINE_EXCEEDED, and what it had sent stays committed."""
+    import time
+
+    with EmbeddedServer(settings_for(models_dir, tmp_path, server={"listen": "127.0.0.1:0", "stream_idle_timeout_s": 0.5})) as srv:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.RetrievalStub(ch)
+
+            def batches():
+                yield pb.UpsertRequest(documents=[pb.Document(id="s1", text="Aspirin lowers the risk of stroke.")])
+                time.sleep(3)  # stalls past the idle timeout
+                yield pb.UpsertRequest(documents=[pb.Document(id="s2", text="never sent in time")])
+
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.UpsertStream(batches(), timeout=60)
+            assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ei.value.details()
+            assert "stream-idle-timeout" in ei.value.details() and "batches 0..0 with 1 documents were committed" in ei.value.details()
+            assert stub.Stats(pb.StatsRequest(), timeout=30).documents == 1
+            # an active stream is not affected by the timeout
+            r = stub.UpsertStream(iter([pb.UpsertRequest(documents=[pb.Document(id=f"a{i}", text=f"doc {i}")]) for i in range(3)]),
+                                  timeout=60)
+            assert r.upserted == 3

@@ -29,6 +29,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argpa
 class ServerConfig:
     listen: str = _f("[::]:50051", "gRPC listen address(es), comma-separated: host:port or unix:///path")
     grace_period_s: float = _f(10.0, "SIGTERM: seconds to finish in-flight calls before cancelling them")
+    stream_idle_timeout_s: float = _f(
+        60.0,
+        "UpsertStream: end a stream that sends no batch for this long with DEADLINE_EXCEEDED (saying what was "
+        "committed), so idle streams cannot hold the method's concurrency slots; 0 = never",
+    )
     max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
     max_queue_wait_ratio: float = _f(
         0.0,

@@ -288,20 +288,25 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             t0 = time.perf_counter()
             n = 0
             requests = aiter(request_iterator)
+            idle = self.app.settings.server.stream_idle_timeout_s
+
+            def committed() -> str:
+                return f"batches 0..{n - 1} with {upserted} documents were committed" if n else "nothing was committed"
+
             while True:
                 try:
                     try:
-                        request = await anext(requests)  # a malformed message raises InvalidArgument
+                        # a malformed message raises InvalidArgument
+                        request = await (asyncio.wait_for(anext(requests), idle) if idle > 0 else anext(requests))
                     except StopAsyncIteration:
                         break
+                    except asyncio.TimeoutError:
+                        raise errors.DeadlineExceeded(
+                            f"no batch for {idle:g} s (--stream-idle-timeout-s): stream ended; {committed()}") from None
                     r = await p.upsert(_documents(request), deadline)
                 except errors.InvalidArgument as e:
                     # Earlier batches are committed; say exactly where the stream stopped.
-                    raise errors.InvalidArgument(
-                        f"batch[{n}].{e.field}",
-                        f"{str(e).split(': ', 1)[-1]} ("
-                        + (f"batches 0..{n - 1} with {upserted} documents were committed)" if n else "nothing was committed)"),
-                    ) from e
+                    raise errors.InvalidArgument(f"batch[{n}].{e.field}", f"{str(e).split(': ', 1)[-1]} ({committed()})") from e
                 upserted += r.upserted
                 replaced += r.replaced
                 seq = r.sequence
