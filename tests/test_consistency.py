@@ -219,3 +219,45 @@ def test_compaction_catch_up_keeps_writes_made_during_the_rebuild(models_dir, tm
             await p.close()
 
     asyncio.run(run())
+
+
+def test_index_update_failing_after_commit_is_reported_and_repaired(models_dir, tmp_path):
+    """Out of memory growing the graph (say) after the SQLite commit: the write is durable, the
+    caller is told so (BackendError), and the in-memory indexes are rebuilt from the store."""
+    from rerankd.errors import BackendError
+    from rerankd.pipeline import Document, Pipeline
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data", index={"data_dir": tmp_path / "data"}))
+        await p.start()
+        try:
+            await p.upsert([Document("a", "aspirin and stroke", metadata={"t": "x"})])
+            def failing(*a, **kw):
+                raise MemoryError("simulated: could not grow the HNSW graph")
+
+            broken = p.dense  # the repair swaps in a new graph; this one stays broken
+            broken.replace = failing
+            with pytest.raises(BackendError, match="committed .*retrying is safe"):
+                await p.upsert([Document("b", "aspirin and colon cancer", metadata={"t": "x"})])
+            assert p.store.labels_for(["b"])  # durable
+            await p._repair_task
+            assert p.dense is not broken
+            want = set(p.store.labels_for(["a", "b"]).values())
+            assert p.dense.labels() == want
+            assert p.metadata_index.matching([("t", ["x"])]) == want
+            from rerankd.pipeline import SearchParams
+
+            hits = await p.search(SearchParams("aspirin colon cancer", rerank=False, filter=(("t", ("x",)),)))
+            assert {h.id for h in hits.hits} == {"a", "b"}
+            # a failing delete: the same
+            broken = p.dense
+            broken.delete = failing
+            with pytest.raises(BackendError):
+                await p.delete(["a"])
+            await p._repair_task
+            assert p.dense is not broken
+            assert p.dense.labels() == set(p.store.labels_for(["b"]).values())
+        finally:
+            await p.close()
+
+    asyncio.run(run())

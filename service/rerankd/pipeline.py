@@ -21,7 +21,7 @@ from . import snapshot
 from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings
-from .errors import ConfigError, InvalidArgument, NotReady
+from .errors import BackendError, ConfigError, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
 from .stages.dense_index import DenseIndex
 from .stages.embedder import Embedder
@@ -129,6 +129,14 @@ class DeleteResult:
     sequence: int
 
 
+class _IndexesBehind(Exception):
+    """A write was committed to the store but updating the in-memory indexes failed."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
+
+
 def _us(seconds: float) -> int:
     return int(seconds * 1e6)
 
@@ -208,6 +216,7 @@ class Pipeline:
         self._snapshot_task: asyncio.Task | None = None
         self._compact_lock = threading.Lock()  # one graph rebuild at a time
         self._compact_task: asyncio.Task | None = None
+        self._repair_task: asyncio.Task | None = None
         self._closing = False
         self.ready = False
 
@@ -254,7 +263,7 @@ class Pipeline:
         self._closing = True
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
-        for task in (self._compact_task, self._snapshot_task):
+        for task in (self._compact_task, self._snapshot_task, self._repair_task):
             if task is not None and not task.done():
                 await asyncio.wait({task})
         if save_snapshot:
@@ -421,25 +430,59 @@ class Pipeline:
         assert self._write_lock is not None
         async with self._write_lock:
             # Durable commit, then the in-memory indexes; the lock keeps both in one order.
-            labels, replaced, seq = await asyncio.to_thread(self._apply_upsert, rows, vecs)
+            labels, replaced, seq = await self._apply(self._apply_upsert, rows, vecs)
         self._maybe_snapshot()
         if replaced:
             self._maybe_compact()  # a replaced document leaves its old entry marked deleted, as a Delete does
         return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0)))
 
+    async def _apply(self, fn, *args):
+        """Run a write's commit-and-apply in a worker thread. Should the in-memory update fail
+        after the commit (e.g. out of memory growing the graph), the write is durable but the
+        indexes miss it: they are rebuilt from the store in the background, and the caller gets
+        an error that says so (retrying is safe: writes are idempotent)."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except _IndexesBehind as e:
+            log.error("write committed at seq %d but the in-memory indexes failed to update: %r; rebuilding them "
+                      "from the store", e.seq, e.__cause__)
+            if self._repair_task is None or self._repair_task.done():
+                self._repair_task = asyncio.get_running_loop().create_task(self._background_repair())
+            raise BackendError(
+                f"the write was committed (sequence {e.seq}) but updating the in-memory indexes failed "
+                f"({e.__cause__!r}); they are being rebuilt from the store -- retrying is safe") from None
+
+    async def _background_repair(self) -> None:
+        try:
+            await asyncio.to_thread(self._repair_indexes)
+            log.info("in-memory indexes rebuilt from the store")
+        except Exception:
+            log.exception("rebuilding the in-memory indexes failed (a restart rebuilds them)")
+
+    def _repair_indexes(self) -> None:
+        self._rebuild_dense()  # the graph from the stored vectors, with the writes made meanwhile
+        with self._apply_lock:
+            fresh = MetadataIndex()
+            fresh.add(*self.store.metadata())
+            self.metadata_index = fresh
+            self.bm25.mark_dirty()
+
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
         with self._apply_lock:
             labels, replaced, seq, retired = self.store.upsert(rows)
-            # The filter index gets new labels before the graph and loses retired ones after it:
-            # a filtered search reads it under the graph's lock, so it never misses the live
-            # version of a matching document (stale labels it still holds are not live).
-            self.metadata_index.add(labels, [r.metadata for r in rows])
-            # New labels in, replaced ones out, under one index lock: a concurrent search sees
-            # the old or the new version (the retired row is gone from the store already).
-            self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
-            self.bm25.mark_dirty()
-            self.metadata_index.remove(retired)
             self._applied_seq = max(self._applied_seq, seq)
+            try:
+                # The filter index gets new labels before the graph and loses retired ones after
+                # it: a filtered search reads it under the graph's lock, so it never misses the
+                # live version of a matching document (stale labels it still holds are not live).
+                self.metadata_index.add(labels, [r.metadata for r in rows])
+                # New labels in, replaced ones out, under one index lock: a concurrent search sees
+                # the old or the new version (the retired row is gone from the store already).
+                self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
+                self.bm25.mark_dirty()
+                self.metadata_index.remove(retired)
+            except Exception as e:
+                raise _IndexesBehind(seq) from e
         return labels, replaced, seq
 
     async def delete(self, ids: list[str]) -> DeleteResult:
@@ -448,7 +491,7 @@ class Pipeline:
         check_ids(ids, limits, "ids")
         assert self._write_lock is not None
         async with self._write_lock:
-            labels, missing, seq = await asyncio.to_thread(self._apply_delete, ids)
+            labels, missing, seq = await self._apply(self._apply_delete, ids)
         self._maybe_snapshot()
         self._maybe_compact()
         return DeleteResult(len(labels), missing, seq)
@@ -456,11 +499,15 @@ class Pipeline:
     def _apply_delete(self, ids: list[str]) -> tuple[list[int], list[str], int]:
         with self._apply_lock:
             labels, missing, seq = self.store.delete(ids)
-            self.dense.delete(labels)
-            self.metadata_index.remove(labels)
             if labels:
-                self.bm25.mark_dirty()
                 self._applied_seq = max(self._applied_seq, seq)
+            try:
+                self.dense.delete(labels)
+                self.metadata_index.remove(labels)
+                if labels:
+                    self.bm25.mark_dirty()
+            except Exception as e:
+                raise _IndexesBehind(seq) from e
         return labels, missing, seq
 
     # -- operations ------------------------------------------------------------------------------------
