@@ -223,40 +223,80 @@ def test_compaction_catch_up_keeps_writes_made_during_the_rebuild(models_dir, tm
 
 def test_index_update_failing_after_commit_is_reported_and_repaired(models_dir, tmp_path):
     """Out of memory growing the graph (say) after the SQLite commit: the write is durable, the
-    caller is told so (BackendError), and the in-memory indexes are rebuilt from the store."""
+    caller is told so (BackendError), the graph is not snapshotted while it misses the write, and
+    the in-memory indexes are rebuilt from the store -- also when the call was cancelled (its
+    worker thread failing on its own) and when another write fails during the rebuild."""
     from rerankd.errors import BackendError
-    from rerankd.pipeline import Document, Pipeline
+    from rerankd.pipeline import Document, Pipeline, SearchParams, _IndexesBehind
+    from rerankd.store import NewDocument
+
+    def failing(*a, **kw):
+        raise MemoryError("simulated: could not grow the HNSW graph")
+
+    async def repaired(p) -> None:
+        while p._repair_task is None:
+            await asyncio.sleep(0.01)
+        await p._repair_task
+        assert not p._indexes_behind
 
     async def run() -> None:
         p = Pipeline(settings_for(models_dir, tmp_path / "data", index={"data_dir": tmp_path / "data"}))
         await p.start()
         try:
             await p.upsert([Document("a", "aspirin and stroke", metadata={"t": "x"})])
-            def failing(*a, **kw):
-                raise MemoryError("simulated: could not grow the HNSW graph")
-
             broken = p.dense  # the repair swaps in a new graph; this one stays broken
             broken.replace = failing
-            with pytest.raises(BackendError, match="committed .*retrying is safe"):
+            with pytest.raises(BackendError, match="committed .*Retrying is safe"):
                 await p.upsert([Document("b", "aspirin and colon cancer", metadata={"t": "x"})])
-            assert p.store.labels_for(["b"])  # durable
-            await p._repair_task
+            assert p.store.labels_for(["b"]) and p._indexes_behind  # durable; behind
+            await repaired(p)
             assert p.dense is not broken
             want = set(p.store.labels_for(["a", "b"]).values())
             assert p.dense.labels() == want
             assert p.metadata_index.matching([("t", ["x"])]) == want
-            from rerankd.pipeline import SearchParams
-
+            assert p.snapshot_info is not None and p.snapshot_info.sequence == p.store.last_seq()  # saved when repaired
             hits = await p.search(SearchParams("aspirin colon cancer", rerank=False, filter=(("t", ("x",)),)))
             assert {h.id for h in hits.hits} == {"a", "b"}
-            # a failing delete: the same
+
+            # A cancelled call: its worker thread fails on its own, with nobody awaiting it. The
+            # rebuild is still requested, and no snapshot is written meanwhile.
+            p._repair_task = None
             broken = p.dense
             broken.delete = failing
-            with pytest.raises(BackendError):
-                await p.delete(["a"])
-            await p._repair_task
-            assert p.dense is not broken
+
+            def worker_of_cancelled_call() -> object:
+                with pytest.raises(_IndexesBehind):
+                    p._apply_delete(["a"])
+                return p._save_snapshot(True)
+
+            assert await asyncio.to_thread(worker_of_cancelled_call) is None  # snapshot refused while behind
+            await repaired(p)
             assert p.dense.labels() == set(p.store.labels_for(["b"]).values())
+
+            # Another write fails while a rebuild runs: the rebuild goes round again.
+            p._repair_task = None
+            real_rebuild = p._rebuild_dense
+            tok = p.reranker.passage_ids(["x"])[0]
+            vec = (await p.embedder.encode(["zinc and colds"], is_query=False))[0]
+            calls = []
+
+            def rebuild_then_fail_a_write():
+                real_rebuild()
+                if not calls:
+                    calls.append(1)
+                    p.dense.replace = failing  # the fresh graph, for this one write
+                    with pytest.raises(_IndexesBehind):
+                        p._apply_upsert([NewDocument("z", "zinc and colds", "", {"t": "x"}, vec[0], tok)], vec)
+                return 0
+
+            p._rebuild_dense = rebuild_then_fail_a_write
+            p.dense.replace = failing
+            with pytest.raises(BackendError):
+                await p.upsert([Document("c", "coffee and liver", metadata={"t": "x"})])
+            await repaired(p)
+            assert len(calls) == 1
+            assert p.dense.labels() == set(p.store.labels_for(["b", "c", "z"]).values())
+            assert p.metadata_index.matching([("t", ["x"])]) == p.dense.labels()
         finally:
             await p.close()
 

@@ -284,9 +284,12 @@ def _report_rpc_error(e, feeder: Feeder, path: Path) -> int:
               f"the batch of lines {lines[0]}-{lines[-1]} and everything after it were not indexed", file=sys.stderr)
         return 1
     last = feeder.batches[-1][-1] if feeder.batches else 0
+    c = _COMMITTED.search(details)
+    known = (f"the server reports {c.group(1)} documents committed" if c
+             else "whether the last batches were committed is unknown")
     print(f"error: UpsertStream failed: {code.name}: {details}\n"
-          f"{feeder.sent_docs} documents (lines 1-{last}) were sent; whether the last batches were committed is "
-          f"unknown. Re-running the file is safe (upserts by id are idempotent).", file=sys.stderr)
+          f"{feeder.sent_docs} documents (lines 1-{last}) were sent; {known}. "
+          f"Re-running the file is safe (upserts by id are idempotent).", file=sys.stderr)
     return 1
 
 

@@ -217,6 +217,9 @@ class Pipeline:
         self._compact_lock = threading.Lock()  # one graph rebuild at a time
         self._compact_task: asyncio.Task | None = None
         self._repair_task: asyncio.Task | None = None
+        self._repair_requested = 0  # bumped (under the apply lock) by each write the indexes missed
+        self._indexes_behind = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.ready = False
 
@@ -246,6 +249,7 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         self._write_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         await self.embedder.batcher.start()
         await self.reranker.batcher.start()
         # A rebuilt graph or a long replay: snapshot now so the next restart does not repeat it.
@@ -439,33 +443,60 @@ class Pipeline:
     async def _apply(self, fn, *args):
         """Run a write's commit-and-apply in a worker thread. Should the in-memory update fail
         after the commit (e.g. out of memory growing the graph), the write is durable but the
-        indexes miss it: they are rebuilt from the store in the background, and the caller gets
-        an error that says so (retrying is safe: writes are idempotent)."""
+        indexes miss it: the worker itself requests a rebuild from the store (``_indexes_behind``,
+        also when this call was cancelled meanwhile), and the caller gets an error that says so."""
         try:
             return await asyncio.to_thread(fn, *args)
         except _IndexesBehind as e:
-            log.error("write committed at seq %d but the in-memory indexes failed to update: %r; rebuilding them "
-                      "from the store", e.seq, e.__cause__)
-            if self._repair_task is None or self._repair_task.done():
-                self._repair_task = asyncio.get_running_loop().create_task(self._background_repair())
             raise BackendError(
                 f"the write was committed (sequence {e.seq}) but updating the in-memory indexes failed "
-                f"({e.__cause__!r}); they are being rebuilt from the store -- retrying is safe") from None
+                f"({e.__cause__!r}); they are being rebuilt from the store. Retrying is safe (a retried Delete "
+                f"reports the ids it already deleted as not_found)") from None
+
+    def _indexes_fell_behind(self, seq: int, cause: BaseException) -> None:
+        """Worker thread, under the apply lock: a committed write is missing from the indexes."""
+        self._repair_requested += 1
+        self._indexes_behind = True  # no snapshot of the graph until it is repaired
+        log.error("write committed at seq %d but the in-memory indexes failed to update: %r; rebuilding them "
+                  "from the store", seq, cause)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._schedule_repair)
+
+    def _schedule_repair(self) -> None:
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.get_running_loop().create_task(self._background_repair())
 
     async def _background_repair(self) -> None:
-        try:
-            await asyncio.to_thread(self._repair_indexes)
-            log.info("in-memory indexes rebuilt from the store")
-        except Exception:
-            log.exception("rebuilding the in-memory indexes failed (a restart rebuilds them)")
+        """Rebuild until a pass completes with no new failure requested during it; a failing pass
+        (memory still short) is retried with backoff until the server closes."""
+        delay = 1.0
+        while not self._closing:
+            target = self._repair_requested
+            try:
+                await asyncio.to_thread(self._repair_indexes, target)
+            except Exception:
+                log.exception("rebuilding the in-memory indexes failed; retrying in %.0f s", delay)
+                for _ in range(int(delay / 0.25)):  # a shutdown does not wait for the backoff
+                    if self._closing:
+                        return
+                    await asyncio.sleep(0.25)
+                delay = min(delay * 2, 30.0)
+                continue
+            if not self._indexes_behind:
+                log.info("in-memory indexes rebuilt from the store")
+                try:
+                    await asyncio.to_thread(self._save_snapshot, True)
+                except Exception:
+                    log.exception("snapshot after the index rebuild failed (the previous one stays valid)")
+                return
 
-    def _repair_indexes(self) -> None:
+    def _repair_indexes(self, target: int) -> None:
         self._rebuild_dense()  # the graph from the stored vectors, with the writes made meanwhile
         with self._apply_lock:
-            fresh = MetadataIndex()
-            fresh.add(*self.store.metadata())
-            self.metadata_index = fresh
+            self.metadata_index.reset(*self.store.metadata())  # in place: searches' views re-read
             self.bm25.mark_dirty()
+            if self._repair_requested == target:  # no write failed since this pass began
+                self._indexes_behind = False
 
     def _apply_upsert(self, rows: list[NewDocument], vecs: np.ndarray) -> tuple[list[int], int, int]:
         with self._apply_lock:
@@ -482,6 +513,7 @@ class Pipeline:
                 self.bm25.mark_dirty()
                 self.metadata_index.remove(retired)
             except Exception as e:
+                self._indexes_fell_behind(seq, e)
                 raise _IndexesBehind(seq) from e
         return labels, replaced, seq
 
@@ -507,6 +539,7 @@ class Pipeline:
                 if labels:
                     self.bm25.mark_dirty()
             except Exception as e:
+                self._indexes_fell_behind(seq, e)
                 raise _IndexesBehind(seq) from e
         return labels, missing, seq
 
@@ -521,6 +554,11 @@ class Pipeline:
         """
         with self._snapshot_lock:
             with self._apply_lock:
+                if self._indexes_behind:
+                    # The graph misses a committed write: saving it under a sequence that covers
+                    # the write would make a restart trust it. The rebuild saves one when done.
+                    log.warning("HNSW snapshot skipped: the in-memory indexes are being rebuilt")
+                    return None
                 seq = self.store.last_seq()
                 dense = self.dense
             if not force and seq == self._snapshot_seq:
@@ -554,7 +592,8 @@ class Pipeline:
         async with self._write_lock:  # writes wait; searches keep using the old graph
             await asyncio.to_thread(self._rebuild_dense)
             info = await asyncio.to_thread(self._save_snapshot, True)
-        assert info is not None
+        if info is None:  # skipped: a failed write's index rebuild is still running
+            raise NotReady("the in-memory indexes are being rebuilt after a failed write; retry Compact shortly")
         return info, time.perf_counter() - t0
 
     def _rebuild_dense(self) -> int:

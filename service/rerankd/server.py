@@ -296,8 +296,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             while True:
                 try:
                     try:
-                        # a malformed message raises InvalidArgument
-                        request = await (asyncio.wait_for(anext(requests), idle) if idle > 0 else anext(requests))
+                        request = await _next_batch(requests, idle)  # a malformed message raises InvalidArgument
                     except StopAsyncIteration:
                         break
                     except asyncio.TimeoutError:
@@ -365,6 +364,16 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         opts += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                  ("grpc.max_connection_age_grace_ms", int(s.grace_period_s * 1000))]
     return opts
+
+
+async def _next_batch(requests, idle_s: float):
+    """The stream's next message, or ``asyncio.TimeoutError`` after ``idle_s`` without one."""
+    if idle_s <= 0:
+        return await anext(requests)
+    if hasattr(asyncio, "timeout"):  # 3.11+: unlike wait_for, never swallows a cancellation
+        async with asyncio.timeout(idle_s):
+            return await anext(requests)
+    return await asyncio.wait_for(anext(requests), idle_s)
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):

@@ -40,6 +40,14 @@ class MetadataIndex:
                 for k, v in md.items():
                     self._postings.setdefault(k, {}).setdefault(v, set()).add(lb)
 
+    def reset(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> None:
+        """Replace the whole contents (a rebuild from the store), in place: views held by
+        searches see the version change and re-read."""
+        with self._lock:
+            self._postings.clear()
+            self._by_label.clear()
+        self.add(labels, metadatas)
+
     def remove(self, labels: Iterable[int]) -> None:
         with self._lock:
             self.version += 1
