@@ -488,7 +488,8 @@ class Pipeline:
                     await asyncio.to_thread(self._save_snapshot, True)
                 except Exception:
                     log.exception("snapshot after the index rebuild failed (the previous one stays valid)")
-                return
+                if not self._indexes_behind:  # else a write failed meanwhile (its request found this task running)
+                    return
 
     def _repair_indexes(self, target: int) -> None:
         self._rebuild_dense()  # the graph from the stored vectors, with the writes made meanwhile
