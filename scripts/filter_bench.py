@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from rerankd.stages.dense_index import WALK_VS_EXACT_COST, DenseIndex
+from rerankd.stages.dense_index import WALK_VS_EXACT_COST, DenseIndex, filter_plan
 from rerankd.store import DocumentStore, NewDocument
 
 
@@ -84,8 +84,8 @@ def main() -> None:
         allowed = set((rng.choice(a.n, int(a.n * share), replace=False) + 1).tolist())
         t_exact, exact = timed(lambda q: ix.search_within(q, a.k, lambda: allowed, load, a.n, float("inf"))[0])
         t_over, over = timed(lambda q: ix.search_within(q, a.k, lambda: allowed, load, 0)[0])
-        fetch = min(a.n, int(np.ceil(min(a.k, len(allowed)) * a.n / len(allowed) * 1.25)) + 8)
-        pick = "HNSW" if len(allowed) > WALK_VS_EXACT_COST * fetch else "exact"
+        exact_pick, _ = filter_plan(min(a.k, len(allowed)), a.n, len(allowed), exact_max=a.n)
+        pick = "exact" if exact_pick else "HNSW"
         t_cb, cb = timed(lambda q: callback_walk(q, allowed))
         t_cb_busy = t_over_busy = float("nan")
         if share >= 0.01:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rerankd.stages.bm25 import BM25Index
-from rerankd.stages.dense_index import DenseIndex
+from rerankd.stages.dense_index import WALK_VS_EXACT_COST, DenseIndex
 from rerankd.stages.metadata_filter import MetadataIndex, matches
 
 
@@ -50,7 +50,8 @@ def _unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 # the oversampled HNSW search (no exact scan allowed), the exact scan (forced), and the cost model
-@pytest.mark.parametrize("exact_max,walk_vs_exact", [(0, None), (1_000_000, float("inf")), (1_000_000, None)])
+@pytest.mark.parametrize("exact_max,walk_vs_exact", [(0, WALK_VS_EXACT_COST), (1_000_000, float("inf")),
+                                                      (1_000_000, WALK_VS_EXACT_COST)])
 def test_dense_search_within_equals_exact_filtered_topk(exact_max, walk_vs_exact):
     v = _unit(3000, 16)
     d = DenseIndex(16, m=16, ef_construction=200, ef_search=200)
@@ -256,7 +257,7 @@ def test_filtered_legs_see_a_document_re_upserted_after_the_filter_was_read(mode
             new = p.store.labels_for(["d0"])["d0"]
             assert new not in view._state[1]  # the view's first read predates the write
             vec = (await p.embedder.encode(["aspirin trial number 0 on stroke"], is_query=True))[0][0]
-            for exact_max, ratio in ((10**6, float("inf")), (0, None)):  # exact scan, HNSW search
+            for exact_max, ratio in ((10**6, float("inf")), (0, WALK_VS_EXACT_COST)):  # exact scan, HNSW search
                 labels, _ = p.dense.search_within(vec, 10, view, p._load_vectors, exact_max, ratio)
                 assert new in labels.tolist() and len(labels) == 5
             labels, _ = p.bm25.search("aspirin trial stroke", 10, view)

@@ -484,10 +484,7 @@ class Pipeline:
                 continue
             if not self._indexes_behind:
                 log.info("in-memory indexes rebuilt from the store")
-                try:
-                    await asyncio.to_thread(self._save_snapshot, True)
-                except Exception:
-                    log.exception("snapshot after the index rebuild failed (the previous one stays valid)")
+                await self._snapshot_rebuilt_graph("the index rebuild")
                 if not self._indexes_behind:  # else a write failed meanwhile (its request found this task running)
                     return
 
@@ -643,12 +640,15 @@ class Pipeline:
         except Exception:
             log.exception("background HNSW compaction failed (the current graph stays in use)")
             return
+        await self._snapshot_rebuilt_graph("background compaction")
+
+    async def _snapshot_rebuilt_graph(self, after: str) -> None:
+        """Persist a graph rebuilt in the background now, as Compact does: the snapshot on disk is
+        the old graph, and a restart would load it and redo the rebuild."""
         try:
-            # Persist the compacted graph now, as Compact does: the snapshot on disk still holds the
-            # deleted entries, and a restart would load it and compact again before serving.
             await asyncio.to_thread(self._save_snapshot, True)
         except Exception:
-            log.exception("snapshot after background compaction failed (the previous one stays valid)")
+            log.exception("snapshot after %s failed (the previous one stays valid)", after)
 
     async def flush(self) -> None:
         """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""

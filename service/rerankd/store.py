@@ -214,9 +214,7 @@ class DocumentStore:
     def vectors(self, dim: int, after_seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(labels, vectors) of live documents changed after ``after_seq`` (all by default)."""
         rows = self._r().execute("SELECT label, vector FROM documents WHERE seq > ? ORDER BY label", (after_seq,)).fetchall()
-        labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32)
-        return labels, vecs
+        return _label_vectors(rows, dim)
 
     def vectors_for(self, labels: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels found, vectors) for these labels, in label order; deleted labels are left out.
@@ -226,9 +224,7 @@ class DocumentStore:
         for chunk in _chunks([int(x) for x in labels], 500):
             rows += con.execute(f"SELECT label, vector FROM documents WHERE label IN ({','.join('?' * len(chunk))})", chunk).fetchall()
         rows.sort(key=lambda r: r[0])
-        found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows else np.zeros((0, dim), np.float32)
-        return found, vecs
+        return _label_vectors(rows, dim)
 
     def texts(self) -> tuple[np.ndarray, list[str]]:
         rows = self._r().execute("SELECT label, title, text FROM documents ORDER BY label").fetchall()
@@ -270,6 +266,14 @@ def _rollback(con: sqlite3.Connection) -> None:
     active" in place of the error that says what went wrong."""
     if con.in_transaction:
         con.execute("ROLLBACK")
+
+
+def _label_vectors(rows: list, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(label, vector blob)`` rows -> (labels int64 [n], vectors float32 [n, dim])."""
+    labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    if not rows:
+        return labels, np.zeros((0, dim), np.float32)
+    return labels, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
 
 
 def _chunks(xs: list, n: int):

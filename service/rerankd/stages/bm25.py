@@ -65,7 +65,7 @@ class BM25Index:
                 retriever.index(tokenize(texts), show_progress=False)
             else:
                 retriever = None
-            self._state = (retriever, np.asarray(labels, dtype=np.int64))
+            self._state = (retriever, labels)
             self._built_generation = gen
 
     def search(self, query: str, k: int, allowed: Callable[[], set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:

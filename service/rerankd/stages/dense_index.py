@@ -24,6 +24,17 @@ VectorLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 WALK_VS_EXACT_COST = 1.5
 
 
+def filter_plan(k: int, n_live: int, n_matching: int, exact_max: int,
+                walk_vs_exact: float = WALK_VS_EXACT_COST) -> tuple[bool, int]:
+    """The cost model of a filtered dense search: ``(scan exactly?, HNSW candidates to fetch)``.
+
+    An unfiltered HNSW search needs about ``k * live / matching`` candidates (+25 %, +8) to hold
+    k matching ones; the exact scan reads ``matching`` vectors. Scan when that is cheaper and
+    within ``exact_max``."""
+    fetch = min(n_live, int(np.ceil(k * n_live / max(n_matching, 1) * 1.25)) + 8)
+    return n_matching <= exact_max and n_matching <= walk_vs_exact * fetch, fetch
+
+
 class DenseIndex:
     def __init__(self, dim: int, *, m: int, ef_construction: int, ef_search: int, capacity: int = 1024) -> None:
         self.dim = dim
@@ -101,7 +112,7 @@ class DenseIndex:
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
     def search_within(self, vector: np.ndarray, k: int, allowed: Callable[[], set[int]], load_vectors: VectorLoader,
-                      exact_max: int, walk_vs_exact: float = None) -> tuple[np.ndarray, np.ndarray]:
+                      exact_max: int, walk_vs_exact: float = WALK_VS_EXACT_COST) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, cosine scores) among the labels ``allowed()`` returns (a metadata filter).
 
         ``allowed`` is called under the index lock, so it is read at the same moment as the
@@ -119,9 +130,8 @@ class DenseIndex:
         Should the HNSW search come back with fewer than k matching documents, it is repeated
         with 4x the candidates (twice at most); then the exact scan answers if the filter
         matches at most ``exact_max`` documents, else the search returns what it found.
-        ``walk_vs_exact``: the cost model's ratio (default ``WALK_VS_EXACT_COST``).
+        ``walk_vs_exact``: the cost model's ratio (``filter_plan``).
         """
-        ratio = WALK_VS_EXACT_COST if walk_vs_exact is None else walk_vs_exact
         q = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         with self._lock:
             matching = allowed()
@@ -129,11 +139,10 @@ class DenseIndex:
             k = min(k, len(matching), n_live)
             if k <= 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            # candidates an unfiltered search needs to hold ~k matching ones (+25 %, +8)
-            fetch = min(n_live, int(np.ceil(k * n_live / len(matching) * 1.25)) + 8)
+            exact, fetch = filter_plan(k, n_live, len(matching), exact_max, walk_vs_exact)
             walk_labels = np.zeros(0, dtype=np.int64)
             walk_scores = np.zeros(0, dtype=np.float32)
-            if len(matching) > exact_max or len(matching) > ratio * fetch:
+            if not exact:
                 for _ in range(3):
                     self._index.set_ef(max(self.ef_search, fetch))
                     try:
