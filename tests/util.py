@@ -29,3 +29,41 @@ def assert_invalid(fn, field: str) -> str:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     assert field in err.details(), f"{field!r} not named in {err.details()!r}"
     return err.details()
+
+
+class ChangeLogSource:
+    """An in-memory stand-in for the document store's change log (``text_changes_after``):
+    labels only grow, a delete is final, a replace is a delete plus a new label."""
+
+    def __init__(self, labels=(), texts=()) -> None:
+        self.docs: dict[int, str] = {}
+        self.log: list[tuple[str, int]] = []
+        self.next = 1
+        self.calls: list[tuple[int, int]] = []  # (seq asked for, documents returned)
+        for label, text in zip(labels, texts):
+            self.docs[label] = text
+            self.log.append(("upsert", label))
+            self.next = max(self.next, label + 1)
+
+    def add(self, texts) -> list[int]:
+        out = []
+        for t in texts:
+            self.docs[self.next] = t
+            self.log.append(("upsert", self.next))
+            out.append(self.next)
+            self.next += 1
+        return out
+
+    def delete(self, labels) -> None:
+        for label in labels:
+            del self.docs[label]
+            self.log.append(("delete", label))
+
+    def text_changes_after(self, seq: int):
+        import numpy as np
+
+        later = self.log[seq:]
+        changed = sorted({lb for op, lb in later if op == "upsert" and lb in self.docs})
+        gone = sorted({lb for op, lb in later if op == "delete"})
+        self.calls.append((seq, len(changed)))
+        return len(self.log), np.asarray(changed, dtype=np.int64), [self.docs[lb] for lb in changed], gone

@@ -199,7 +199,7 @@ class Pipeline:
                      self.dense.deleted_count, len(self.dense))
             self.dense = snapshot.rebuild(self.store, self.dim, m=s.index.hnsw_m, ef_construction=s.index.ef_construction,
                                           ef_search=s.index.ef_search)
-        self.bm25 = BM25Index(self.store.texts)
+        self.bm25 = BM25Index(self.store)
         self.bm25.refresh()
         self.metadata_index = MetadataIndex()
         self.metadata_index.add(*self.store.metadata())

@@ -306,6 +306,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 except errors.InvalidArgument as e:
                     # Earlier batches are committed; say exactly where the stream stopped.
                     raise errors.InvalidArgument(f"batch[{n}].{e.field}", f"{str(e).split(': ', 1)[-1]} ({committed()})") from e
+                except errors.RerankdError as e:
+                    if isinstance(e, errors.DeadlineExceeded) and "stream ended" in str(e):
+                        raise  # the idle timeout, which says it already
+                    # Overload, deadline, a backend or index failure: same status, plus where it stopped.
+                    e.args = (f"batch[{n}]: {e} (stream stopped there; {committed()})",)
+                    raise
                 upserted += r.upserted
                 replaced += r.replaced
                 seq = r.sequence

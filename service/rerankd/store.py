@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS documents (
     vector    BLOB    NOT NULL,
     seq       INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS documents_seq ON documents (seq);
 CREATE TABLE IF NOT EXISTS changes (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     op     TEXT    NOT NULL CHECK (op IN ('upsert', 'delete')),
@@ -242,6 +243,26 @@ class DocumentStore:
             "AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.label = c.label)", (seq,)
         ).fetchall()
         return [r[0] for r in rows]
+
+    def text_changes_after(self, seq: int) -> tuple[int, np.ndarray, list[str], list[int]]:
+        """(last sequence, labels and texts of live documents changed after ``seq`` in label order,
+        labels deleted after ``seq``), read in one transaction: one consistent point of the log.
+
+        Labels are never reused (AUTOINCREMENT; a replaced document gets a new label), so a
+        deleted label is final and the changed labels are all greater than any seen before."""
+        con = self._r()
+        con.execute("BEGIN")
+        try:
+            last = int(con.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+            # INDEXED BY: without it SQLite walks the whole table in label order (12 ms at 20k rows).
+            rows = con.execute("SELECT label, title, text FROM documents INDEXED BY documents_seq WHERE seq > ?",
+                               (seq,)).fetchall()
+            rows.sort(key=lambda r: r[0])
+            gone = [int(r[0]) for r in con.execute(
+                "SELECT DISTINCT label FROM changes WHERE seq > ? AND op = 'delete'", (seq,))]
+        finally:
+            con.execute("COMMIT")
+        return (last, np.asarray([r[0] for r in rows], dtype=np.int64), [join_title(r[1], r[2]) for r in rows], gone)
 
     def labels_changed_at_or_before(self, seq: int) -> list[int]:
         """Live labels whose latest change is covered by a snapshot at ``seq``."""

@@ -24,40 +24,52 @@ class MetadataIndex:
         self._lock = threading.Lock()
         self._postings: dict[str, dict[str, set[int]]] = {}  # key -> value -> labels
         self._by_label: dict[int, Mapping[str, str]] = {}
-        self.version = 0  # bumped by every add/remove: a FilterView re-reads only after a change
+        # Bumped by every add/remove that changes a posting (not by writes of documents without
+        # metadata): a FilterView re-reads only after a change that can alter its answer.
+        self.version = 0
 
     def add(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> None:
         with self._lock:
-            self.version += 1
-            for lb, md in zip(labels, metadatas):
-                lb = int(lb)
-                if lb in self._by_label:
-                    self._remove_locked(lb)
-                if not md:
-                    continue
-                md = dict(md)
-                self._by_label[lb] = md
-                for k, v in md.items():
-                    self._postings.setdefault(k, {}).setdefault(v, set()).add(lb)
+            if self._add_locked(labels, metadatas):
+                self.version += 1
+
+    def _add_locked(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> bool:
+        changed = False
+        for lb, md in zip(labels, metadatas):
+            lb = int(lb)
+            changed |= self._remove_locked(lb)
+            if not md:
+                continue
+            md = dict(md)
+            self._by_label[lb] = md
+            for k, v in md.items():
+                self._postings.setdefault(k, {}).setdefault(v, set()).add(lb)
+            changed = True
+        return changed
 
     def reset(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> None:
-        """Replace the whole contents (a rebuild from the store), in place: views held by
-        searches see the version change and re-read."""
+        """Replace the whole contents (a rebuild from the store), in place and in one step under
+        the lock: a search reads the old contents or the new, never the empty index between, and
+        views held by searches see the version change and re-read."""
         with self._lock:
             self._postings.clear()
             self._by_label.clear()
-        self.add(labels, metadatas)
+            self._add_locked(labels, metadatas)
+            self.version += 1
 
     def remove(self, labels: Iterable[int]) -> None:
         with self._lock:
-            self.version += 1
+            changed = False
             for lb in labels:
-                self._remove_locked(int(lb))
+                changed |= self._remove_locked(int(lb))
+            if changed:
+                self.version += 1
 
-    def _remove_locked(self, lb: int) -> None:
+    def _remove_locked(self, lb: int) -> bool:
+        """Drop a label's entries; True if it had any."""
         md = self._by_label.pop(lb, None)
         if not md:
-            return
+            return False
         for k, v in md.items():
             values = self._postings.get(k)
             if values is None:
@@ -69,6 +81,7 @@ class MetadataIndex:
                     del values[v]
             if not values:
                 del self._postings[k]
+        return True
 
     def matching(self, conditions: Sequence[Condition]) -> set[int]:
         """Labels whose metadata satisfies every condition (a new set the caller may keep)."""

@@ -1,0 +1,148 @@
+"""The incremental BM25 index: scores equal a fresh bm25s build after any sequence of writes,
+a write costs only its own documents, deletes are final, and searches read stable snapshots."""
+
+from __future__ import annotations
+
+import bm25s
+import numpy as np
+import pytest
+
+from rerankd.stages import bm25 as bm25_mod
+from rerankd.stages.bm25 import BM25Index, tokenize
+from rerankd.store import DocumentStore, NewDocument
+from util import ChangeLogSource
+
+WORDS = [f"w{i}" for i in range(400)] + ["aspirin", "stroke", "cancer", "heart", "running", "runs", "the", "of"]
+
+
+def _corpus(rng: np.random.Generator, n: int) -> list[str]:
+    p = 1.0 / np.arange(1, len(WORDS) + 1)  # Zipf-like: some terms in most documents, most in few
+    p /= p.sum()
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 40)), p=p)) for _ in range(n)]
+
+
+def _assert_matches_bm25s(idx: BM25Index, src: ChangeLogSource, queries: list[str], k: int = 20) -> None:
+    live = sorted(src.docs)
+    ref = bm25s.BM25()
+    ref.index(tokenize([src.docs[lb] for lb in live]), show_progress=False)
+    idx.refresh()
+    assert idx.labels() == set(live)
+    for q in queries:
+        labels, scores = idx.search(q, k)
+        qt = tokenize([q])
+        inv = {i: t for t, i in qt.vocab.items()}
+        want = ref.get_scores([inv[i] for i in qt.ids[0]]) if qt.ids[0] else np.zeros(len(live))
+        got = dict(zip(labels.tolist(), scores.tolist()))
+        for lb, s in got.items():  # every returned score is bm25s's score of that document
+            assert s == pytest.approx(float(want[live.index(lb)]), rel=1e-5, abs=1e-6), (q, lb)
+        n_pos = int((want > 0).sum())
+        assert len(labels) == min(k, n_pos), q
+        if len(labels):  # nothing outside the returned set scores above its lowest (ties aside)
+            best_left = max((float(want[i]) for i, lb in enumerate(live) if lb not in got), default=0.0)
+            assert best_left <= min(got.values()) * (1 + 1e-5) + 1e-6, q
+        assert list(scores) == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("merge_min", [10**9, 300])  # tail only / many merges and compactions
+def test_scores_equal_a_fresh_bm25s_build_after_writes(monkeypatch, merge_min):
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", merge_min)
+    monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 20 if merge_min < 10**9 else 10**9)
+    rng = np.random.default_rng(7)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    queries = ["aspirin stroke", "w1 w3 w250", "w399 w398 heart", "running runs", "w0 w0 w7", "nothing here", "the of"]
+    src.add(_corpus(rng, 300))
+    for step in range(12):
+        if step % 3 == 2:
+            src.delete(rng.choice(sorted(src.docs), size=60, replace=False).tolist())
+        src.add(_corpus(rng, 40))
+        if step % 4 == 0:  # several writes folded into one refresh
+            src.add(_corpus(rng, 10))
+        idx.mark_dirty()
+        _assert_matches_bm25s(idx, src, queries)
+    if merge_min < 10**9:
+        assert idx.merges >= 3  # the merge/compaction path was exercised
+    else:
+        assert idx.merges == 0
+
+
+def test_a_write_reads_only_its_own_documents():
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(np.random.default_rng(1), 500))
+    idx.mark_dirty()
+    idx.refresh()
+    assert src.calls[-1] == (0, 500)
+    src.add(["aspirin prevents stroke"])
+    idx.mark_dirty()
+    top, _ = idx.search("aspirin stroke", 1)  # read-your-writes
+    assert src.calls[-1] == (500, 1) and top.tolist() == [501]
+    n_calls = len(src.calls)
+    idx.search("aspirin", 1)  # no write since: the store is not asked again
+    assert len(src.calls) == n_calls
+
+
+def test_deleted_documents_are_never_returned_and_leave_no_frequencies():
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    a, b, c = src.add(["zebra aspirin", "zebra stroke", "aspirin heart"])
+    idx.mark_dirty()
+    assert set(idx.search("zebra", 5)[0].tolist()) == {a, b}
+    src.delete([a, b])
+    idx.mark_dirty()
+    assert idx.search("zebra", 5)[0].size == 0
+    assert idx.search("aspirin", 5)[0].tolist() == [c]
+    src.delete([c])
+    idx.mark_dirty()
+    assert idx.search("aspirin", 5)[0].size == 0 and len(idx) == 0
+    (d,) = src.add(["aspirin"])
+    idx.mark_dirty()
+    labels, scores = idx.search("aspirin", 5)
+    # one live document containing the term: idf = ln(1 + 0.5/1.5), the deleted ones no longer count
+    assert labels.tolist() == [d] and scores[0] == pytest.approx(np.log(1 + 0.5 / 1.5) * 1 / (1 + 1.5), rel=1e-5)
+
+
+def test_a_search_snapshot_is_not_changed_by_later_refreshes(monkeypatch):
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 50)
+    monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 5)
+    rng = np.random.default_rng(3)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(rng, 100))
+    idx.mark_dirty()
+    idx.refresh()
+    snap = idx._snap
+    frozen = {f: np.array(getattr(snap, f), copy=True) for f in ("labels", "doc_len", "alive", "df", "fwd_ptr",
+                                                                "fwd_term", "fwd_tf", "main_slot", "main_tf")}
+    merges = idx.merges
+    for _ in range(5):
+        src.delete(rng.choice(sorted(src.docs), size=15, replace=False).tolist())
+        src.add(_corpus(rng, 30))
+        idx.mark_dirty()
+        idx.refresh()
+    assert idx.merges > merges
+    for f, arr in frozen.items():
+        assert np.array_equal(getattr(snap, f), arr), f
+
+
+def test_store_change_log_feeds_the_index(tmp_path):
+    store = DocumentStore(tmp_path / "docs.sqlite3")
+    vec = np.zeros(4, dtype=np.float32)
+
+    def doc(i, text):
+        return NewDocument(id=i, title="", text=text, metadata={}, vector=vec, token_ids=None)
+
+    idx = BM25Index(store)
+    store.upsert([doc("a", "aspirin stroke"), doc("b", "heart attack"), doc("c", "aspirin colon")])
+    idx.mark_dirty()
+    assert idx.search("aspirin", 5)[0].size == 2
+    seq0 = store.last_seq()
+    store.upsert([doc("a", "coffee liver")])  # replace: the old label is gone, a new one is live
+    store.delete(["c"])
+    last, labels, texts, gone = store.text_changes_after(seq0)
+    assert last == store.last_seq() and texts == ["coffee liver"] and len(gone) == 2
+    idx.mark_dirty()
+    assert idx.search("aspirin", 5)[0].size == 0
+    assert idx.search("coffee", 5)[0].tolist() == labels.tolist()
+    assert len(idx) == 2
+    store.close()
