@@ -146,3 +146,33 @@ def test_store_change_log_feeds_the_index(tmp_path):
     assert idx.search("coffee", 5)[0].tolist() == labels.tolist()
     assert len(idx) == 2
     store.close()
+
+
+def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
+    """Out of memory half-way through applying a batch left the arrays out of step with each
+    other (and a failed merge broke every later search): the next refresh starts over."""
+    rng = np.random.default_rng(5)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(rng, 200))
+    idx.mark_dirty()
+    idx.refresh()
+    real_extend = bm25_mod._Grow.extend
+    calls = []
+
+    def failing_extend(self, x):
+        calls.append(1)
+        if len(calls) == 2:  # after the forward pointers grew, before the terms and labels did
+            raise MemoryError("simulated")
+        return real_extend(self, x)
+
+    monkeypatch.setattr(bm25_mod._Grow, "extend", failing_extend)
+    src.add(_corpus(rng, 50))
+    idx.mark_dirty()
+    with pytest.raises(MemoryError):
+        idx.search("w1 w2", 5)
+    monkeypatch.setattr(bm25_mod._Grow, "extend", real_extend)
+    src.delete(sorted(src.docs)[:10])
+    idx.mark_dirty()
+    _assert_matches_bm25s(idx, src, ["w1 w2", "aspirin stroke w5", "w399"])
+    assert src.calls[-1][0] == 0  # rebuilt from the start of the log

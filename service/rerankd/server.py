@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import logging
 import signal
@@ -309,9 +310,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 except errors.RerankdError as e:
                     if isinstance(e, errors.DeadlineExceeded) and "stream ended" in str(e):
                         raise  # the idle timeout, which says it already
-                    # Overload, deadline, a backend or index failure: same status, plus where it stopped.
-                    e.args = (f"batch[{n}]: {e} (stream stopped there; {committed()})",)
-                    raise
+                    # Overload, deadline, a backend or index failure: same status, plus where it
+                    # stopped. A copy: a batcher hands one exception to every call in its batch.
+                    err = copy.copy(e)
+                    err.args = (f"batch[{n}]: {e} (stream stopped there; {committed()})",)
+                    raise err from e
+                except Exception as e:  # e.g. SQLite failing the commit: still say what is durable
+                    raise errors.BackendError(f"batch[{n}]: {e!r} (stream stopped there; {committed()})") from e
                 upserted += r.upserted
                 replaced += r.replaced
                 seq = r.sequence

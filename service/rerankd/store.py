@@ -251,6 +251,8 @@ class DocumentStore:
         Labels are never reused (AUTOINCREMENT; a replaced document gets a new label), so a
         deleted label is final and the changed labels are all greater than any seen before."""
         con = self._r()
+        if con.in_transaction:  # left open by an earlier failure on this thread's connection
+            con.execute("ROLLBACK")
         con.execute("BEGIN")
         try:
             last = int(con.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
@@ -261,7 +263,8 @@ class DocumentStore:
             gone = [int(r[0]) for r in con.execute(
                 "SELECT DISTINCT label FROM changes WHERE seq > ? AND op = 'delete'", (seq,))]
         finally:
-            con.execute("COMMIT")
+            if con.in_transaction:
+                con.execute("ROLLBACK")  # a read: nothing to keep, and it cannot fail like COMMIT
         return (last, np.asarray([r[0] for r in rows], dtype=np.int64), [join_title(r[1], r[2]) for r in rows], gone)
 
     def labels_changed_at_or_before(self, seq: int) -> list[int]:

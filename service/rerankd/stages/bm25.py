@@ -104,6 +104,7 @@ class _Snapshot:
     fwd_ptr: np.ndarray  # slot s's forward entries: fwd_term/fwd_tf[fwd_ptr[s]:fwd_ptr[s+1]]
     fwd_term: np.ndarray
     fwd_tf: np.ndarray
+    vocab: dict[str, int]  # term -> id; only grows, except a rebuild, which makes a new dict
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
@@ -145,7 +146,7 @@ class BM25Index:
             df=self._df.copy(), n_alive=self._n_alive, total_len=self._total_len,
             main_ptr=self._main_ptr, main_slot=self._main_slot, main_tf=self._main_tf,
             tail_slot0=self._tail_slot0, fwd_ptr=self._fwd_ptr.view(), fwd_term=self._fwd_term.view(),
-            fwd_tf=self._fwd_tf.view(),
+            fwd_tf=self._fwd_tf.view(), vocab=self._vocab,
         )
 
     def mark_dirty(self) -> None:
@@ -169,20 +170,31 @@ class BM25Index:
             gen = self._generation
             if self._built_generation == gen:
                 return
-            last, labels, texts, gone = self._source.text_changes_after(self._seq)
-            if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
-                # Cannot happen with the store (labels only grow); a source that breaks the rule
-                # gets a full rebuild rather than a silently wrong index.
-                log.warning("BM25: a changed label is not newer than the indexed ones; rebuilding from the store")
-                self._reset_arrays()
-                self._vocab = {}
-                last, labels, texts, gone = self._source.text_changes_after(0)
-            self._delete(np.asarray(gone, dtype=np.int64))
-            self._add(np.asarray(labels, dtype=np.int64), texts)
-            self._maybe_merge()
+            try:
+                last, labels, texts, gone = self._source.text_changes_after(self._seq)
+                if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
+                    # Cannot happen with the store (labels only grow); a source that breaks the rule
+                    # gets a full rebuild rather than a silently wrong index.
+                    log.warning("BM25: a changed label is not newer than the indexed ones; rebuilding from the store")
+                    self._start_over()
+                    last, labels, texts, gone = self._source.text_changes_after(0)
+                self._delete(np.asarray(gone, dtype=np.int64))
+                self._add(np.asarray(labels, dtype=np.int64), texts)
+                self._maybe_merge()
+            except BaseException:
+                # A failure part-way (out of memory in a merge, say) may leave the writer's arrays
+                # out of step with each other. Searches keep the last published snapshot; the
+                # next refresh rebuilds everything from the store instead of building on them.
+                self._start_over()
+                raise
             self._seq = last
             self._snap = self._publish()
             self._built_generation = gen
+
+    def _start_over(self) -> None:
+        self._reset_arrays()
+        self._vocab = {}  # a new dict: published snapshots keep theirs
+        self._seq = 0
 
     def _delete(self, gone: np.ndarray) -> None:
         n = self._labels.n
@@ -267,17 +279,18 @@ class BM25Index:
         tfs = self._fwd_tf.view()[keep]
         slots = new_id[slot_of[keep]]
         counts = np.diff(ptr)[keep_slot]
-        self._labels = _Grow(np.int64, self._labels.view()[keep_slot])
-        self._doc_len = _Grow(np.float32, self._doc_len.view()[keep_slot])
-        self._alive = np.ones(int(keep_slot.sum()), dtype=bool)
-        self._fwd_ptr = _Grow(np.int64, np.concatenate([[0], np.cumsum(counts)]))
-        self._fwd_term = _Grow(np.int32, terms)
-        self._fwd_tf = _Grow(np.float32, tfs)
         order = np.argsort(terms, kind="stable")  # stable: slots stay ascending within a term
-        self._main_slot = slots[order].astype(np.int32)
-        self._main_tf = tfs[order]
-        self._main_ptr = np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=len(self._df)))]).astype(np.int64)
-        self._tail_slot0 = self._labels.n
+        labels = _Grow(np.int64, self._labels.view()[keep_slot])
+        doc_len = _Grow(np.float32, self._doc_len.view()[keep_slot])
+        fwd_ptr = _Grow(np.int64, np.concatenate([[0], np.cumsum(counts)]))
+        fwd_term, fwd_tf = _Grow(np.int32, terms), _Grow(np.float32, tfs)
+        main_slot, main_tf = slots[order].astype(np.int32), tfs[order]
+        main_ptr = np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=len(self._df)))]).astype(np.int64)
+        # Everything is built: switch over with plain assignments (nothing left to fail half-way).
+        self._labels, self._doc_len, self._alive = labels, doc_len, np.ones(labels.n, dtype=bool)
+        self._fwd_ptr, self._fwd_term, self._fwd_tf = fwd_ptr, fwd_term, fwd_tf
+        self._main_slot, self._main_tf, self._main_ptr = main_slot, main_tf, main_ptr
+        self._tail_slot0 = labels.n
         self.merges += 1
 
     # -- reader side ---------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ class BM25Index:
         if s.n_alive == 0 or k <= 0:
             return _EMPTY_I, _EMPTY_F
         q = tokenize([query])
-        ours = {i: self._vocab.get(t) for t, i in q.vocab.items()}  # the query's own vocabulary -> ours
+        ours = {i: s.vocab.get(t) for t, i in q.vocab.items()}  # the query's own vocabulary -> ours
         qids = [ours[i] for i in q.ids[0]] if q.ids else []
         qids = np.asarray([t for t in qids if t is not None and t < len(s.df)], dtype=np.int64)
         if not len(qids):

@@ -48,13 +48,14 @@ class MetadataIndex:
         return changed
 
     def reset(self, labels: Iterable[int], metadatas: Iterable[Mapping[str, str]]) -> None:
-        """Replace the whole contents (a rebuild from the store), in place and in one step under
-        the lock: a search reads the old contents or the new, never the empty index between, and
-        views held by searches see the version change and re-read."""
+        """Replace the whole contents (a rebuild from the store) in one step: the new contents
+        are built aside, then swapped in under the lock, so a search reads the old contents or
+        the new, never the empty index between, and is not held up while they are built; views
+        held by searches see the version change and re-read."""
+        fresh = MetadataIndex()
+        fresh._add_locked(labels, metadatas)
         with self._lock:
-            self._postings.clear()
-            self._by_label.clear()
-            self._add_locked(labels, metadatas)
+            self._postings, self._by_label = fresh._postings, fresh._by_label
             self.version += 1
 
     def remove(self, labels: Iterable[int]) -> None:
