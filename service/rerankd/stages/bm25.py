@@ -170,8 +170,8 @@ class BM25Index:
             gen = self._generation
             if self._built_generation == gen:
                 return
+            last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
             try:
-                last, labels, texts, gone = self._source.text_changes_after(self._seq)
                 if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
                     # Cannot happen with the store (labels only grow); a source that breaks the rule
                     # gets a full rebuild rather than a silently wrong index.
