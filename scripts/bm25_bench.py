@@ -6,7 +6,10 @@ process:
 - the first build from the store (both);
 - a search with no write since (both);
 - a search right after a one-document upsert (the read-your-writes cost: rebuild vs apply);
-- a search right after a 100-document batch, and after deleting one document.
+- a search right after a 100-document batch, and after deleting one document;
+then, for the incremental index only, ``--merge-rounds`` rounds of (100-document batch, search)
+with main-segment merges in the foreground vs in a background thread (the default): the
+search latency distribution, whose tail is where a foreground merge shows.
 Documents are SciFact's corpus (``--corpus``), repeated with new ids up to ``--docs``.
 
     python scripts/bm25_bench.py --corpus ../shared/datasets/scifact/corpus.jsonl [--docs 20000] [--writes 10]
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--writes", type=int, default=10, help="timed write+search rounds per kind")
     ap.add_argument("--k", type=int, default=400, help="depth asked of the BM25 leg (the hybrid default)")
+    ap.add_argument("--merge-rounds", type=int, default=150, help="batch+search rounds per merge mode (0: skip)")
     a = ap.parse_args()
     rows = [json.loads(line) for line in a.corpus.open()]
     texts = [(r.get("title", ""), r.get("text", "")) for r in rows]
@@ -103,6 +107,20 @@ def main() -> None:
             r["search after 100 upserts"] = timed(upsert(100))
             r["search after 1 delete"] = timed(lambda: store.delete([f"d{next(doomed)}"]))
             results[name] = r
+        merge_rows = {}
+        for mode, background in (("foreground merges", False), ("background merges (default)", True)):
+            idx = BM25Index(store, background_merge=background)
+            idx.search(queries[0], a.k)
+            merges0, times = idx.merges, []
+            for i in tqdm(range(a.merge_rounds), desc=mode, unit="round"):
+                store.upsert([doc(j) for j in range(n_next, n_next + 100)])
+                n_next += 100
+                idx.mark_dirty()
+                t = time.perf_counter()
+                idx.search(queries[i % len(queries)], a.k)
+                times.append(time.perf_counter() - t)
+            idx.join_merge()
+            merge_rows[mode] = (np.percentile(times, 50), np.percentile(times, 99), max(times), idx.merges - merges0)
         store.close()
     base, new = results["rebuild (bm25s, before)"], results["incremental (now)"]
     print(f"\n{a.docs} documents, BM25 leg depth {a.k}, median of {a.writes} rounds\n")
@@ -110,6 +128,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for key in base:
         print(f"| {key} | {base[key] * 1e3:.1f} ms | {new[key] * 1e3:.1f} ms | {base[key] / new[key]:.1f}x |")
+    if merge_rows:
+        print(f"\nincremental index, {a.merge_rounds} rounds of (100-document batch, search), from {a.docs} documents\n")
+        print("| merges | search p50 | p99 | max | merges done |")
+        print("|---|---:|---:|---:|---:|")
+        for mode, (p50, p99, mx, m) in merge_rows.items():
+            print(f"| {mode} | {p50 * 1e3:.1f} ms | {p99 * 1e3:.1f} ms | {mx * 1e3:.1f} ms | {m} |")
 
 
 if __name__ == "__main__":

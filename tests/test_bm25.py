@@ -49,7 +49,7 @@ def test_scores_equal_a_fresh_bm25s_build_after_writes(monkeypatch, merge_min):
     monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 20 if merge_min < 10**9 else 10**9)
     rng = np.random.default_rng(7)
     src = ChangeLogSource()
-    idx = BM25Index(src)
+    idx = BM25Index(src, background_merge=False)
     queries = ["aspirin stroke", "w1 w3 w250", "w399 w398 heart", "running runs", "w0 w0 w7", "nothing here", "the of"]
     src.add(_corpus(rng, 300))
     for step in range(12):
@@ -107,7 +107,7 @@ def test_a_search_snapshot_is_not_changed_by_later_refreshes(monkeypatch):
     monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 5)
     rng = np.random.default_rng(3)
     src = ChangeLogSource()
-    idx = BM25Index(src)
+    idx = BM25Index(src, background_merge=False)
     src.add(_corpus(rng, 100))
     idx.mark_dirty()
     idx.refresh()
@@ -176,3 +176,50 @@ def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
     idx.mark_dirty()
     _assert_matches_bm25s(idx, src, ["w1 w2", "aspirin stroke w5", "w399"])
     assert src.calls[-1][0] == 0  # rebuilt from the start of the log
+
+
+def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
+    """The merge is built off the lock while searches and refreshes go on; at the switch-over the
+    documents appended and deleted meanwhile are carried into the new layout."""
+    import threading
+
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 400)
+    monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 10)
+    rng = np.random.default_rng(11)
+    src = ChangeLogSource()
+    idx = BM25Index(src)  # background merges
+    queries = ["w1 w2 w3", "aspirin stroke", "w120 w300", "running"]
+    src.add(_corpus(rng, 200))  # the first build merges in the foreground (nothing to serve from)
+    idx.mark_dirty()
+    idx.refresh()
+    assert idx.merges == 1 and idx._merge_thread is None
+    started, release = threading.Event(), threading.Event()
+    real_build = bm25_mod._build_merge
+
+    def paused_build(job):
+        started.set()
+        assert release.wait(30)
+        return real_build(job)
+
+    monkeypatch.setattr(bm25_mod, "_build_merge", paused_build)
+    src.delete(sorted(src.docs)[:80])  # past the compaction threshold
+    src.add(_corpus(rng, 30))
+    idx.mark_dirty()
+    idx.refresh()
+    assert started.wait(30) and idx._merge_thread is not None
+    # While it builds: more writes and deletes (some of slots it is compacting), all visible.
+    src.delete(sorted(src.docs)[:15])
+    src.add(_corpus(rng, 25) + ["aspirin stroke running"])
+    idx.mark_dirty()
+    _assert_matches_bm25s(idx, src, queries)
+    assert idx.merges == 1
+    release.set()
+    idx.join_merge(30)
+    assert idx.merges == 2 and idx._merge_thread is None
+    snap = idx._snap
+    assert snap.tail_slot0 > 0 and len(snap.labels) < 200 + 30 + 26  # compacted: deleted slots dropped
+    _assert_matches_bm25s(idx, src, queries)
+    src.delete(sorted(src.docs)[-5:])
+    src.add(_corpus(rng, 5))
+    idx.mark_dirty()
+    _assert_matches_bm25s(idx, src, queries)

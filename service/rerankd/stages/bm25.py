@@ -18,7 +18,9 @@ Layout, all numpy (a document is a *slot*; slots are in label order, and labels 
 - the *tail*: slots added since, scored by scanning their forward entries. When the tail grows
   past max(100k postings, a quarter of the main segment) -- or deleted slots pass a quarter of
   all slots -- the live slots are renumbered and the main segment rebuilt in one vectorised pass,
-  so the work per written posting stays constant on average.
+  so the work per written posting stays constant on average. The pass runs in a background
+  thread over the arrays as of one refresh (numpy's sort releases the GIL); searches and
+  refreshes go on meanwhile, and the switch-over carries the slots appended and deleted since.
 Searches read an immutable snapshot of these arrays (swapped as one attribute), so a refresh
 never blocks or tears a search that is already scoring.
 """
@@ -70,9 +72,9 @@ class _Grow:
     """Append-only numpy buffer. Appends write past every published view (``view()`` slices up
     to the length at that time), so a reader's view never changes under it."""
 
-    def __init__(self, dtype, init=()) -> None:
+    def __init__(self, dtype, init=(), spare: float = 0.0) -> None:
         a = np.asarray(init, dtype=dtype)
-        self.a = np.empty(max(1024, len(a)), dtype=dtype)
+        self.a = np.empty(max(1024, int(len(a) * (1 + spare))), dtype=dtype)
         self.a[: len(a)] = a
         self.n = len(a)
 
@@ -111,10 +113,66 @@ _EMPTY_I = np.zeros(0, dtype=np.int64)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _MergeJob:
+    """What a merge reads: the writer's arrays as of one refresh (views; appends go past them)."""
+
+    epoch: int
+    n: int
+    ptr: np.ndarray
+    term: np.ndarray
+    tf: np.ndarray
+    alive: np.ndarray  # a copy: deletes flip the writer's in place
+    labels: np.ndarray
+    doc_len: np.ndarray
+    n_terms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Merged:
+    keep_slot: np.ndarray
+    # New buffers with room to spare: the switch-over appends the tail written meanwhile
+    # (O(tail) under the lock, not a copy of the whole index).
+    labels: _Grow
+    doc_len: _Grow
+    fwd_ptr: _Grow
+    fwd_term: _Grow
+    fwd_tf: _Grow
+    main_ptr: np.ndarray
+    main_slot: np.ndarray
+    main_tf: np.ndarray
+
+
+def _build_merge(job: _MergeJob) -> _Merged:
+    """Drop the deleted slots of ``job`` (renumbering the rest, order kept) and build the main
+    segment over all of them. Reads only the job; touches no index state."""
+    keep_slot = job.alive
+    sizes = np.diff(job.ptr)
+    slot_of = np.repeat(np.arange(job.n, dtype=np.int64), sizes)
+    keep = keep_slot[slot_of]
+    new_id = np.cumsum(keep_slot) - 1
+    terms = job.term[keep]
+    tfs = job.tf[keep]
+    slots = new_id[slot_of[keep]]
+    order = np.argsort(terms, kind="stable")  # stable: slots stay ascending within a term; releases the GIL
+    spare = MERGE_TAIL_FRACTION * 2
+    return _Merged(
+        keep_slot=keep_slot, labels=_Grow(np.int64, job.labels[keep_slot], spare),
+        doc_len=_Grow(np.float32, job.doc_len[keep_slot], spare),
+        fwd_ptr=_Grow(np.int64, np.concatenate([[0], np.cumsum(sizes[keep_slot])]), spare),
+        fwd_term=_Grow(np.int32, terms, spare), fwd_tf=_Grow(np.float32, tfs, spare),
+        main_ptr=np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=job.n_terms))]).astype(np.int64),
+        main_slot=slots[order].astype(np.int32), main_tf=tfs[order],
+    )
+
+
 class BM25Index:
-    def __init__(self, source: ChangeSource, k1: float = K1, b: float = B) -> None:
+    def __init__(self, source: ChangeSource, k1: float = K1, b: float = B, background_merge: bool = True) -> None:
         self._source = source
         self.k1, self.b = k1, b
+        self._background = background_merge
+        self._merge_thread: threading.Thread | None = None
+        self._epoch = 0  # bumped when the index starts over: a merge begun before is dropped
         self._lock = threading.Lock()  # refreshes (writers of the arrays below)
         self._generation = 0  # bumped on every write
         self._built_generation = -1
@@ -192,6 +250,7 @@ class BM25Index:
             self._built_generation = gen
 
     def _start_over(self) -> None:
+        self._epoch += 1
         self._reset_arrays()
         self._vocab = {}  # a new dict: published snapshots keep theirs
         self._seq = 0
@@ -257,40 +316,71 @@ class BM25Index:
         self._total_len += float(doc_len.sum(dtype=np.float64))
 
     def _maybe_merge(self) -> None:
+        if self._merge_thread is not None:  # one at a time; the next refresh looks again
+            return
         n = self._labels.n
         ptr = self._fwd_ptr.view()
         tail = int(ptr[n] - ptr[self._tail_slot0])
         dead = n - self._n_alive
-        if tail > max(MERGE_MIN_POSTINGS, MERGE_TAIL_FRACTION * len(self._main_slot)) or (
-            dead >= COMPACT_MIN_DEAD and dead > COMPACT_DEAD_FRACTION * n
-        ):
-            self._merge()
+        if not (tail > max(MERGE_MIN_POSTINGS, MERGE_TAIL_FRACTION * len(self._main_slot)) or (
+                dead >= COMPACT_MIN_DEAD and dead > COMPACT_DEAD_FRACTION * n)):
+            return
+        job = self._capture()
+        if not self._background or not len(self._main_slot):  # the first build: nothing to serve from meanwhile
+            self._install(job, _build_merge(job))
+            return
+        t = threading.Thread(target=self._merge_in_background, args=(job,), name="bm25-merge", daemon=True)
+        self._merge_thread = t
+        t.start()
 
-    def _merge(self) -> None:
-        """Drop deleted slots (renumbering the rest, order kept) and rebuild the main segment
-        over all of them: every array is new, so published snapshots keep theirs."""
+    def _capture(self) -> _MergeJob:
         n = self._labels.n
         ptr = self._fwd_ptr.view()
-        keep_slot = self._alive
-        slot_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(ptr))
-        keep = keep_slot[slot_of]
-        new_id = np.cumsum(keep_slot) - 1
-        terms = self._fwd_term.view()[keep]
-        tfs = self._fwd_tf.view()[keep]
-        slots = new_id[slot_of[keep]]
-        counts = np.diff(ptr)[keep_slot]
-        order = np.argsort(terms, kind="stable")  # stable: slots stay ascending within a term
-        labels = _Grow(np.int64, self._labels.view()[keep_slot])
-        doc_len = _Grow(np.float32, self._doc_len.view()[keep_slot])
-        fwd_ptr = _Grow(np.int64, np.concatenate([[0], np.cumsum(counts)]))
-        fwd_term, fwd_tf = _Grow(np.int32, terms), _Grow(np.float32, tfs)
-        main_slot, main_tf = slots[order].astype(np.int32), tfs[order]
-        main_ptr = np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=len(self._df)))]).astype(np.int64)
-        # Everything is built: switch over with plain assignments (nothing left to fail half-way).
-        self._labels, self._doc_len, self._alive = labels, doc_len, np.ones(labels.n, dtype=bool)
-        self._fwd_ptr, self._fwd_term, self._fwd_tf = fwd_ptr, fwd_term, fwd_tf
-        self._main_slot, self._main_tf, self._main_ptr = main_slot, main_tf, main_ptr
-        self._tail_slot0 = labels.n
+        return _MergeJob(epoch=self._epoch, n=n, ptr=ptr, term=self._fwd_term.view(), tf=self._fwd_tf.view(),
+                         alive=self._alive.copy(), labels=self._labels.view(), doc_len=self._doc_len.view(),
+                         n_terms=len(self._df))
+
+    def _merge_in_background(self, job: _MergeJob) -> None:
+        """Build the merged arrays without the lock (numpy's sort releases the GIL), then take
+        the lock to switch over, carrying what the refreshes meanwhile appended and deleted."""
+        try:
+            built = _build_merge(job)
+            with self._lock:
+                if self._epoch == job.epoch:  # else the index started over meanwhile: drop it
+                    self._install(job, built)
+                    self._snap = self._publish()
+        except Exception:
+            log.exception("BM25 merge failed; the index keeps serving from its tail (retried on the next write)")
+        finally:
+            self._merge_thread = None
+
+    def join_merge(self, timeout: float | None = None) -> None:
+        """Wait for a background merge (tests, shutdown)."""
+        t = self._merge_thread
+        if t is not None:
+            t.join(timeout)
+
+    def _install(self, job: _MergeJob, built: _Merged) -> None:
+        """Under the lock: the merged prefix [0, job.n), renumbered, then the slots appended since
+        as the new tail; deletes made since are carried over through ``alive``. Everything is
+        built first and then assigned, so a failure (out of memory) changes nothing."""
+        n_now = self._labels.n
+        ptr_now = self._fwd_ptr.view()
+        p0, p1 = int(ptr_now[job.n]), int(ptr_now[n_now])
+        k = built.labels.n
+        alive = np.concatenate([self._alive[: job.n][built.keep_slot], self._alive[job.n:]])
+        base = built.fwd_ptr.a[built.fwd_ptr.n - 1]
+        built.labels.extend(self._labels.view()[job.n:])
+        built.doc_len.extend(self._doc_len.view()[job.n:])
+        built.fwd_ptr.extend(base + (ptr_now[job.n + 1:] - p0))
+        built.fwd_term.extend(self._fwd_term.view()[p0:p1])
+        built.fwd_tf.extend(self._fwd_tf.view()[p0:p1])
+        # Nothing is assigned before every array is complete: a failure above changes nothing
+        # here (the built arrays are the merge's own, unpublished).
+        self._labels, self._doc_len, self._alive = built.labels, built.doc_len, alive
+        self._fwd_ptr, self._fwd_term, self._fwd_tf = built.fwd_ptr, built.fwd_term, built.fwd_tf
+        self._main_slot, self._main_tf, self._main_ptr = built.main_slot, built.main_tf, built.main_ptr
+        self._tail_slot0 = k
         self.merges += 1
 
     # -- reader side ---------------------------------------------------------------------------------
@@ -304,7 +394,7 @@ class BM25Index:
         """
         self.refresh()
         s = self._snap
-        if s.n_alive == 0 or k <= 0:
+        if s.n_alive == 0 or s.total_len <= 0 or k <= 0:  # no live document has a term
             return _EMPTY_I, _EMPTY_F
         q = tokenize([query])
         ours = {i: s.vocab.get(t) for t, i in q.vocab.items()}  # the query's own vocabulary -> ours
