@@ -214,7 +214,12 @@ class DocumentStore:
 
     def vectors(self, dim: int, after_seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(labels, vectors) of live documents changed after ``after_seq`` (all by default)."""
-        rows = self._r().execute("SELECT label, vector FROM documents WHERE seq > ? ORDER BY label", (after_seq,)).fetchall()
+        if after_seq > 0:  # a replay or catch-up: usually a few rows, found through the seq index
+            rows = self._r().execute("SELECT label, vector FROM documents INDEXED BY documents_seq WHERE seq > ?",
+                                     (after_seq,)).fetchall()
+            rows.sort(key=lambda r: r[0])
+        else:  # everything: one pass over the table in label order
+            rows = self._r().execute("SELECT label, vector FROM documents ORDER BY label").fetchall()
         return _label_vectors(rows, dim)
 
     def vectors_for(self, labels: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
