@@ -206,15 +206,20 @@ def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
     src.add(_corpus(rng, 30))
     idx.mark_dirty()
     idx.refresh()
-    assert started.wait(30) and idx._merge_thread is not None
-    # While it builds: more writes and deletes (some of slots it is compacting), all visible.
-    src.delete(sorted(src.docs)[:15])
-    src.add(_corpus(rng, 25) + ["aspirin stroke running"])
-    idx.mark_dirty()
-    _assert_matches_bm25s(idx, src, queries)
-    assert idx.merges == 1
-    release.set()
-    idx.join_merge(30)
+    try:
+        assert started.wait(30) and idx._merge_thread is not None
+        # While it builds: more writes and deletes (some of slots it is compacting, some of slots
+        # appended after it began), all visible.
+        appended = src.add(_corpus(rng, 25) + ["aspirin stroke running"])
+        idx.mark_dirty()
+        idx.refresh()
+        src.delete(sorted(src.docs)[:15] + appended[:3])
+        idx.mark_dirty()
+        _assert_matches_bm25s(idx, src, queries)
+        assert idx.merges == 1
+    finally:
+        release.set()
+        idx.join_merge(30)
     assert idx.merges == 2 and idx._merge_thread is None
     snap = idx._snap
     assert snap.tail_slot0 > 0 and len(snap.labels) < 200 + 30 + 26  # compacted: deleted slots dropped
@@ -223,3 +228,61 @@ def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
     src.add(_corpus(rng, 5))
     idx.mark_dirty()
     _assert_matches_bm25s(idx, src, queries)
+
+
+def test_merges_go_on_when_a_thread_cannot_start_or_the_index_started_over(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 300)
+    rng = np.random.default_rng(13)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(rng, 100))
+    idx.mark_dirty()
+    idx.refresh()
+    assert idx.merges == 1
+
+    # No thread can be started: the merge runs in the foreground (it used to stop for good).
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    src.add(_corpus(rng, 100))
+    idx.mark_dirty()
+    idx.refresh()
+    assert idx.merges == 2 and idx._merge_thread is None and idx._snap.tail_slot0 == len(idx._snap.labels)
+    monkeypatch.undo()
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 300)
+
+    # A refresh fails while a background merge is building: that merge is dropped, and the
+    # rebuilt index gets its main segment at once instead of scanning everything as tail.
+    started, release = threading.Event(), threading.Event()
+    real_build = bm25_mod._build_merge
+
+    def paused_build(job):
+        started.set()
+        assert release.wait(30)
+        return real_build(job)
+
+    monkeypatch.setattr(bm25_mod, "_build_merge", paused_build)
+    src.add(_corpus(rng, 100))
+    idx.mark_dirty()
+    idx.refresh()
+    try:
+        assert started.wait(30)
+        monkeypatch.setattr(bm25_mod, "_build_merge", real_build)
+        real_delete = BM25Index._delete
+        monkeypatch.setattr(BM25Index, "_delete", lambda self, gone: (_ for _ in ()).throw(MemoryError("simulated")))
+        src.delete(sorted(src.docs)[:5])
+        idx.mark_dirty()
+        with pytest.raises(MemoryError):
+            idx.refresh()
+        monkeypatch.setattr(BM25Index, "_delete", real_delete)
+        idx.refresh()  # rebuilt from the start of the log, merged in the foreground
+        snap = idx._snap
+        assert len(snap.main_slot) > 0 and snap.tail_slot0 == len(snap.labels)
+    finally:
+        release.set()
+        idx.join_merge(30)
+    assert idx._snap.tail_slot0 == len(idx._snap.labels)  # the dropped merge did not install
+    _assert_matches_bm25s(idx, src, ["w1 w2", "w3 aspirin", "w200"])

@@ -86,6 +86,36 @@ def test_snapshot_newer_than_restored_store_is_never_trusted_later(tmp_path):
         store.close()
 
 
+def test_snapshot_from_another_store_is_refused(tmp_path):
+    """A documents.sqlite3 copied in from another server, whose sequence has passed the snapshot's:
+    the sequence checks pass, but the snapshot's labels name other documents. The manifest's
+    store id catches it (this was a documented known limit)."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    store_a = DocumentStore(a_dir / "documents.sqlite3")
+    Docs(store_a, 1).upsert(*[f"a{i}" for i in range(4)])
+    idx, _, _ = load(store_a, a_dir / "hnsw")
+    snapshot.save(idx, a_dir / "hnsw", store_a.last_seq(), store_id=store_a.store_id)
+    assert load(store_a, a_dir / "hnsw")[2] == "loaded"  # its own store: trusted
+    store_a.close()
+    store_b = DocumentStore(b_dir / "documents.sqlite3")
+    Docs(store_b, 2).upsert(*[f"b{i}" for i in range(8)])  # seq 8 > the snapshot's 4
+    assert store_b.store_id != store_a.store_id
+    store_b.close()
+    for p in a_dir.glob("documents.sqlite3*"):
+        p.unlink()
+    for p in b_dir.glob("documents.sqlite3*"):
+        shutil.copy(p, a_dir / p.name)
+    store = DocumentStore(a_dir / "documents.sqlite3")
+    try:
+        assert store.store_id != store_a.store_id
+        idx, info, how = load(store, a_dir / "hnsw")
+        assert how == "rebuilt" and info is None
+        assert_graph_matches_store(idx, store)
+        assert not (a_dir / "hnsw" / "manifest.json").exists()  # never trusted again
+    finally:
+        store.close()
+
+
 def test_replay_across_snapshot_boundary_and_snapshot_ahead_of_its_sequence(tmp_path):
     """Pins the replay: an id upserted, snapshotted, deleted and upserted again; a document
     created and deleted after the snapshot; and a graph that already holds changes past the

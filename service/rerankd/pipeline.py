@@ -562,7 +562,7 @@ class Pipeline:
             if not force and seq == self._snapshot_seq:
                 return None
             t0 = time.perf_counter()
-            info = snapshot.save(dense, self.snapshot_dir, seq)
+            info = snapshot.save(dense, self.snapshot_dir, seq, store_id=self.store.store_id)
             self.snapshot_info = info
             self._snapshot_seq = seq
             log.info("HNSW snapshot saved at seq %d (%d documents, %.0f ms)", seq, len(dense), (time.perf_counter() - t0) * 1e3)

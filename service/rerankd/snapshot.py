@@ -49,7 +49,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(index: DenseIndex, directory: Path, sequence: int) -> SnapshotInfo:
+def save(index: DenseIndex, directory: Path, sequence: int, store_id: str | None = None) -> SnapshotInfo:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "index.bin.tmp"
     index.save(tmp)
@@ -65,6 +65,8 @@ def save(index: DenseIndex, directory: Path, sequence: int) -> SnapshotInfo:
         "live": len(index),
         "created_at": time.time(),
     }
+    if store_id is not None:
+        manifest["store_id"] = store_id  # the document store it was made from (checked on load)
     # Manifest first under a temp name, then the index, then the manifest: a crash anywhere
     # leaves either the old pair, or a new index under the old manifest whose checksum does not
     # match (-> rebuild from the store; never a graph trusted for a sequence it does not cover).
@@ -90,6 +92,10 @@ def load_or_rebuild(
         mf = json.loads((directory / "manifest.json").read_text())
         seq = int(mf["sequence"])
         try:
+            sid = mf.get("store_id")  # absent in snapshots saved before it was recorded
+            if sid is not None and sid != store.store_id:
+                # documents.sqlite3 copied in from another server: its labels name other documents.
+                raise ValueError(f"snapshot was made from another document store ({sid}, this one is {store.store_id})")
             last = store.last_seq()
             if seq > last:
                 # The store is older than the snapshot (restored/replaced documents.sqlite3):

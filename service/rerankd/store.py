@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,10 @@ class DocumentStore:
         self._all_lock = threading.Lock()
         self._w = self._connect()
         self._w.executescript(SCHEMA)
+        # Who this store is: a snapshot records it, so one made from another server's store (a
+        # documents.sqlite3 copied in on its own) is refused even where the sequences would pass.
+        self._w.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+        self.store_id: str = self._w.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)

@@ -316,7 +316,7 @@ class BM25Index:
         self._total_len += float(doc_len.sum(dtype=np.float64))
 
     def _maybe_merge(self) -> None:
-        if self._merge_thread is not None:  # one at a time; the next refresh looks again
+        if self._merge_thread is not None and len(self._main_slot):  # one at a time; the next refresh looks again
             return
         n = self._labels.n
         ptr = self._fwd_ptr.view()
@@ -326,12 +326,19 @@ class BM25Index:
                 dead >= COMPACT_MIN_DEAD and dead > COMPACT_DEAD_FRACTION * n)):
             return
         job = self._capture()
-        if not self._background or not len(self._main_slot):  # the first build: nothing to serve from meanwhile
+        # The first build (also after starting over, while a dropped merge may still be running)
+        # has nothing to serve from meanwhile: it merges here.
+        if not self._background or not len(self._main_slot):
             self._install(job, _build_merge(job))
             return
         t = threading.Thread(target=self._merge_in_background, args=(job,), name="bm25-merge", daemon=True)
-        self._merge_thread = t
-        t.start()
+        self._merge_thread = t  # before start(): the thread clears it when done
+        try:
+            t.start()
+        except Exception:  # e.g. "can't start new thread": merge here rather than never again
+            self._merge_thread = None
+            log.exception("BM25: could not start the background merge; merging in the foreground")
+            self._install(job, _build_merge(job))
 
     def _capture(self) -> _MergeJob:
         n = self._labels.n
