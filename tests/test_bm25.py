@@ -178,11 +178,25 @@ def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
     assert src.calls[-1][0] == 0  # rebuilt from the start of the log
 
 
+def _pause_merges(monkeypatch):
+    """Make background merges wait (after they start) until ``release`` is set."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real_build = bm25_mod._build_merge
+
+    def paused_build(job):
+        started.set()
+        assert release.wait(30)
+        return real_build(job)
+
+    monkeypatch.setattr(bm25_mod, "_build_merge", paused_build)
+    return started, release, real_build
+
+
 def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
     """The merge is built off the lock while searches and refreshes go on; at the switch-over the
     documents appended and deleted meanwhile are carried into the new layout."""
-    import threading
-
     monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 400)
     monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 10)
     rng = np.random.default_rng(11)
@@ -193,15 +207,7 @@ def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
     idx.mark_dirty()
     idx.refresh()
     assert idx.merges == 1 and idx._merge_thread is None
-    started, release = threading.Event(), threading.Event()
-    real_build = bm25_mod._build_merge
-
-    def paused_build(job):
-        started.set()
-        assert release.wait(30)
-        return real_build(job)
-
-    monkeypatch.setattr(bm25_mod, "_build_merge", paused_build)
+    started, release, _ = _pause_merges(monkeypatch)
     src.delete(sorted(src.docs)[:80])  # past the compaction threshold
     src.add(_corpus(rng, 30))
     idx.mark_dirty()
@@ -256,15 +262,7 @@ def test_merges_go_on_when_a_thread_cannot_start_or_the_index_started_over(monke
 
     # A refresh fails while a background merge is building: that merge is dropped, and the
     # rebuilt index gets its main segment at once instead of scanning everything as tail.
-    started, release = threading.Event(), threading.Event()
-    real_build = bm25_mod._build_merge
-
-    def paused_build(job):
-        started.set()
-        assert release.wait(30)
-        return real_build(job)
-
-    monkeypatch.setattr(bm25_mod, "_build_merge", paused_build)
+    started, release, real_build = _pause_merges(monkeypatch)
     src.add(_corpus(rng, 100))
     idx.mark_dirty()
     idx.refresh()
