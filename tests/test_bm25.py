@@ -21,6 +21,16 @@ def _corpus(rng: np.random.Generator, n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 40)), p=p)) for _ in range(n)]
 
 
+def _built_index(rng: np.random.Generator, n: int) -> tuple[ChangeLogSource, BM25Index]:
+    """A source with ``n`` random documents and an index refreshed over them."""
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(rng, n))
+    idx.mark_dirty()
+    idx.refresh()
+    return src, idx
+
+
 def _assert_matches_bm25s(idx: BM25Index, src: ChangeLogSource, queries: list[str], k: int = 20) -> None:
     live = sorted(src.docs)
     ref = bm25s.BM25()
@@ -152,11 +162,7 @@ def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
     """Out of memory half-way through applying a batch left the arrays out of step with each
     other (and a failed merge broke every later search): the next refresh starts over."""
     rng = np.random.default_rng(5)
-    src = ChangeLogSource()
-    idx = BM25Index(src)
-    src.add(_corpus(rng, 200))
-    idx.mark_dirty()
-    idx.refresh()
+    src, idx = _built_index(rng, 200)
     real_extend = bm25_mod._Grow.extend
     calls = []
 
@@ -200,12 +206,8 @@ def test_a_background_merge_carries_the_writes_made_while_it_ran(monkeypatch):
     monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 400)
     monkeypatch.setattr(bm25_mod, "COMPACT_MIN_DEAD", 10)
     rng = np.random.default_rng(11)
-    src = ChangeLogSource()
-    idx = BM25Index(src)  # background merges
     queries = ["w1 w2 w3", "aspirin stroke", "w120 w300", "running"]
-    src.add(_corpus(rng, 200))  # the first build merges in the foreground (nothing to serve from)
-    idx.mark_dirty()
-    idx.refresh()
+    src, idx = _built_index(rng, 200)  # background merges; the first build merges in the foreground
     assert idx.merges == 1 and idx._merge_thread is None
     started, release, _ = _pause_merges(monkeypatch)
     src.delete(sorted(src.docs)[:80])  # past the compaction threshold
@@ -241,11 +243,7 @@ def test_merges_go_on_when_a_thread_cannot_start_or_the_index_started_over(monke
 
     monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", 300)
     rng = np.random.default_rng(13)
-    src = ChangeLogSource()
-    idx = BM25Index(src)
-    src.add(_corpus(rng, 100))
-    idx.mark_dirty()
-    idx.refresh()
+    src, idx = _built_index(rng, 100)
     assert idx.merges == 1
 
     # No thread can be started: the merge runs in the foreground (it used to stop for good).
