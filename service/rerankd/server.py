@@ -301,17 +301,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     except StopAsyncIteration:
                         break
                     except asyncio.TimeoutError:
-                        raise errors.DeadlineExceeded(
-                            f"no batch for {idle:g} s (--stream-idle-timeout-s): stream ended; {committed()}") from None
+                        raise errors.DeadlineExceeded(f"no batch for {idle:g} s (--stream-idle-timeout-s): stream ended") from None
                     r = await p.upsert(_documents(request), deadline)
                 except errors.InvalidArgument as e:
                     # Earlier batches are committed; say exactly where the stream stopped.
                     raise errors.InvalidArgument(f"batch[{n}].{e.field}", f"{str(e).split(': ', 1)[-1]} ({committed()})") from e
                 except errors.RerankdError as e:
-                    if isinstance(e, errors.DeadlineExceeded) and "stream ended" in str(e):
-                        raise  # the idle timeout, which says it already
-                    # Overload, deadline, a backend or index failure: same status, plus where it
-                    # stopped. A copy: a batcher hands one exception to every call in its batch.
+                    # The idle timeout, overload, deadline, a backend or index failure: same status,
+                    # plus where it stopped. A copy: a batcher hands one exception to every call in its batch.
                     err = copy.copy(e)
                     err.args = (f"batch[{n}]: {e} (stream stopped there; {committed()})",)
                     raise err from e

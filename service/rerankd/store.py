@@ -270,8 +270,7 @@ class DocumentStore:
             rows = con.execute("SELECT label, title, text FROM documents INDEXED BY documents_seq WHERE seq > ?",
                                (seq,)).fetchall()
             rows.sort(key=lambda r: r[0])
-            gone = [int(r[0]) for r in con.execute(
-                "SELECT DISTINCT label FROM changes WHERE seq > ? AND op = 'delete'", (seq,))]
+            gone = [int(lb) for lb in self.deletes_after(seq)]  # same connection: inside this transaction
         finally:
             if con.in_transaction:
                 con.execute("ROLLBACK")  # a read: nothing to keep, and it cannot fail like COMMIT

@@ -210,10 +210,6 @@ class BM25Index:
     def mark_dirty(self) -> None:
         self._generation += 1
 
-    @property
-    def fresh(self) -> bool:
-        return self._built_generation == self._generation
-
     def __len__(self) -> int:
         return self._snap.n_alive
 
@@ -259,11 +255,7 @@ class BM25Index:
         n = self._labels.n
         if not len(gone) or not n:
             return
-        labels = self._labels.view()
-        pos = np.searchsorted(labels, gone)
-        ok = pos < n
-        ok[ok] = labels[pos[ok]] == gone[ok]
-        slots = np.unique(pos[ok])
+        slots = np.unique(_slots_of(self._labels.view(), gone))
         slots = slots[self._alive[slots]]
         if not len(slots):
             return
@@ -441,18 +433,22 @@ class BM25Index:
         scores[~s.alive] = 0.0
         if allowed is not None:
             wanted = allowed()
-            want = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
-            pos = np.searchsorted(s.labels, want)
-            ok = pos < len(s.labels)
-            ok[ok] = s.labels[pos[ok]] == want[ok]
             mask = np.zeros(len(s.labels), dtype=bool)
-            mask[pos[ok]] = True
+            mask[_slots_of(s.labels, np.fromiter(wanted, dtype=np.int64, count=len(wanted)))] = True
             scores[~mask] = 0.0
         cand = np.flatnonzero(scores > 0)
         if len(cand) > k:
             cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
         cand = cand[np.lexsort((cand, -scores[cand]))]  # best first; ties by label
         return s.labels[cand], scores[cand]
+
+
+def _slots_of(labels: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Slots (positions in the ascending ``labels``) of those ``wanted`` labels that are indexed."""
+    pos = np.searchsorted(labels, wanted)
+    ok = pos < len(labels)
+    ok[ok] = labels[pos[ok]] == wanted[ok]
+    return pos[ok]
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
