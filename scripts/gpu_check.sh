@@ -29,6 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 BUNDLES=${BUNDLES:-rerankd-ce-MiniLM-L6}
+MODELS=${MODELS_DIR:-models}  # where `rerankd export --fp16` wrote the bundles
 
 case "${1:-}" in
 prepare)
@@ -36,9 +37,9 @@ prepare)
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
   rm -rf .gpucheck && mkdir -p .gpucheck
   for b in $BUNDLES; do
-    test -f "models/$b/model.fp16.onnx" || { echo "models/$b has no fp16 variant: run rerankd export --defaults --fp16" >&2; exit 1; }
+    test -f "$MODELS/$b/model.fp16.onnx" || { echo "$MODELS/$b has no fp16 variant: run rerankd export --defaults --fp16" >&2; exit 1; }
     mkdir -p ".gpucheck/$b"
-    cp "models/$b/"{manifest.json,tokenizer.json,model.fp16.onnx,gpu-probe.npz} ".gpucheck/$b/"
+    cp "$MODELS/$b/"{manifest.json,tokenizer.json,model.fp16.onnx,gpu-probe.npz} ".gpucheck/$b/"
   done
   head -n 50 "${SCIFACT:-../shared/datasets/scifact}/corpus.jsonl" > .gpucheck/corpus50.jsonl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -75,7 +75,8 @@ def test_fp16_export_fuses_attention_and_passes_its_gate(fp16_models, task):
     assert v["parity"]["passed"] is True
     if task == "rerank":
         assert v["parity"]["max_diff_in_sd"] <= gpu_variants.GATES["rerank"]["max_diff_in_sd"]
-        assert v["parity"]["spearman"] >= 0.999
+        assert v["parity"]["pair_agreement"] >= gpu_variants.GATES["rerank"]["min_pair_agreement"]
+        assert v["probe"]["gate"] == gpu_variants.GATES["rerank"]
     else:
         assert v["parity"]["min_cosine"] >= 0.999
     # The fp16 graph really holds fp16 weights (about half the fp32 file) and keeps fp32 I/O.
@@ -98,7 +99,8 @@ def test_fp16_export_is_idempotent(fp16_models):
 
 def test_fp16_gate_refuses_a_variant_past_it(models_dir, tmp_path, monkeypatch):
     bundle = _copy_bundle(models_dir / MODELS["rerank"], tmp_path / "b")
-    monkeypatch.setitem(gpu_variants.GATES, "rerank", {"max_diff_in_sd": 0.0, "min_spearman": 1.01})
+    default_gate = dict(gpu_variants.GATES["rerank"])
+    monkeypatch.setitem(gpu_variants.GATES, "rerank", {"max_diff_in_sd": 0.0, "min_pair_agreement": 1.01})
     m = gpu_variants.add_fp16_variant(bundle)
     assert "fp16" not in m["variants"]
     assert m["refused_variants"]["fp16"]["parity"]["passed"] is False
@@ -109,12 +111,28 @@ def test_fp16_gate_refuses_a_variant_past_it(models_dir, tmp_path, monkeypatch):
     assert "fp16" not in gpu_variants.add_fp16_variant(bundle)["variants"]
     # ...but a changed gate (or onnxruntime) retries it, and so does --force.
     monkeypatch.setattr(gpu_variants, "optimize_fp16", real)
-    monkeypatch.setitem(gpu_variants.GATES, "rerank", {"max_diff_in_sd": 0.05, "min_spearman": 0.999})
+    monkeypatch.setitem(gpu_variants.GATES, "rerank", default_gate)
     m = gpu_variants.add_fp16_variant(bundle)
     assert "fp16" in m["variants"] and "fp16" not in m.get("refused_variants", {})
     assert (bundle / gpu_variants.FP16_FILE).is_file() and (bundle / gpu_variants.PROBE_FILE).is_file()
     assert "fp16" in gpu_variants.add_fp16_variant(bundle, force=True)["variants"]
     assert not list(bundle.glob("tmp-*"))
+
+
+def test_fp16_variant_gated_by_an_older_rule_is_regated(models_dir, tmp_path):
+    """Bundles exported under the Spearman gate (refused on an H100 for noise among near-tied
+    pairs) get the current gate, and a probe carrying it, on the next plain export."""
+    bundle = _copy_bundle(models_dir / MODELS["rerank"], tmp_path / "b")
+    gpu_variants.add_fp16_variant(bundle)
+    mf = bundle / "manifest.json"
+    m = json.loads(mf.read_text())
+    old = {"max_diff_in_sd": 0.05, "min_spearman": 0.999}
+    m["variants"]["fp16"]["probe"]["gate"] = m["variants"]["fp16"]["parity"]["gate"] = old
+    mf.write_text(json.dumps(m))
+    stamp = (bundle / gpu_variants.PROBE_FILE).stat().st_mtime_ns
+    v = gpu_variants.add_fp16_variant(bundle)["variants"]["fp16"]
+    assert v["probe"]["gate"] == v["parity"]["gate"] == gpu_variants.GATES["rerank"] != old
+    assert (bundle / gpu_variants.PROBE_FILE).stat().st_mtime_ns != stamp
 
 
 def test_fp16_export_refuses_a_graph_without_fused_attention(models_dir, tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ FP16_FILE = "model.fp16.onnx"
 PROBE_FILE = "gpu-probe.npz"
 GATES = {
     "embed": {"min_cosine": 0.999},
-    "rerank": {"max_diff_in_sd": 0.05, "min_spearman": 0.999},
+    "rerank": {"max_diff_in_sd": 0.05, "min_pair_agreement": 0.999},  # rerankd.drift says why not Spearman
 }
 
 
@@ -116,7 +116,9 @@ def _add(bundle: Path, *, force: bool) -> dict:
     # A refusal stands until --force, or until the gate or the optimizer (onnxruntime) changes.
     if not force and refusal and refusal.get("key") == _refusal_key(task):
         return manifest
-    if not force and current and all(
+    # An accepted variant is kept while its files are intact and its gate is today's: a bundle gated
+    # by an older rule is re-gated (and its probe re-written with the new gate) on the next export.
+    if not force and current and current.get("probe", {}).get("gate") == GATES[task] and all(
         (bundle / f).is_file() and _sha(bundle / f) == sha
         for f, sha in ((current["file"], current["sha256"]), (current["probe"]["file"], current["probe"]["sha256"]))
     ):

@@ -399,24 +399,11 @@ def check_fp32_parity(
     return record, outputs
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return (sums / counts)[inv]
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (NaN when either side is constant)."""
-    ra, rb = _rank(np.ravel(a)), _rank(np.ravel(b))
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+    """Spearman rank correlation (NaN when either side is constant); see :mod:`rerankd.drift`."""
+    from rerankd.drift import spearman as _spearman
+
+    return _spearman(a, b)
 
 
 def check_int8_gate(

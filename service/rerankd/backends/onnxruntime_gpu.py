@@ -36,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import ModelBundle
+from ..drift import rerank_drift
 from ..errors import BackendError, ConfigError
 from . import BackendOptions
 
@@ -245,24 +246,15 @@ class OnnxRuntimeGpuBackend:
             ok = bool(np.isfinite(worst) and worst >= gate["min_cosine"])
             result = {"checked": True, "rows": int(len(ref)), "min_cosine": round(worst, 6), "gate": gate, "passed": ok}
         else:
-            sd = float((fp16.get("parity") or {}).get("logit_std_fp32") or np.std(ref[:, 0]))
-            diff = float(np.max(np.abs(ref[:, 0] - got[:, 0])))
-            in_sd = diff / sd if sd > 0 else float("inf")
-            rho = _spearman(ref[:, 0], got[:, 0])
-            ok = bool(np.isfinite(diff) and in_sd <= gate["max_diff_in_sd"] and rho >= gate["min_spearman"])
-            result = {"checked": True, "rows": int(len(ref)), "max_abs_diff": round(diff, 5),
-                      "max_diff_in_sd": round(in_sd, 5), "spearman": round(rho, 6), "gate": gate, "passed": ok}
+            sd = (fp16.get("parity") or {}).get("logit_std_fp32")
+            rec = rerank_drift(ref[:, 0], got[:, 0], gate, sd=sd)
+            ok = rec["passed"]
+            result = {"checked": True, "rows": int(len(ref)), "max_abs_diff": round(rec["max_abs_diff"], 5),
+                      "max_diff_in_sd": round(rec["max_diff_in_sd"], 5), "spearman": round(rec["spearman"], 6),
+                      "pair_agreement": round(rec["pair_agreement"], 6), "pairs_compared": rec["pairs_compared"],
+                      "gate": gate, "passed": ok}
         if not ok:
             raise ConfigError(f"bundle {bundle.name!r} on {self.provider} {self.precision}: the GPU probe drifted past "
                               f"its gate: {result}; serve another precision (--precision fp32) or re-export")
         return result
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra = np.argsort(np.argsort(a, kind="mergesort"), kind="mergesort").astype(np.float64)
-    rb = np.argsort(np.argsort(b, kind="mergesort"), kind="mergesort").astype(np.float64)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
