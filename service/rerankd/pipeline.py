@@ -566,7 +566,30 @@ class Pipeline:
             self.snapshot_info = info
             self._snapshot_seq = seq
             log.info("HNSW snapshot saved at seq %d (%d documents, %.0f ms)", seq, len(dense), (time.perf_counter() - t0) * 1e3)
+            self._prune_change_log(seq)
             return info
+
+    def _prune_change_log(self, snapshot_seq: int) -> None:
+        """Drop the change log behind its slowest reader, now that a snapshot covers it (worker
+        thread). Its readers: a restart, which replays from the snapshot just saved; the BM25
+        index, caught up here first; a graph rebuild in progress, which reads from where it
+        started, so nothing is pruned while one runs. A failure only leaves the log longer."""
+        if not self._compact_lock.acquire(blocking=False):
+            return
+        try:
+            try:
+                self.bm25.refresh()
+            except Exception as e:  # the next search retries it; prune only behind where it is
+                log.warning("BM25 catch-up before pruning the change log failed: %s", e)
+            through = min(snapshot_seq, self.bm25.applied_seq)
+            t0 = time.perf_counter()
+            n = self.store.prune_changes(through)
+            if n:
+                log.info("change log pruned through seq %d: %d rows dropped (%.0f ms)", through, n, (time.perf_counter() - t0) * 1e3)
+        except Exception:
+            log.exception("pruning the change log failed (retried after the next snapshot)")
+        finally:
+            self._compact_lock.release()
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         """Start a background snapshot once ``snapshot_every`` changes piled up (event loop)."""
@@ -663,6 +686,8 @@ class Pipeline:
             "reranker_model": self.reranker.name,
             "deleted_not_compacted": self.dense.deleted_count,
             "sequence": self.store.last_seq(),
+            "change_log_rows": self.store.change_log_rows(),
+            "change_log_pruned_through": self.store.pruned_through(),
             "snapshot_sequence": info.sequence if info else 0,
             "snapshot_age_seconds": (time.time() - info.created_at) if info else 0.0,
             "data_dir_bytes": _dir_bytes(Path(self.settings.index.data_dir)),

@@ -2,7 +2,9 @@
 
 Each document row holds its id, title, text, metadata (JSON), the reranker's cached passage
 token ids and its embedding. Every change appends to ``changes`` (the sequence log the HNSW
-snapshot is replayed from). ``synchronous=FULL``: a write returns only after its commit is on
+snapshot is replayed from, and the BM25 index and a graph rebuild catch up from). The log is
+pruned behind its slowest reader (``prune_changes``, after each snapshot); a reader from before
+the pruned horizon gets :class:`ChangesPruned` and rebuilds from the documents. ``synchronous=FULL``: a write returns only after its commit is on
 disk, so an acknowledged Upsert/Delete survives ``kill -9``.
 
 Writes go through one connection under a lock; reads use one connection per thread (WAL lets
@@ -44,6 +46,14 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+
+
+PRUNED_KEY = "changes_pruned_through"  # meta: the change log holds no row at or below this sequence
+PRUNE_BATCH = 50_000  # change-log rows dropped per transaction: writes wait for one batch at most
+
+
+class ChangesPruned(LookupError):
+    """The change log no longer reaches back to the sequence asked for: rebuild from the documents."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,49 @@ class DocumentStore:
         with self._write_lock:
             self._w.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
+    def prune_changes(self, through: int) -> int:
+        """Drop the change-log rows at or below ``through``; returns how many went.
+
+        Only deletes are ever read back from the log (upserts are found through ``documents.seq``),
+        and only by readers positioned after some sequence: the snapshot replay, the BM25 index, a
+        graph rebuild. The caller passes the slowest one's position; a reader from before the
+        horizon (``pruned_through``) gets :class:`ChangesPruned`. The newest row always stays, so
+        ``last_seq`` never moves back. Runs in batches, one transaction each, with the horizon
+        written in the same transaction as the rows it covers."""
+        removed = 0
+        while True:
+            with self._write_lock:
+                con = self._w
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    last = int(con.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+                    upto = min(int(through), last - 1)
+                    if upto <= self._pruned_through(con):
+                        con.execute("COMMIT")
+                        return removed
+                    row = con.execute("SELECT seq FROM changes WHERE seq <= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                                      (upto, PRUNE_BATCH)).fetchone()
+                    horizon = upto if row is None else int(row[0]) - 1
+                    removed += con.execute("DELETE FROM changes WHERE seq <= ?", (horizon,)).rowcount
+                    con.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                                (PRUNED_KEY, str(horizon)))
+                    con.execute("COMMIT")
+                except BaseException:
+                    _rollback(con)
+                    raise
+
+    @staticmethod
+    def _pruned_through(con: sqlite3.Connection) -> int:
+        row = con.execute("SELECT value FROM meta WHERE key = ?", (PRUNED_KEY,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def pruned_through(self) -> int:
+        """The change log holds nothing at or below this sequence (0: never pruned)."""
+        return self._pruned_through(self._r())
+
+    def change_log_rows(self) -> int:
+        return int(self._r().execute("SELECT COUNT(*) FROM changes").fetchone()[0])
+
     def get_meta(self, key: str) -> str | None:
         row = self._r().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -247,11 +300,26 @@ class DocumentStore:
         return [int(r[0]) for r in rows], [json.loads(r[1]) for r in rows]
 
     def deletes_after(self, seq: int) -> list[int]:
-        """Labels deleted after ``seq`` and not re-created since (for snapshot replay)."""
-        rows = self._r().execute(
-            "SELECT DISTINCT c.label FROM changes c WHERE c.seq > ? AND c.op = 'delete' "
-            "AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.label = c.label)", (seq,)
-        ).fetchall()
+        """Labels deleted after ``seq`` and not re-created since (for snapshot replay and catch-up).
+
+        Raises :class:`ChangesPruned` when the log was pruned past ``seq`` (0, a reader that holds
+        nothing yet, needs no deletes and is always answered). The horizon and the rows are read
+        in one transaction."""
+        con = self._r()
+        own = not con.in_transaction
+        if own:
+            con.execute("BEGIN")
+        try:
+            pruned = self._pruned_through(con)
+            if 0 < seq < pruned:
+                raise ChangesPruned(f"the change log is pruned through seq {pruned}; it cannot replay from seq {seq}")
+            rows = con.execute(
+                "SELECT DISTINCT c.label FROM changes c WHERE c.seq > ? AND c.op = 'delete' "
+                "AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.label = c.label)", (seq,)
+            ).fetchall()
+        finally:
+            if own and con.in_transaction:
+                con.execute("ROLLBACK")  # a read
         return [r[0] for r in rows]
 
     def text_changes_after(self, seq: int) -> tuple[int, np.ndarray, list[str], list[int]]:

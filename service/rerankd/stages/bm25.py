@@ -37,6 +37,8 @@ from typing import Callable, Protocol
 import bm25s
 import numpy as np
 
+from ..store import ChangesPruned
+
 log = logging.getLogger(__name__)
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
 
@@ -210,6 +212,11 @@ class BM25Index:
     def mark_dirty(self) -> None:
         self._generation += 1
 
+    @property
+    def applied_seq(self) -> int:
+        """The store sequence the index has applied (the change log must reach back to it)."""
+        return self._seq
+
     def __len__(self) -> int:
         return self._snap.n_alive
 
@@ -224,7 +231,14 @@ class BM25Index:
             gen = self._generation
             if self._built_generation == gen:
                 return
-            last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
+            try:
+                last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
+            except ChangesPruned:
+                # The log was pruned past this index's position (it fell behind a snapshot that
+                # pruned while it was not refreshed): rebuild from the documents.
+                log.warning("BM25: the change log no longer reaches seq %d; rebuilding from the store", self._seq)
+                self._start_over()
+                last, labels, texts, gone = self._source.text_changes_after(0)
             try:
                 if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
                     # Cannot happen with the store (labels only grow); a source that breaks the rule
