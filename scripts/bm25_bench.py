@@ -13,12 +13,19 @@ search latency distribution, whose tail is where a foreground merge shows.
 Documents are SciFact's corpus (``--corpus``), repeated with new ids up to ``--docs``.
 
     python scripts/bm25_bench.py --corpus ../shared/datasets/scifact/corpus.jsonl [--docs 20000] [--writes 10]
+
+At scale, without the rebuild baseline (a bm25s rebuild per write is minutes there) and with
+larger write batches so that merges happen within a few rounds:
+
+    python scripts/bm25_bench.py --corpus ... --docs 1000000 --skip-baseline --merge-modes background \
+        --merge-rounds 30 --merge-batch 10000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -58,6 +65,9 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=10, help="timed write+search rounds per kind")
     ap.add_argument("--k", type=int, default=400, help="depth asked of the BM25 leg (the hybrid default)")
     ap.add_argument("--merge-rounds", type=int, default=150, help="batch+search rounds per merge mode (0: skip)")
+    ap.add_argument("--merge-batch", type=int, default=100, help="documents per batch in the merge rounds")
+    ap.add_argument("--merge-modes", choices=("both", "background"), default="both")
+    ap.add_argument("--skip-baseline", action="store_true", help="time the incremental index only")
     a = ap.parse_args()
     rows = [json.loads(line) for line in a.corpus.open()]
     texts = [(r.get("title", ""), r.get("text", "")) for r in rows]
@@ -76,8 +86,8 @@ def main() -> None:
         n_next = a.docs
         results: dict[str, dict[str, float]] = {}
         doomed = iter(range(a.docs))  # ids to delete, one per round
-        for name, make in (("rebuild (bm25s, before)", lambda: RebuildBaseline(store)),
-                           ("incremental (now)", lambda: BM25Index(store))):
+        kinds = [("rebuild (bm25s, before)", lambda: RebuildBaseline(store)), ("incremental (now)", lambda: BM25Index(store))]
+        for name, make in kinds[1:] if a.skip_baseline else kinds:
             t0 = time.perf_counter()
             idx = make()
             idx.search(queries[0], a.k)
@@ -107,9 +117,17 @@ def main() -> None:
             r["search after 100 upserts"] = timed(upsert(100))
             r["search after 1 delete"] = timed(lambda: store.delete([f"d{next(doomed)}"]))
             results[name] = r
+            if name.startswith("incremental"):
+                s = idx._snap
+                index_bytes = sum(x.nbytes for x in (s.labels, s.doc_len, s.alive, s.df, s.main_ptr, s.main_slot,
+                                                     s.main_tf, s.fwd_ptr, s.fwd_term, s.fwd_tf))
+                postings = int(len(s.fwd_term))
+                del s
+            del idx
         store.close()
         merge_rows = {}
-        for mode, background in (("foreground merges", False), ("background merges (default)", True)):
+        modes = (("foreground merges", False), ("background merges (default)", True))
+        for mode, background in modes[1:] if a.merge_modes == "background" else modes:
             if a.merge_rounds <= 0:
                 break
             store = DocumentStore(Path(tmp) / f"merge-{background}.sqlite3")  # each mode from the same start
@@ -118,8 +136,9 @@ def main() -> None:
             idx = BM25Index(store, background_merge=background)
             idx.search(queries[0], a.k)
             merges0, times = idx.merges, []
+            b = a.merge_batch
             for i in tqdm(range(a.merge_rounds), desc=mode, unit="round"):
-                store.upsert([doc(j) for j in range(a.docs + 100 * i, a.docs + 100 * (i + 1))])
+                store.upsert([doc(j) for j in range(a.docs + b * i, a.docs + b * (i + 1))])
                 idx.mark_dirty()
                 t = time.perf_counter()
                 idx.search(queries[i % len(queries)], a.k)
@@ -127,14 +146,22 @@ def main() -> None:
             idx.join_merge()
             merge_rows[mode] = (np.percentile(times, 50), np.percentile(times, 99), max(times), idx.merges - merges0)
             store.close()
-    base, new = results["rebuild (bm25s, before)"], results["incremental (now)"]
-    print(f"\n{a.docs} documents, BM25 leg depth {a.k}, median of {a.writes} rounds\n")
-    print("| | rebuild (bm25s, before) | incremental (now) | speed-up |")
-    print("|---|---|---|---|")
-    for key in base:
-        print(f"| {key} | {base[key] * 1e3:.1f} ms | {new[key] * 1e3:.1f} ms | {base[key] / new[key]:.1f}x |")
+    new = results["incremental (now)"]
+    print(f"\n{a.docs} documents, BM25 leg depth {a.k}, median of {a.writes} rounds")
+    print(f"incremental index: {postings:,} postings, {index_bytes / 2**20:.0f} MiB in its arrays; "
+          f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB\n")
+    if a.skip_baseline:
+        print("| | incremental (now) |\n|---|---|")
+        for key in new:
+            print(f"| {key} | {new[key] * 1e3:.1f} ms |")
+    else:
+        base = results["rebuild (bm25s, before)"]
+        print("| | rebuild (bm25s, before) | incremental (now) | speed-up |")
+        print("|---|---|---|---|")
+        for key in base:
+            print(f"| {key} | {base[key] * 1e3:.1f} ms | {new[key] * 1e3:.1f} ms | {base[key] / new[key]:.1f}x |")
     if merge_rows:
-        print(f"\nincremental index, {a.merge_rounds} rounds of (100-document batch, search), from {a.docs} documents\n")
+        print(f"\nincremental index, {a.merge_rounds} rounds of ({a.merge_batch}-document batch, search), from {a.docs} documents\n")
         print("| merges | search p50 | p99 | max | merges done |")
         print("|---|---:|---:|---:|---:|")
         for mode, (p50, p99, mx, m) in merge_rows.items():

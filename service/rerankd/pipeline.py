@@ -570,22 +570,18 @@ class Pipeline:
             return info
 
     def _prune_change_log(self, snapshot_seq: int) -> None:
-        """Drop the change log behind its slowest reader, now that a snapshot covers it (worker
-        thread). Its readers: a restart, which replays from the snapshot just saved; the BM25
-        index, caught up here first; a graph rebuild in progress, which reads from where it
-        started, so nothing is pruned while one runs. A failure only leaves the log longer."""
+        """Drop the change log up to the snapshot just saved (worker thread): a restart replays
+        from it. A graph rebuild in progress reads the log from where it started, so nothing is
+        pruned while one runs. The BM25 index is not waited for: one that is behind the horizon
+        (writes since the last search) reconciles its deletes against the live labels on its
+        next refresh (``ChangesPruned``). A failure only leaves the log longer."""
         if not self._compact_lock.acquire(blocking=False):
             return
         try:
-            try:
-                self.bm25.refresh()
-            except Exception as e:  # the next search retries it; prune only behind where it is
-                log.warning("BM25 catch-up before pruning the change log failed: %s", e)
-            through = min(snapshot_seq, self.bm25.applied_seq)
             t0 = time.perf_counter()
-            n = self.store.prune_changes(through)
+            n = self.store.prune_changes(snapshot_seq)
             if n:
-                log.info("change log pruned through seq %d: %d rows dropped (%.0f ms)", through, n, (time.perf_counter() - t0) * 1e3)
+                log.info("change log pruned through seq %d: %d rows dropped (%.0f ms)", snapshot_seq, n, (time.perf_counter() - t0) * 1e3)
         except Exception:
             log.exception("pruning the change log failed (retried after the next snapshot)")
         finally:

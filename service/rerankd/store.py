@@ -302,9 +302,11 @@ class DocumentStore:
     def deletes_after(self, seq: int) -> list[int]:
         """Labels deleted after ``seq`` and not re-created since (for snapshot replay and catch-up).
 
-        Raises :class:`ChangesPruned` when the log was pruned past ``seq`` (0, a reader that holds
-        nothing yet, needs no deletes and is always answered). The horizon and the rows are read
-        in one transaction."""
+        Raises :class:`ChangesPruned` when the log was pruned past ``seq``. ``seq`` 0 is always
+        answered: it means "from an empty index" (BM25 starting over, a snapshot of an empty
+        graph), which needs no deletes; a graph rebuild that started at 0 saw an empty store,
+        whose horizon is 0, and holds the compaction lock that pruning waits out. The horizon
+        and the rows are read in one transaction."""
         con = self._r()
         own = not con.in_transaction
         if own:
@@ -327,7 +329,18 @@ class DocumentStore:
         labels deleted after ``seq``), read in one transaction: one consistent point of the log.
 
         Labels are never reused (AUTOINCREMENT; a replaced document gets a new label), so a
-        deleted label is final and the changed labels are all greater than any seen before."""
+        deleted label is final and the changed labels are all greater than any seen before.
+        Raises :class:`ChangesPruned` when the log no longer reaches back to ``seq``: see
+        :meth:`text_changes_and_live_after`."""
+        return self._text_changes(seq, live=False)
+
+    def text_changes_and_live_after(self, seq: int) -> tuple[int, np.ndarray, list[str], np.ndarray]:
+        """For a reader the change log was pruned past: as :meth:`text_changes_after`, but the
+        last element is every live label (ascending) instead of the deletes. The reader drops
+        whatever it holds that is not among them; no text is read again."""
+        return self._text_changes(seq, live=True)
+
+    def _text_changes(self, seq: int, live: bool):
         con = self._r()
         if con.in_transaction:  # left open by an earlier failure on this thread's connection
             con.execute("ROLLBACK")
@@ -338,7 +351,10 @@ class DocumentStore:
             rows = con.execute("SELECT label, title, text FROM documents INDEXED BY documents_seq WHERE seq > ?",
                                (seq,)).fetchall()
             rows.sort(key=lambda r: r[0])
-            gone = [int(lb) for lb in self.deletes_after(seq)]  # same connection: inside this transaction
+            if live:
+                gone = np.fromiter((r[0] for r in con.execute("SELECT label FROM documents ORDER BY label")), dtype=np.int64)
+            else:
+                gone = [int(lb) for lb in self.deletes_after(seq)]  # same connection: inside this transaction
         finally:
             if con.in_transaction:
                 con.execute("ROLLBACK")  # a read: nothing to keep, and it cannot fail like COMMIT
