@@ -200,6 +200,14 @@ class Pipeline:
             self.dense = snapshot.rebuild(self.store, self.dim, m=s.index.hnsw_m, ef_construction=s.index.ef_construction,
                                           ef_search=s.index.ef_search)
         self.bm25 = BM25Index(self.store)
+        self.bm25_dir = data / "bm25"
+        t0 = time.perf_counter()
+        why = self.bm25.load(self.bm25_dir, self.store.store_id, self.store.last_seq())
+        if why is None:
+            log.info("BM25 index loaded at seq %d (%.1f s); catching up from the store", self.bm25.applied_seq, time.perf_counter() - t0)
+        elif why != "missing" or self.store.count():
+            log.warning("BM25 index on disk unusable (%s): building it from the store", why)
+        self._bm25_saved_seq = self.bm25.applied_seq if why is None else -1
         self.bm25.refresh()
         self.metadata_index = MetadataIndex()
         self.metadata_index.add(*self.store.metadata())
@@ -210,6 +218,7 @@ class Pipeline:
         # enough: a cancelled call releases it while its worker thread is still applying.
         self._apply_lock = threading.RLock()
         self._snapshot_lock = threading.Lock()  # one snapshot save at a time (they share index.bin.tmp)
+        self._bm25_save_lock = threading.Lock()  # one BM25 save at a time (they share state.npz.tmp)
         self._applied_seq = self.store.last_seq()
         # -1: no usable snapshot on disk (rebuilt at start) -> the next save is never skipped.
         self._snapshot_seq = self.snapshot_info.sequence if self.snapshot_info and not compact_now else -1
@@ -542,8 +551,16 @@ class Pipeline:
         return labels, missing, seq
 
     # -- operations ------------------------------------------------------------------------------------
-    def _save_snapshot(self, force: bool = False) -> snapshot.SnapshotInfo | None:
-        """Write the HNSW snapshot (worker thread). Returns None when it was already current.
+    def _save_snapshot(self, force: bool = False, bm25: bool = True) -> snapshot.SnapshotInfo | None:
+        """Write the HNSW snapshot, then (``bm25``) the BM25 index (worker thread). Returns None
+        when the HNSW snapshot was already current or skipped."""
+        info = self._save_hnsw(force)
+        if bm25:
+            self._save_bm25()
+        return info
+
+    def _save_hnsw(self, force: bool) -> snapshot.SnapshotInfo | None:
+        """Write the HNSW snapshot and prune the change log behind it. None when already current.
 
         The sequence is read under the apply lock, so the graph holds every change up to it (and
         possibly later ones, which a restart replays again: replay is idempotent). The save
@@ -568,6 +585,24 @@ class Pipeline:
             log.info("HNSW snapshot saved at seq %d (%d documents, %.0f ms)", seq, len(dense), (time.perf_counter() - t0) * 1e3)
             self._prune_change_log(seq)
             return info
+
+    def _save_bm25(self) -> None:
+        """Save the BM25 index beside the HNSW snapshot (worker thread, one save at a time), so a
+        start loads it and tokenizes only what came after, instead of the whole store. It is
+        saved as of its last refresh; a failure is logged and the previous save stays valid."""
+        with self._bm25_save_lock:
+            self._save_bm25_locked()
+
+    def _save_bm25_locked(self) -> None:
+        if self.bm25.applied_seq == self._bm25_saved_seq:
+            return
+        try:
+            t0 = time.perf_counter()
+            seq = self.bm25.save(self.bm25_dir, self.store.store_id)
+            self._bm25_saved_seq = seq
+            log.info("BM25 index saved at seq %d (%d documents, %.0f ms)", seq, len(self.bm25), (time.perf_counter() - t0) * 1e3)
+        except Exception:
+            log.exception("saving the BM25 index failed (the previous save stays valid; retried with the next snapshot)")
 
     def _prune_change_log(self, snapshot_seq: int) -> None:
         """Drop the change log up to the snapshot just saved (worker thread): a restart replays
@@ -608,7 +643,8 @@ class Pipeline:
         t0 = time.perf_counter()
         async with self._write_lock:  # writes wait; searches keep using the old graph
             await asyncio.to_thread(self._rebuild_dense)
-            info = await asyncio.to_thread(self._save_snapshot, True)
+            info = await asyncio.to_thread(self._save_snapshot, True, False)
+        await asyncio.to_thread(self._save_bm25)  # after the write lock: writes need not wait for it
         if info is None:  # skipped: a failed write's index rebuild is still running
             raise NotReady("the in-memory indexes are being rebuilt after a failed write; retry Compact shortly")
         return info, time.perf_counter() - t0

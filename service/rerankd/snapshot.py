@@ -33,7 +33,7 @@ class SnapshotInfo:
     path: Path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +41,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,7 +58,7 @@ def save(index: DenseIndex, directory: Path, sequence: int, store_id: str | None
     manifest = {
         "format": FORMAT,
         "sequence": sequence,
-        "sha256": _sha256(tmp),
+        "sha256": sha256_file(tmp),
         "dim": index.dim,
         "m": index.m,
         "ef_construction": index.ef_construction,
@@ -75,9 +75,9 @@ def save(index: DenseIndex, directory: Path, sequence: int, store_id: str | None
     with open(mtmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, directory / "index.bin")
-    _fsync_dir(directory)  # the index rename is on disk before the manifest rename
+    fsync_dir(directory)  # the index rename is on disk before the manifest rename
     os.replace(mtmp, directory / "manifest.json")
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return SnapshotInfo(sequence, manifest["created_at"], directory)
 
 
@@ -130,7 +130,7 @@ def _discard(directory: Path) -> None:
     try:
         for name in ("manifest.json", "manifest.json.tmp", "index.bin"):
             (directory / name).unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as e:
         log.warning("could not remove the refused HNSW snapshot in %s: %s", directory, e)
 
@@ -145,10 +145,10 @@ def _roll_forward(directory: Path) -> bool:
         return False
     try:
         mf = json.loads(mtmp.read_text())
-        if mf.get("format") != FORMAT or _sha256(idx) != mf.get("sha256"):
+        if mf.get("format") != FORMAT or sha256_file(idx) != mf.get("sha256"):
             return False
         os.replace(mtmp, directory / "manifest.json")
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except (OSError, ValueError):
         return False
     log.info("HNSW snapshot: completed a save interrupted between its renames (seq %s)", mf.get("sequence"))
@@ -175,7 +175,7 @@ def _check(directory: Path, dim: int, m: int, ef_construction: int) -> str | Non
         return f"format {mf.get('format')!r}"
     if (mf.get("dim"), mf.get("m"), mf.get("ef_construction")) != (dim, m, ef_construction):
         return "parameters changed"
-    if _sha256(idx) != mf.get("sha256"):
+    if sha256_file(idx) != mf.get("sha256"):
         return "checksum mismatch (corrupt)"
     return None
 

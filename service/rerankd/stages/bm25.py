@@ -28,15 +28,21 @@ never blocks or tears a search that is already scoring.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
+import os
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 import bm25s
 import numpy as np
 
+from ..snapshot import fsync_dir, sha256_file
 from ..store import ChangesPruned
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,21 @@ COMPACT_DEAD_FRACTION = 0.25
 COMPACT_MIN_DEAD = 1024
 TOKENIZE_CHUNK = 20_000  # documents tokenized at a time (bounds the memory of a large first build)
 PROGRESS_MIN_DOCS = 50_000
+
+
+SAVE_FORMAT = "rerankd-bm25/1"
+_SAVED_ARRAYS = ("labels", "doc_len", "alive", "df", "main_ptr", "main_slot", "main_tf", "fwd_ptr", "fwd_term", "fwd_tf")
+_FINGERPRINT_TEXT = "Running runners ran; the studies' results were analysed: 42 cells, IL-6 and TNF-alpha levels."
+
+
+def tokenizer_fingerprint() -> str:
+    """What a saved vocabulary depends on: bm25s, the stemmer and the stopwords, as one hash of
+    their output on a fixed text. A saved index tokenized differently is rebuilt, never mixed."""
+    tok = tokenize([_FINGERPRINT_TEXT])
+    inv = {i: t for t, i in tok.vocab.items()}
+    terms = [inv[i] for i in tok.ids[0]]
+    stem = getattr(_STEMMER, "__class__", type(None)).__module__
+    return hashlib.sha256(json.dumps([bm25s.__version__, stem, terms]).encode()).hexdigest()[:16]
 
 
 class ChangeSource(Protocol):
@@ -404,6 +425,102 @@ class BM25Index:
         self._tail_slot0 = k
         self.merges += 1
 
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, directory: Path, store_id: str | None = None) -> int:
+        """Write the index as of its last refresh to ``directory`` (``state.npz`` + ``manifest.json``);
+        returns the store sequence it covers. Searches and refreshes go on meanwhile: what is
+        written is the immutable published snapshot. Crash-safe like the HNSW snapshot: the
+        manifest, with the state's checksum, is renamed into place last."""
+        with self._lock:  # the published snapshot and the sequence it covers, together
+            snap, seq = self._snap, self._seq
+            terms = [""] * len(snap.vocab)
+            for t, i in snap.vocab.items():  # the dict grows under refreshes: read it here
+                terms[i] = t
+        if any("\n" in t for t in terms):  # cannot happen with bm25s's \w+ tokens
+            raise ValueError("a BM25 term holds a newline: the vocabulary cannot be saved")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp, mtmp = directory / "state.npz.tmp", directory / "manifest.json.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, vocab=np.frombuffer("\n".join(terms).encode(), dtype=np.uint8),
+                     **{name: getattr(snap, name) for name in _SAVED_ARRAYS})
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "format": SAVE_FORMAT, "sequence": seq, "store_id": store_id, "sha256": sha256_file(tmp),
+            "n_alive": snap.n_alive, "total_len": snap.total_len, "tail_slot0": snap.tail_slot0,
+            "terms": len(terms), "tokenizer": tokenizer_fingerprint(), "k1": self.k1, "b": self.b,
+            "created_at": time.time(),
+        }
+        mtmp.write_text(json.dumps(manifest, indent=2))
+        with open(mtmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / "state.npz")
+        fsync_dir(directory)  # a crash between the renames leaves a checksum mismatch: rebuilt
+        os.replace(mtmp, directory / "manifest.json")
+        fsync_dir(directory)
+        return seq
+
+    def load(self, directory: Path, store_id: str | None, last_seq: int) -> str | None:
+        """Take the index saved in ``directory``; None when loaded, else why not (the caller then
+        builds from the store). The next refresh catches up from the saved sequence. A saved index
+        from another store, from a store that ended earlier (an older ``documents.sqlite3``
+        restored), tokenized differently, or whose file does not match its checksum is refused."""
+        directory = Path(directory)
+        try:
+            mf = json.loads((directory / "manifest.json").read_text())
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError) as e:
+            return f"unreadable manifest: {e}"
+        try:
+            if mf.get("format") != SAVE_FORMAT:
+                return f"format {mf.get('format')!r}"
+            if mf.get("tokenizer") != tokenizer_fingerprint():
+                return "tokenizer changed (bm25s, stemmer or stopwords)"
+            if (mf.get("k1"), mf.get("b")) != (self.k1, self.b):
+                return "k1/b changed"
+            if mf.get("store_id") != store_id:
+                return f"saved from another document store ({mf.get('store_id')}, this one is {store_id})"
+            seq = int(mf["sequence"])
+            if seq > last_seq:
+                return f"saved at seq {seq} but the store ends at seq {last_seq}"
+            path = directory / "state.npz"
+            if sha256_file(path) != mf["sha256"]:
+                return "checksum mismatch"
+            with np.load(path, allow_pickle=False) as z:
+                a = {name: z[name] for name in (*_SAVED_ARRAYS, "vocab")}
+            blob = a.pop("vocab").tobytes().decode()
+            terms = blob.split("\n") if mf["terms"] else []
+            n, n_terms = len(a["labels"]), int(mf["terms"])
+            ok = (len(terms) == n_terms and len(a["doc_len"]) == len(a["alive"]) == n and len(a["fwd_ptr"]) == n + 1
+                  and int(a["fwd_ptr"][-1]) == len(a["fwd_term"]) == len(a["fwd_tf"]) and len(a["df"]) <= n_terms
+                  and 1 <= len(a["main_ptr"]) <= len(a["df"]) + 1 and int(a["main_ptr"][-1]) == len(a["main_slot"]) == len(a["main_tf"])
+                  and 0 <= int(mf["tail_slot0"]) <= n and int(mf["n_alive"]) == int(a["alive"].sum()))
+            if not ok:
+                return "inconsistent arrays"
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return f"unreadable: {e}"
+        with self._lock:
+            self._epoch += 1  # a merge begun on the old arrays is dropped
+            self._labels = _Grow(np.int64, a["labels"], MERGE_TAIL_FRACTION * 2)
+            self._doc_len = _Grow(np.float32, a["doc_len"], MERGE_TAIL_FRACTION * 2)
+            self._alive = a["alive"].astype(bool)
+            self._df = a["df"].astype(np.int64)
+            self._n_alive, self._total_len = int(mf["n_alive"]), float(mf["total_len"])
+            self._fwd_ptr = _Grow(np.int64, a["fwd_ptr"], MERGE_TAIL_FRACTION * 2)
+            self._fwd_term = _Grow(np.int32, a["fwd_term"], MERGE_TAIL_FRACTION * 2)
+            self._fwd_tf = _Grow(np.float32, a["fwd_tf"], MERGE_TAIL_FRACTION * 2)
+            self._main_ptr = a["main_ptr"].astype(np.int64)
+            self._main_slot = a["main_slot"].astype(np.int32)
+            self._main_tf = a["main_tf"].astype(np.float32)
+            self._tail_slot0 = int(mf["tail_slot0"])
+            self._vocab = {t: i for i, t in enumerate(terms)}
+            self._seq = seq
+            self._snap = self._publish()
+            self._built_generation = -1  # the next refresh catches up from seq
+        return None
+
     # -- reader side ---------------------------------------------------------------------------------
     def search(self, query: str, k: int, allowed: Callable[[], set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, BM25 scores), best first; documents with score 0 are left out.
@@ -481,4 +598,5 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         return _EMPTY_I
     offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
     return np.arange(total, dtype=np.int64) + offsets
+
 

@@ -1,0 +1,186 @@
+"""The BM25 index saved beside the HNSW snapshot: a start loads it and tokenizes only what came
+after, the result equals an index built from the store, and anything that does not match the
+store (another store, an older store, another tokenizer, a damaged file) is refused and rebuilt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from rerankd.stages import bm25 as bm25_mod
+from rerankd.stages.bm25 import BM25Index
+from rerankd.store import DocumentStore, NewDocument
+
+from test_bm25 import _assert_matches_bm25s, _corpus
+from util import ChangeLogSource, settings_for
+
+QUERIES = ["aspirin stroke", "w1 w3 w250", "w399 w398 heart", "running runs", "w0 w0 w7", "the of"]
+
+
+class CountingSource(ChangeLogSource):
+    """Records how many documents each refresh was handed (i.e. had to tokenize)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed = 0
+
+    def text_changes_after(self, seq: int):
+        out = super().text_changes_after(seq)
+        self.handed += len(out[1])
+        return out
+
+
+@pytest.mark.parametrize("merge_min", [10**9, 300])  # tail only / saved with a main segment
+def test_saved_index_loads_catches_up_and_equals_a_fresh_build(tmp_path, monkeypatch, merge_min):
+    monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", merge_min)
+    rng = np.random.default_rng(3)
+    src = CountingSource()
+    idx = BM25Index(src, background_merge=False)
+    src.add(_corpus(rng, 300))
+    idx.mark_dirty()
+    idx.refresh()
+    src.delete(sorted(src.docs)[:40])
+    src.add(_corpus(rng, 30))
+    idx.mark_dirty()
+    idx.refresh()
+    assert (idx.merges > 0) == (merge_min < 10**9)
+    seq = idx.save(tmp_path / "bm25", "store-a")
+    assert seq == idx.applied_seq
+    # after the save: more writes and deletes, which the loaded index must catch up on
+    src.delete(sorted(src.docs)[50:70])
+    src.add(_corpus(rng, 25))
+
+    src.handed = 0
+    loaded = BM25Index(src, background_merge=False)
+    assert loaded.load(tmp_path / "bm25", "store-a", last_seq=len(src.log)) is None
+    assert loaded.applied_seq == seq
+    _assert_matches_bm25s(loaded, src, QUERIES)
+    assert src.handed == 25  # only the documents written after the save were tokenized
+
+
+def test_refused_saves_say_why_and_leave_the_index_to_build(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(_corpus(rng, 50))
+    idx.mark_dirty()
+    idx.refresh()
+    d = tmp_path / "bm25"
+    idx.save(d, "store-a")
+    last = len(src.log)
+
+    def why(store_id="store-a", last_seq=last) -> str | None:
+        fresh = BM25Index(src)
+        r = fresh.load(d, store_id, last_seq)
+        if r is not None:
+            assert fresh.applied_seq == 0 and len(fresh) == 0  # untouched: it builds from the store
+        return r
+
+    assert why() is None
+    assert "another document store" in why(store_id="store-b")
+    assert "store ends at seq" in why(last_seq=last - 1)  # an older documents.sqlite3 restored
+    monkeypatch.setattr(bm25_mod, "tokenizer_fingerprint", lambda: "other")
+    assert "tokenizer changed" in why()
+    monkeypatch.undo()
+    state = d / "state.npz"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    assert why() == "checksum mismatch"
+    (d / "manifest.json").write_text("{not json")
+    assert why().startswith("unreadable manifest")
+    assert BM25Index(src).load(tmp_path / "nothing", "store-a", last) == "missing"
+
+
+def test_inconsistent_arrays_are_refused(tmp_path):
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(["red apple", "red car", "blue sky"])
+    idx.mark_dirty()
+    idx.refresh()
+    d = tmp_path / "bm25"
+    idx.save(d, None)
+    mf = json.loads((d / "manifest.json").read_text())
+    mf["n_alive"] = 2  # a manifest that does not describe its arrays (a bug, not bit rot)
+    (d / "manifest.json").write_text(json.dumps(mf))
+    assert BM25Index(src).load(d, None, len(src.log)) == "inconsistent arrays"
+
+
+def test_server_start_loads_the_saved_index(models_dir, tmp_path, monkeypatch):
+    """A restart loads the BM25 index saved at shutdown and tokenizes nothing; writes made by a
+    crashed process after the save are caught up; results equal a build from the store."""
+    from rerankd.pipeline import Document, Pipeline, SearchParams
+
+    data = tmp_path / "data"
+    s = settings_for(models_dir, data, index={"data_dir": data})
+
+    async def session(writes) -> list[str]:
+        p = Pipeline(s)
+        await p.start()
+        try:
+            await writes(p)
+            hits = await p.search(SearchParams(query="zebra topic", top_n=20, candidates=20, rerank=False, first_stage="bm25"))
+            return [h.id for h in hits.hits]
+        finally:
+            await p.close()
+
+    async def first(p):
+        await p.upsert([Document(f"d{i}", f"document {i} about zebra topic {i % 3}") for i in range(12)])
+        await p.delete(["d3"])
+
+    asyncio.run(session(first))
+    assert (data / "bm25" / "manifest.json").is_file()
+
+    tokenized = []
+    real_add = BM25Index._add
+    monkeypatch.setattr(BM25Index, "_add", lambda self, labels, texts: (tokenized.extend(texts), real_add(self, labels, texts)))
+
+    async def nothing(p):
+        assert p.bm25.applied_seq == p.store.last_seq()
+
+    got = asyncio.run(session(nothing))
+    assert tokenized == []  # loaded, not rebuilt
+    store = DocumentStore(data / "documents.sqlite3")
+    try:
+        fresh = BM25Index(store)
+        want = [lb for lb in fresh.search("zebra topic", 20)[0].tolist()]
+        by_label = {v: k for k, v in store.labels_for([f"d{i}" for i in range(12)]).items()}
+        assert got == [by_label[lb] for lb in want] and "d3" not in got
+        # a write the saved index never saw (made by a process that crashed before saving)
+        rng = np.random.default_rng(0)
+        store.upsert([NewDocument("late", "zebra zebra late document", "", {}, rng.normal(size=384).astype(np.float32), None)])
+    finally:
+        store.close()
+    tokenized.clear()
+    got = asyncio.run(session(nothing))
+    assert tokenized == ["zebra zebra late document"] and "late" in got
+
+
+def test_saved_index_behind_the_pruned_log_reconciles(tmp_path):
+    """The common case after a restart: the BM25 save lags the snapshot that pruned the log (it
+    is saved as of its last search). Loading it then meets ChangesPruned: the deletes are found
+    from the live labels, the new documents tokenized, and nothing is rebuilt."""
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    rng = np.random.default_rng(5)
+    texts = _corpus(rng, 60)
+    vec = np.zeros(4, dtype=np.float32)
+    store.upsert([NewDocument(f"d{i}", t, "", {}, vec, None) for i, t in enumerate(texts)])
+    idx = BM25Index(store)
+    idx.refresh()
+    idx.save(tmp_path / "bm25", store.store_id)
+    store.delete([f"d{i}" for i in range(0, 60, 3)])
+    store.upsert([NewDocument(f"e{i}", t, "", {}, vec, None) for i, t in enumerate(_corpus(rng, 10))])
+    store.prune_changes(store.last_seq())
+    loaded = BM25Index(store)
+    assert loaded.load(tmp_path / "bm25", store.store_id, store.last_seq()) is None
+    epoch = loaded._epoch
+    fresh = BM25Index(store)
+    for q in QUERIES:
+        got, want = loaded.search(q, 30), fresh.search(q, 30)
+        assert got[0].tolist() == want[0].tolist(), q
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    assert loaded._epoch == epoch and loaded.applied_seq == store.last_seq()
+    store.close()
