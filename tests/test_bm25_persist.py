@@ -54,6 +54,7 @@ def test_saved_index_loads_catches_up_and_equals_a_fresh_build(tmp_path, monkeyp
     src.add(_corpus(rng, 25))
 
     src.handed = 0
+    monkeypatch.undo()  # load under the default merge threshold: the saved segments are used as they are
     loaded = BM25Index(src, background_merge=False)
     assert loaded.load(tmp_path / "bm25", "store-a", last_seq=len(src.log)) is None
     assert loaded.applied_seq == seq
@@ -61,7 +62,7 @@ def test_saved_index_loads_catches_up_and_equals_a_fresh_build(tmp_path, monkeyp
     assert src.handed == 25  # only the documents written after the save were tokenized
 
 
-def test_refused_saves_say_why_and_leave_the_index_to_build(tmp_path, monkeypatch):
+def test_refused_saves_say_why_are_deleted_and_leave_the_index_to_build(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     src = ChangeLogSource()
     idx = BM25Index(src)
@@ -69,29 +70,35 @@ def test_refused_saves_say_why_and_leave_the_index_to_build(tmp_path, monkeypatc
     idx.mark_dirty()
     idx.refresh()
     d = tmp_path / "bm25"
-    idx.save(d, "store-a")
     last = len(src.log)
 
-    def why(store_id="store-a", last_seq=last) -> str | None:
+    def why(store_id="store-a", last_seq=last, damage=None) -> str | None:
+        idx.save(d, "store-a")
+        if damage:
+            damage()
         fresh = BM25Index(src)
         r = fresh.load(d, store_id, last_seq)
         if r is not None:
             assert fresh.applied_seq == 0 and len(fresh) == 0  # untouched: it builds from the store
+            assert not list(d.iterdir()), "a refused save was kept (it would be trusted later)"
         return r
 
     assert why() is None
     assert "another document store" in why(store_id="store-b")
     assert "store ends at seq" in why(last_seq=last - 1)  # an older documents.sqlite3 restored
-    monkeypatch.setattr(bm25_mod, "tokenizer_fingerprint", lambda: "other")
-    assert "tokenizer changed" in why()
+    # saved under one tokenizer, loaded under another
+    assert "tokenizer changed" in why(damage=lambda: monkeypatch.setattr(bm25_mod, "tokenizer_fingerprint", lambda: "other"))
     monkeypatch.undo()
-    state = d / "state.npz"
-    raw = bytearray(state.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    state.write_bytes(bytes(raw))
-    assert why() == "checksum mismatch"
-    (d / "manifest.json").write_text("{not json")
-    assert why().startswith("unreadable manifest")
+
+    def flip_a_byte():
+        state = d / "state.npz"
+        raw = bytearray(state.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        state.write_bytes(bytes(raw))
+
+    assert why(damage=flip_a_byte) == "checksum mismatch"
+    assert why(damage=lambda: (d / "manifest.json").write_text("{not json")).startswith("unreadable manifest")
+    assert why(damage=lambda: (d / "manifest.json").write_text("[]")).startswith("unreadable manifest")
     assert BM25Index(src).load(tmp_path / "nothing", "store-a", last) == "missing"
 
 
@@ -104,9 +111,63 @@ def test_inconsistent_arrays_are_refused(tmp_path):
     d = tmp_path / "bm25"
     idx.save(d, None)
     mf = json.loads((d / "manifest.json").read_text())
-    mf["n_alive"] = 2  # a manifest that does not describe its arrays (a bug, not bit rot)
+    mf["sequence"] -= 1  # a manifest that does not describe its state file
     (d / "manifest.json").write_text(json.dumps(mf))
     assert BM25Index(src).load(d, None, len(src.log)) == "inconsistent arrays"
+
+
+def test_a_save_killed_between_its_renames_is_rolled_forward(tmp_path, monkeypatch):
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add(["red apple", "red car"])
+    idx.mark_dirty()
+    idx.refresh()
+    d = tmp_path / "bm25"
+    idx.save(d, None)
+    src.add(["red wine"])
+    idx.mark_dirty()
+    idx.refresh()
+    real = bm25_mod.os.replace
+
+    def die_on_manifest(a, b):
+        if str(b).endswith("manifest.json"):
+            raise KeyboardInterrupt("killed")
+        return real(a, b)
+
+    monkeypatch.setattr(bm25_mod.os, "replace", die_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        idx.save(d, None)
+    monkeypatch.undo()
+    assert (d / "manifest.json.tmp").is_file()  # the new state is in place under the old manifest
+    loaded = BM25Index(src)
+    assert loaded.load(d, None, len(src.log)) is None and loaded.applied_seq == 3
+    assert not (d / "manifest.json.tmp").exists()
+
+
+def test_a_save_after_a_failed_refresh_records_what_it_holds(tmp_path, monkeypatch):
+    """A refresh fails part-way (out of memory): the index starts over but searches keep the
+    last good snapshot. A save then must record that snapshot's sequence, not the writer's 0,
+    or a restart would take its labels as live with no deletes to replay."""
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    vec = np.zeros(4, dtype=np.float32)
+    store.upsert([NewDocument(f"d{i}", t, "", {}, vec, None) for i, t in enumerate(["red apple", "red car", "blue sky"])])
+    idx = BM25Index(store, background_merge=False)
+    idx.refresh()
+    good = idx.applied_seq
+    # a full re-ingest: every document replaced (new labels), and the refresh runs out of memory
+    store.upsert([NewDocument(f"d{i}", t, "", {}, vec, None) for i, t in enumerate(["green pear", "green bus", "grey sky"])])
+    monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    idx.mark_dirty()
+    with pytest.raises(MemoryError):
+        idx.refresh()
+    monkeypatch.undo()
+    store.prune_changes(store.last_seq())
+    assert idx.save(tmp_path / "bm25", store.store_id) == good
+    loaded = BM25Index(store)
+    assert loaded.load(tmp_path / "bm25", store.store_id, store.last_seq()) is None
+    assert loaded.search("red", 10)[0].tolist() == []
+    assert sorted(loaded.search("green", 10)[0].tolist()) == sorted(store.labels_for(["d0", "d1"]).values())
+    store.close()
 
 
 def test_server_start_loads_the_saved_index(models_dir, tmp_path, monkeypatch):
@@ -130,6 +191,9 @@ def test_server_start_loads_the_saved_index(models_dir, tmp_path, monkeypatch):
     async def first(p):
         await p.upsert([Document(f"d{i}", f"document {i} about zebra topic {i % 3}") for i in range(12)])
         await p.delete(["d3"])
+        await p.flush()
+        await p.compact()  # saves the BM25 index too (after releasing the write lock)
+        assert json.loads((data / "bm25" / "manifest.json").read_text())["sequence"] == p.store.last_seq()
 
     asyncio.run(session(first))
     assert (data / "bm25" / "manifest.json").is_file()

@@ -135,6 +135,7 @@ class _Snapshot:
     fwd_term: np.ndarray
     fwd_tf: np.ndarray
     vocab: dict[str, int]  # term -> id; only grows, except a rebuild, which makes a new dict
+    seq: int  # the store sequence this snapshot covers (what a save records)
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
@@ -232,7 +233,7 @@ class BM25Index:
             df=self._df.copy(), n_alive=self._n_alive, total_len=self._total_len,
             main_ptr=self._main_ptr, main_slot=self._main_slot, main_tf=self._main_tf,
             tail_slot0=self._tail_slot0, fwd_ptr=self._fwd_ptr.view(), fwd_term=self._fwd_term.view(),
-            fwd_tf=self._fwd_tf.view(), vocab=self._vocab,
+            fwd_tf=self._fwd_tf.view(), vocab=self._vocab, seq=self._seq,
         )
 
     def mark_dirty(self) -> None:
@@ -240,8 +241,8 @@ class BM25Index:
 
     @property
     def applied_seq(self) -> int:
-        """The store sequence the index has applied (the change log must reach back to it)."""
-        return self._seq
+        """The store sequence the searchable index covers (its published snapshot's)."""
+        return self._snap.seq
 
     def __len__(self) -> int:
         return self._snap.n_alive
@@ -427,48 +428,79 @@ class BM25Index:
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, directory: Path, store_id: str | None = None) -> int:
-        """Write the index as of its last refresh to ``directory`` (``state.npz`` + ``manifest.json``);
-        returns the store sequence it covers. Searches and refreshes go on meanwhile: what is
-        written is the immutable published snapshot. Crash-safe like the HNSW snapshot: the
-        manifest, with the state's checksum, is renamed into place last."""
-        with self._lock:  # the published snapshot and the sequence it covers, together
-            snap, seq = self._snap, self._seq
+        """Write the published index (what searches read) to ``directory`` (``state.npz`` +
+        ``manifest.json``); returns the store sequence it covers -- the snapshot's own, which
+        after a failed refresh is older than the writer's position. Searches and refreshes go on
+        meanwhile. Crash-safe: the manifest, with the state's checksum, is renamed into place last
+        (a crash between the renames is rolled forward by ``load``)."""
+        with self._lock:  # the vocabulary dict grows under refreshes: read it here
+            snap = self._snap
             terms = [""] * len(snap.vocab)
-            for t, i in snap.vocab.items():  # the dict grows under refreshes: read it here
+            for t, i in snap.vocab.items():
                 terms[i] = t
         if any("\n" in t for t in terms):  # cannot happen with bm25s's \w+ tokens
             raise ValueError("a BM25 term holds a newline: the vocabulary cannot be saved")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp, mtmp = directory / "state.npz.tmp", directory / "manifest.json.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, vocab=np.frombuffer("\n".join(terms).encode(), dtype=np.uint8),
-                     **{name: getattr(snap, name) for name in _SAVED_ARRAYS})
-            f.flush()
-            os.fsync(f.fileno())
-        manifest = {
-            "format": SAVE_FORMAT, "sequence": seq, "store_id": store_id, "sha256": sha256_file(tmp),
-            "n_alive": snap.n_alive, "total_len": snap.total_len, "tail_slot0": snap.tail_slot0,
-            "terms": len(terms), "tokenizer": tokenizer_fingerprint(), "k1": self.k1, "b": self.b,
-            "created_at": time.time(),
-        }
-        mtmp.write_text(json.dumps(manifest, indent=2))
-        with open(mtmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                # every figure the index is rebuilt from is inside the checksummed file
+                np.savez(f, vocab=np.frombuffer("\n".join(terms).encode(), dtype=np.uint8),
+                         counts=np.array([snap.seq, snap.n_alive, snap.tail_slot0, len(terms)], dtype=np.int64),
+                         total_len=np.array([snap.total_len], dtype=np.float64),
+                         **{name: getattr(snap, name) for name in _SAVED_ARRAYS})
+                f.flush()
+                os.fsync(f.fileno())
+            manifest = {
+                "format": SAVE_FORMAT, "sequence": snap.seq, "store_id": store_id, "sha256": sha256_file(tmp),
+                "documents": snap.n_alive, "tokenizer": tokenizer_fingerprint(), "k1": self.k1, "b": self.b,
+                "created_at": time.time(),
+            }
+            mtmp.write_text(json.dumps(manifest, indent=2))
+            with open(mtmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            mtmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, directory / "state.npz")
-        fsync_dir(directory)  # a crash between the renames leaves a checksum mismatch: rebuilt
+        fsync_dir(directory)
         os.replace(mtmp, directory / "manifest.json")
         fsync_dir(directory)
-        return seq
+        return snap.seq
 
     def load(self, directory: Path, store_id: str | None, last_seq: int) -> str | None:
         """Take the index saved in ``directory``; None when loaded, else why not (the caller then
-        builds from the store). The next refresh catches up from the saved sequence. A saved index
-        from another store, from a store that ended earlier (an older ``documents.sqlite3``
-        restored), tokenized differently, or whose file does not match its checksum is refused."""
+        builds from the store). The next refresh catches up from the saved sequence. A save from
+        another store, from a store that ended earlier (an older ``documents.sqlite3`` restored),
+        tokenized differently, or whose file does not match its checksum is refused and deleted:
+        never trusted later (labels an older store hands out again name other documents)."""
         directory = Path(directory)
+        if not (directory / "manifest.json").is_file() and not (directory / "manifest.json.tmp").is_file():
+            return "missing"
+        why = self._load(directory, store_id, last_seq)
+        if why is not None:
+            for name in ("manifest.json", "manifest.json.tmp", "state.npz", "state.npz.tmp"):  # manifest first
+                try:
+                    (directory / name).unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("could not remove the refused BM25 save %s: %s", directory / name, e)
+        return why
+
+    def _load(self, directory: Path, store_id: str | None, last_seq: int) -> str | None:
+        path, mpath, mtmp = directory / "state.npz", directory / "manifest.json", directory / "manifest.json.tmp"
         try:
-            mf = json.loads((directory / "manifest.json").read_text())
+            if mtmp.is_file() and path.is_file():
+                # A save killed between its renames: the new state under the old (or no) manifest,
+                # the new manifest complete beside it. Its checksum binds the two.
+                new = json.loads(mtmp.read_text())
+                if isinstance(new, dict) and new.get("sha256") == sha256_file(path):
+                    os.replace(mtmp, mpath)
+                    fsync_dir(directory)
+            mf = json.loads(mpath.read_text())
+            if not isinstance(mf, dict):
+                return "unreadable manifest: not an object"
         except FileNotFoundError:
             return "missing"
         except (OSError, ValueError) as e:
@@ -482,24 +514,25 @@ class BM25Index:
                 return "k1/b changed"
             if mf.get("store_id") != store_id:
                 return f"saved from another document store ({mf.get('store_id')}, this one is {store_id})"
-            seq = int(mf["sequence"])
-            if seq > last_seq:
-                return f"saved at seq {seq} but the store ends at seq {last_seq}"
-            path = directory / "state.npz"
-            if sha256_file(path) != mf["sha256"]:
+            if sha256_file(path) != mf.get("sha256"):
                 return "checksum mismatch"
             with np.load(path, allow_pickle=False) as z:
-                a = {name: z[name] for name in (*_SAVED_ARRAYS, "vocab")}
-            blob = a.pop("vocab").tobytes().decode()
-            terms = blob.split("\n") if mf["terms"] else []
-            n, n_terms = len(a["labels"]), int(mf["terms"])
+                a = {name: z[name] for name in (*_SAVED_ARRAYS, "vocab", "counts", "total_len")}
+            seq, n_alive, tail_slot0, n_terms = (int(x) for x in a["counts"])
+            total_len = float(a["total_len"][0])
+            if seq > last_seq:
+                return f"saved at seq {seq} but the store ends at seq {last_seq}"
+            blob = a["vocab"].tobytes().decode()
+            terms = blob.split("\n") if n_terms else []
+            n = len(a["labels"])
             ok = (len(terms) == n_terms and len(a["doc_len"]) == len(a["alive"]) == n and len(a["fwd_ptr"]) == n + 1
                   and int(a["fwd_ptr"][-1]) == len(a["fwd_term"]) == len(a["fwd_tf"]) and len(a["df"]) <= n_terms
-                  and 1 <= len(a["main_ptr"]) <= len(a["df"]) + 1 and int(a["main_ptr"][-1]) == len(a["main_slot"]) == len(a["main_tf"])
-                  and 0 <= int(mf["tail_slot0"]) <= n and int(mf["n_alive"]) == int(a["alive"].sum()))
+                  and 1 <= len(a["main_ptr"]) <= len(a["df"]) + 1
+                  and int(a["main_ptr"][-1]) == len(a["main_slot"]) == len(a["main_tf"])
+                  and 0 <= tail_slot0 <= n and n_alive == int(a["alive"].sum()) and seq == mf.get("sequence"))
             if not ok:
                 return "inconsistent arrays"
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
             return f"unreadable: {e}"
         with self._lock:
             self._epoch += 1  # a merge begun on the old arrays is dropped
@@ -507,14 +540,14 @@ class BM25Index:
             self._doc_len = _Grow(np.float32, a["doc_len"], MERGE_TAIL_FRACTION * 2)
             self._alive = a["alive"].astype(bool)
             self._df = a["df"].astype(np.int64)
-            self._n_alive, self._total_len = int(mf["n_alive"]), float(mf["total_len"])
+            self._n_alive, self._total_len = n_alive, total_len
             self._fwd_ptr = _Grow(np.int64, a["fwd_ptr"], MERGE_TAIL_FRACTION * 2)
             self._fwd_term = _Grow(np.int32, a["fwd_term"], MERGE_TAIL_FRACTION * 2)
             self._fwd_tf = _Grow(np.float32, a["fwd_tf"], MERGE_TAIL_FRACTION * 2)
             self._main_ptr = a["main_ptr"].astype(np.int64)
             self._main_slot = a["main_slot"].astype(np.int32)
             self._main_tf = a["main_tf"].astype(np.float32)
-            self._tail_slot0 = int(mf["tail_slot0"])
+            self._tail_slot0 = tail_slot0
             self._vocab = {t: i for i, t in enumerate(terms)}
             self._seq = seq
             self._snap = self._publish()
