@@ -121,7 +121,8 @@ def test_fp16_gate_refuses_a_variant_past_it(models_dir, tmp_path, monkeypatch):
 
 def test_fp16_variant_gated_by_an_older_rule_is_regated(models_dir, tmp_path):
     """Bundles exported under the Spearman gate (refused on an H100 for noise among near-tied
-    pairs) get the current gate, and a probe carrying it, on the next plain export."""
+    pairs) get the current gate, and a probe carrying it, the next time the fp16 variant is
+    added (what `rerankd export --fp16`, or any export where onnxruntime is a GPU build, runs)."""
     bundle = _copy_bundle(models_dir / MODELS["rerank"], tmp_path / "b")
     gpu_variants.add_fp16_variant(bundle)
     mf = bundle / "manifest.json"
@@ -216,6 +217,23 @@ def test_cuda_backend_refuses_to_start_when_the_probe_drifts(fp16_models, tmp_pa
     bundle = ModelBundle.load(tmp_path, "b", "rerank")
     with pytest.raises(ConfigError, match="drifted past its gate"):
         create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
+
+
+@pytest.mark.parametrize("broken", ["constant", "nan"])
+def test_cuda_backend_refuses_a_gpu_that_returns_nonsense(fp16_models, monkeypatch, on_cpu, broken):
+    """The load-time probe, fed what a broken GPU path returns: one constant for every pair (the
+    drift and the lost order both refuse it) or NaN (never counted as agreement)."""
+    from rerankd.backends import onnxruntime_gpu as gpu
+
+    def bad(self, feeds):
+        n = len(feeds["input_ids"])
+        return np.full((n, 1), -13.0 if broken == "constant" else np.nan, dtype=np.float32)
+
+    monkeypatch.setattr(gpu.OnnxRuntimeGpuBackend, "_run", bad)
+    bundle = ModelBundle.load(fp16_models, MODELS["rerank"], "rerank")
+    with pytest.raises(ConfigError, match="drifted past its gate") as ei:
+        create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
+    assert "'pair_agreement': 0.0" in str(ei.value)
 
 
 def test_cuda_backend_needs_the_fp16_variant_for_fp16(models_dir, tmp_path, on_cpu):

@@ -17,7 +17,7 @@ Accuracy, in two places:
 
 * **export** (here, on any machine): the fp16 graph is run by ONNX Runtime's CPU provider on the
   parity cases and gated against fp32 (embed: min cosine >= 0.999; rerank: worst drift <= 0.05 sd
-  of the fp32 logits and Spearman >= 0.999). On a CPU, ONNX Runtime computes the fp16 operators it
+  of the fp32 logits and pair agreement >= 0.999, see ``rerankd.drift``). On a CPU, ONNX Runtime computes the fp16 operators it
   has no fp16 kernel for in fp32, so this gate checks the graph, the fusions and fp16 weight
   rounding, not fp16 arithmetic;
 * **first load on the GPU** (``rerankd.backends.onnxruntime_gpu``): the backend re-runs every

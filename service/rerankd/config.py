@@ -125,7 +125,7 @@ class IndexConfig:
     snapshot_every: int = _f(
         10000,
         "Save the HNSW snapshot in the background after this many changes (upserted or deleted documents), "
-        "so a restart after a crash replays at most about that many; each snapshot also prunes the change log; 0 = only at shutdown and Compact (the log then grows until one)",
+        "so a restart after a crash replays at most about that many; each snapshot also prunes the change log and saves the BM25 index; 0 = only at shutdown, Compact and graph rebuilds (the log grows until one)",
     )
     auto_compact_ratio: float = _f(
         1.0,

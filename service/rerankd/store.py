@@ -3,8 +3,9 @@
 Each document row holds its id, title, text, metadata (JSON), the reranker's cached passage
 token ids and its embedding. Every change appends to ``changes`` (the sequence log the HNSW
 snapshot is replayed from, and the BM25 index and a graph rebuild catch up from). The log is
-pruned behind its slowest reader (``prune_changes``, after each snapshot); a reader from before
-the pruned horizon gets :class:`ChangesPruned` and rebuilds from the documents. ``synchronous=FULL``: a write returns only after its commit is on
+pruned through each new snapshot (``prune_changes``, never during a graph rebuild); a reader from
+before the pruned horizon gets :class:`ChangesPruned` and rebuilds (the HNSW snapshot) or
+reconciles against the live labels (the BM25 index). ``synchronous=FULL``: a write returns only after its commit is on
 disk, so an acknowledged Upsert/Delete survives ``kill -9``.
 
 Writes go through one connection under a lock; reads use one connection per thread (WAL lets
@@ -207,8 +208,9 @@ class DocumentStore:
 
         Only deletes are ever read back from the log (upserts are found through ``documents.seq``),
         and only by readers positioned after some sequence: the snapshot replay, the BM25 index, a
-        graph rebuild. The caller passes the slowest one's position; a reader from before the
-        horizon (``pruned_through``) gets :class:`ChangesPruned`. The newest row always stays, so
+        graph rebuild. The pipeline passes the snapshot it just saved (the restart's position) and
+        never prunes during a graph rebuild; a reader from before the horizon (``pruned_through``)
+        gets :class:`ChangesPruned`. The newest row always stays, so
         ``last_seq`` never moves back. Runs in batches, one transaction each, with the horizon
         written in the same transaction as the rows it covers."""
         removed = 0
