@@ -236,6 +236,16 @@ def test_cuda_backend_refuses_a_gpu_that_returns_nonsense(fp16_models, monkeypat
     assert "'pair_agreement': 0.0" in str(ei.value)
 
 
+def test_cuda_backend_refuses_an_empty_probe_with_a_config_error(fp16_models, tmp_path, on_cpu):
+    bundle_dir = _copy_bundle(fp16_models / MODELS["rerank"], tmp_path / "b")
+    (bundle_dir / gpu_variants.FP16_FILE).symlink_to(fp16_models / MODELS["rerank"] / gpu_variants.FP16_FILE)
+    with open(bundle_dir / gpu_variants.PROBE_FILE, "wb") as f:
+        np.savez(f, nothing=np.zeros(1))
+    bundle = ModelBundle.load(tmp_path, "b", "rerank")
+    with pytest.raises(ConfigError, match="has no cases"):  # not a ValueError: auto falls back on it
+        create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
+
+
 def test_cuda_backend_needs_the_fp16_variant_for_fp16(models_dir, tmp_path, on_cpu):
     d = _copy_bundle(models_dir / MODELS["rerank"], tmp_path / "b")
     m = json.loads((d / "manifest.json").read_text())

@@ -228,7 +228,11 @@ class OnnxRuntimeGpuBackend:
         from ..stages.embedder import mean_pool  # lazy: the stage module imports this package
 
         task = bundle.manifest["task"]
-        gate = probe["gate"]
+        gate = probe.get("gate") or {}
+        need = ("min_cosine",) if task == "embed" else ("max_diff_in_sd",)
+        if "reference_0" not in data or any(k not in gate for k in need):
+            # a ConfigError, not a crash: under --backend auto the next CPU variant then serves
+            raise ConfigError(f"bundle {bundle.name!r}: GPU probe {probe['file']} has no cases or its gate lacks {need}; re-export")
         refs, outs = [], []
         i = 0
         while f"reference_{i}" in data:

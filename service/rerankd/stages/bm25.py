@@ -67,7 +67,13 @@ PROGRESS_MIN_DOCS = 50_000
 
 SAVE_FORMAT = "rerankd-bm25/1"
 _SAVED_ARRAYS = ("labels", "doc_len", "alive", "df", "main_ptr", "main_slot", "main_tf", "fwd_ptr", "fwd_term", "fwd_tf")
-_FINGERPRINT_TEXT = "Running runners ran; the studies' results were analysed: 42 cells, IL-6 and TNF-alpha levels."
+_FINGERPRINT_TEXT = (  # varied morphology, so a stemmer or stopword change shows in its tokens
+    "Running runners ran; the studies' results were analysed: 42 cells, IL-6 and TNF-alpha levels. "
+    "Generalizations, organizational hopefulness and relational conditioning were happily observed "
+    "across the nations' universities; mice, geese and children played with their cats' toys. "
+    "Was it argued that these agreements, arguments and argumentative writings are not about which "
+    "of them has been, being or will be the most effective, decisively, sensibly, cautiously?"
+)
 
 
 def tokenizer_fingerprint() -> str:
