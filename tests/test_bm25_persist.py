@@ -33,19 +33,22 @@ class CountingSource(ChangeLogSource):
         return out
 
 
+def _write(src: ChangeLogSource, idx: BM25Index, texts) -> None:
+    """Add documents to the source and bring the index up to date, as a write then a search does."""
+    src.add(texts)
+    idx.mark_dirty()
+    idx.refresh()
+
+
 @pytest.mark.parametrize("merge_min", [10**9, 300])  # tail only / saved with a main segment
 def test_saved_index_loads_catches_up_and_equals_a_fresh_build(tmp_path, monkeypatch, merge_min):
     monkeypatch.setattr(bm25_mod, "MERGE_MIN_POSTINGS", merge_min)
     rng = np.random.default_rng(3)
     src = CountingSource()
     idx = BM25Index(src, background_merge=False)
-    src.add(_corpus(rng, 300))
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, _corpus(rng, 300))
     src.delete(sorted(src.docs)[:40])
-    src.add(_corpus(rng, 30))
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, _corpus(rng, 30))
     assert (idx.merges > 0) == (merge_min < 10**9)
     seq = idx.save(tmp_path / "bm25", "store-a")
     assert seq == idx.applied_seq
@@ -66,9 +69,7 @@ def test_refused_saves_say_why_are_deleted_and_leave_the_index_to_build(tmp_path
     rng = np.random.default_rng(4)
     src = ChangeLogSource()
     idx = BM25Index(src)
-    src.add(_corpus(rng, 50))
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, _corpus(rng, 50))
     d = tmp_path / "bm25"
     last = len(src.log)
 
@@ -105,9 +106,7 @@ def test_refused_saves_say_why_are_deleted_and_leave_the_index_to_build(tmp_path
 def test_inconsistent_arrays_are_refused(tmp_path):
     src = ChangeLogSource()
     idx = BM25Index(src)
-    src.add(["red apple", "red car", "blue sky"])
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, ["red apple", "red car", "blue sky"])
     d = tmp_path / "bm25"
     idx.save(d, None)
     mf = json.loads((d / "manifest.json").read_text())
@@ -119,14 +118,10 @@ def test_inconsistent_arrays_are_refused(tmp_path):
 def test_a_save_killed_between_its_renames_is_rolled_forward(tmp_path, monkeypatch):
     src = ChangeLogSource()
     idx = BM25Index(src)
-    src.add(["red apple", "red car"])
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, ["red apple", "red car"])
     d = tmp_path / "bm25"
     idx.save(d, None)
-    src.add(["red wine"])
-    idx.mark_dirty()
-    idx.refresh()
+    _write(src, idx, ["red wine"])
     real = bm25_mod.os.replace
 
     def die_on_manifest(a, b):

@@ -23,7 +23,6 @@ from .bundle import ModelBundle
 from .config import Settings
 from .errors import BackendError, ConfigError, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
-from .stages.dense_index import DenseIndex
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
 from .stages.metadata_filter import FilterView, MetadataIndex, matches
@@ -591,18 +590,14 @@ class Pipeline:
         start loads it and tokenizes only what came after, instead of the whole store. It is
         saved as of its last refresh; a failure is logged and the previous save stays valid."""
         with self._bm25_save_lock:
-            self._save_bm25_locked()
-
-    def _save_bm25_locked(self) -> None:
-        if self.bm25.applied_seq == self._bm25_saved_seq:
-            return
-        try:
-            t0 = time.perf_counter()
-            seq = self.bm25.save(self.bm25_dir, self.store.store_id)
-            self._bm25_saved_seq = seq
-            log.info("BM25 index saved at seq %d (%d documents, %.0f ms)", seq, len(self.bm25), (time.perf_counter() - t0) * 1e3)
-        except Exception:
-            log.exception("saving the BM25 index failed (the previous save stays valid; retried with the next snapshot)")
+            if self.bm25.applied_seq == self._bm25_saved_seq:
+                return
+            try:
+                t0 = time.perf_counter()
+                self._bm25_saved_seq = seq = self.bm25.save(self.bm25_dir, self.store.store_id)
+                log.info("BM25 index saved at seq %d (%d documents, %.0f ms)", seq, len(self.bm25), (time.perf_counter() - t0) * 1e3)
+            except Exception:
+                log.exception("saving the BM25 index failed (the previous save stays valid; retried with the next snapshot)")
 
     def _prune_change_log(self, snapshot_seq: int) -> None:
         """Drop the change log up to the snapshot just saved (worker thread): a restart replays
