@@ -30,7 +30,9 @@
 # MODE=soup: seeds 42 and $SEED2 (43) with 100 claims held out, and their weight average
 # (rerankd_export.soup), all evaluated on the held-out claims; A2 (seed 43, all claims) comes back.
 # MODE=select: SEEDS (default 42 43 44 45) side by side, 100 claims held out; the best on those
-# claims comes back as ckpt-pick.tar.*, with every seed's dev and test figures in results.tgz.
+# claims comes back as ckpt-pick.tar.* (its card evaluated on test), dev figures in dev.tgz as
+# soon as the pick is made, every candidate's test figures in results.tgz. EMA_DECAY=0.999 adds
+# each run's weight average as a second candidate (session 9).
 # The shipped checkpoint: MODE=select THREADS=4 TRAIN_EXTRA="--time-budget 5.5" (4 runs share the
 # GPU at ~1,070 pairs/s each, so the 5.5 min cap ended them at ~94 % of the planned steps).
 # Run it without a pipe after it (`| grep`, `| tail`): a device call that hits its timeout kills the
@@ -60,14 +62,23 @@ if [ "${MODE:-ship}" = select ]; then
   # scored 0.8210 and 0.7891 on the dev claims), so an "all-claims twin" of a good seed is not the
   # same model: instead train SEEDS side by side, all holding out the same 100 train claims
   # (--holdout-seed 42), pick the best NDCG@10 on those claims (never on test) and ship that very
-  # checkpoint. Every seed is also evaluated on test, for the record of the spread only; the pick
-  # is fixed by the dev score before those numbers exist.
+  # checkpoint. Every candidate is also evaluated on test, for the record of the spread only; the
+  # pick is fixed by the dev score (and packed into $OUT) before those numbers exist.
+  # EMA_DECAY=D: each run also writes its EMA weights (S<seed>-ema), a second candidate per seed,
+  # so the dev claims compare final and averaged weights of the same run pairwise.
   # shellcheck disable=SC2206
   SEEDS=(${SEEDS:-42 43 44 45})
   pids=()
+  cands=()
   for s in "${SEEDS[@]}"; do
+    ema=()
+    cands+=("S$s")
+    if [ -n "${EMA_DECAY:-}" ]; then
+      ema=(--ema-decay "$EMA_DECAY" --ema-output "$W/S$s-ema")
+      cands+=("S$s-ema")
+    fi
     python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --seed "$s" --holdout-queries 100 \
-      --holdout-seed 42 --output "$W/S$s" >"$W/train-S$s.log" 2>&1 &
+      --holdout-seed 42 --output "$W/S$s" "${ema[@]}" >"$W/train-S$s.log" 2>&1 &
     pids+=($!)
   done
   rc=0
@@ -76,35 +87,37 @@ if [ "${MODE:-ship}" = select ]; then
   if [ $rc -ne 0 ]; then tail -n 30 "$W"/train-S*.log; exit $rc; fi
   # shellcheck disable=SC2206
   EVAL=(--dataset "$G/scifact" --encoder "$G/base" --device "$DEVICE" --cache-dir "$W/cache" ${EVAL_EXTRA:-})
-  for s in "${SEEDS[@]}"; do
-    python3 -m rerankd_export.quick_eval --model "$W/S$s" --split train --holdout "${EVAL[@]}" \
-      --json "$W/dev-S$s.json" >/dev/null 2>&1 &
+  for c in "${cands[@]}"; do
+    python3 -m rerankd_export.quick_eval --model "$W/$c" --split train --holdout "${EVAL[@]}" \
+      --json "$W/dev-$c.json" >"$W/dev-$c.log" 2>&1 &
   done
   wait
-  best=$(python3 - "$W" "${SEEDS[@]}" <<'PY'
+  best=$(python3 - "$W" "${cands[@]}" <<'PY'
 import json, sys
-w, seeds = sys.argv[1], sys.argv[2:]
-dev = {s: json.load(open(f"{w}/dev-S{s}.json"))["reranked"]["NDCG@10"] for s in seeds}
-for s, v in sorted(dev.items(), key=lambda kv: -kv[1]):
-    print(f"dev seed {s}: NDCG@10 {v:.4f}", file=sys.stderr)
-print(max(seeds, key=lambda s: (dev[s], -int(s))))
+w, cands = sys.argv[1], sys.argv[2:]
+dev = {c: json.load(open(f"{w}/dev-{c}.json"))["reranked"]["NDCG@10"] for c in cands}
+for c, v in sorted(dev.items(), key=lambda kv: -kv[1]):
+    print(f"dev {c}: NDCG@10 {v:.4f}", file=sys.stderr)
+print(max(cands, key=lambda c: (dev[c], -cands.index(c))))
 PY
 )
-  echo "picked seed $best on the held-out claims"
-  for s in "${SEEDS[@]}"; do
-    extra=()
-    [ "$s" = "$best" ] && extra=(${CARD---update-card})
-    python3 -m rerankd_export.quick_eval --model "$W/S$s" --split test "${EVAL[@]}" \
-      --json "$W/test-S$s.json" "${extra[@]}" >/dev/null 2>&1 &
+  echo "picked $best on the held-out claims"
+  echo "$best" >"$W/picked"
+  [ -n "${CARD---update-card}" ] && python3 -m rerankd_export.quick_eval --model "$W/$best" --split test \
+    "${EVAL[@]}" --json "$W/test-$best.json" --update-card >"$W/test-$best.log" 2>&1
+  tar cf - -C "$W/$best" . | split -b 15m - "$OUT/ckpt-pick.tar."
+  tar czf "$OUT/dev.tgz" -C "$W" picked $(cd "$W" && ls train-S*.log dev-S*.json)
+  for c in "${cands[@]}"; do
+    [ -f "$W/test-$c.json" ] && continue
+    python3 -m rerankd_export.quick_eval --model "$W/$c" --split test "${EVAL[@]}" \
+      --json "$W/test-$c.json" >"$W/test-$c.log" 2>&1 &
   done
   wait
-  for s in "${SEEDS[@]}"; do
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('test seed', sys.argv[2], 'NDCG@10', round(r['reranked']['NDCG@10'], 4))" \
-      "$W/test-S$s.json" "$s" || true
+  for c in "${cands[@]}"; do
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('test', sys.argv[2], 'NDCG@10', round(r['reranked']['NDCG@10'], 4))" \
+      "$W/test-$c.json" "$c" || true
   done
-  echo "$best" >"$W/picked-seed"
-  tar czf "$OUT/results.tgz" -C "$W" picked-seed $(cd "$W" && ls train-S*.log dev-S*.json test-S*.json)
-  tar cf - -C "$W/S$best" . | split -b 15m - "$OUT/ckpt-pick.tar."
+  tar czf "$OUT/results.tgz" -C "$W" picked $(cd "$W" && ls train-S*.log dev-S*.json test-S*.json)
   ls -la "$OUT"
   exit 0
 fi

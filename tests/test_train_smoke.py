@@ -166,6 +166,7 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
             "--device", "cpu",
             "--cache-dir", "none",
             "--holdout-queries", "2",
+            "--ema-decay", "0.9",
         ]
     )
     rc = train_reranker.run_train(args)
@@ -200,6 +201,27 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     assert r["losses_finite"] and math.isfinite(r["final_loss_ema"])
     assert all(math.isfinite(v) for _, v in r["loss_curve"])
     assert "non-commercial" in (out / "README.md").read_text()
+    assert r["weights"] == "final" and r["ema_decay"] == 0.9 and "--ema-decay 0.9" in r["command"]
+
+    # --ema-decay writes the averaged weights as a second, complete checkpoint beside the first
+    ema_out = tmp_path / "ckpt-ema"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert (ema_out / name).is_file(), name
+    re = json.loads((ema_out / "config.json").read_text())["rerankd"]
+    assert re["weights"].startswith("EMA of the parameters, decay 0.9")
+    assert "EMA of the parameters" in (ema_out / "README.md").read_text()
+    assert {k: v for k, v in re.items() if k != "weights"} == {k: v for k, v in r.items() if k != "weights"}
+    from safetensors.torch import load_file
+
+    final_w, ema_w, base_w = (load_file(str(d / "model.safetensors"))
+                              for d in (out, ema_out, train_reranker.default_base_dir()))
+    assert final_w.keys() == ema_w.keys()
+    enc_keys = [k for k in final_w if k.startswith("bert.encoder.") and final_w[k].is_floating_point()]
+    base_w = {k.removeprefix("bert."): v for k, v in base_w.items()}  # a BertModel: no "bert." prefix
+    moved = lambda w: sum(float((w[k].float() - base_w[k.removeprefix("bert.")].float()).norm())  # noqa: E731
+                          for k in enc_keys)
+    # the average lags the trajectory: it has moved less from the base weights than the final ones
+    assert 0 < moved(ema_w) < moved(final_w)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -251,6 +273,30 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     assert r2["train_claims"] == 2 and r2["claim_groups"] == 2 and r2["pseudo_queries"] == 0
     assert r2["base_rerankd_recipe"] is not None  # continued from a rerankd checkpoint
     assert "--train-ids" in r2["command"] and "--holdout-ids" in r2["command"]
+
+
+def test_ema_update_is_a_warmed_up_polyak_average():
+    e = [torch.zeros(3), torch.ones(2)]
+    p = [torch.full((3,), 10.0), torch.full((2,), 3.0)]
+    # step 1: d = min(0.99, 2/11)
+    d = train_reranker.ema_update(e, p, 0.99, 1)
+    assert d == pytest.approx(2 / 11)
+    assert torch.allclose(e[0], torch.full((3,), 10.0 * (1 - 2 / 11)))
+    assert torch.allclose(e[1], torch.full((2,), 2 / 11 + 3.0 * (1 - 2 / 11)))
+    # late steps use the configured decay
+    assert train_reranker.ema_update(e, p, 0.9, 10_000) == 0.9
+    before = e[0].clone()
+    train_reranker.ema_update(e, p, 0.9, 10_001)
+    assert torch.allclose(e[0], 0.9 * before + 0.1 * 10.0)
+    assert p[0].eq(10.0).all()  # the live weights are untouched
+
+
+def test_ema_flags_are_checked(tmp_path):
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    for extra in (["--ema-decay", "1.0"], ["--ema-decay", "0"],
+                  ["--ema-decay", "0.9", "--ema-output", str(tmp_path / "o")]):
+        args = parser.parse_args(["--dataset", str(tmp_path), "--output", str(tmp_path / "o"), *extra])
+        assert train_reranker.run_train(args) == 2
 
 
 def test_holdout_draw():

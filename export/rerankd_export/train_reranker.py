@@ -476,6 +476,19 @@ def build_groups(
     return groups, stats
 
 
+def ema_update(weights_ema, params, decay: float, step: int) -> float:
+    """One Polyak step after optimizer step ``step`` (1-based): e <- d*e + (1-d)*p with
+    d = min(decay, (1+step)/(10+step)), so the first steps do not drag the average back to the
+    initial (partly random) weights. Returns d."""
+    import torch
+
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for e, p in zip(weights_ema, params):
+            e.lerp_(p.detach().to(e.dtype), 1.0 - d)
+    return d
+
+
 def _read_ids(path) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -589,6 +602,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "progress = max(step/steps, elapsed/budget) drives the linear warmup/decay "
                         "and training stops (and saves) when it reaches 1")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="also keep an exponential moving average of the weights (decay D, warmed up "
+                        "as min(D, (1+t)/(10+t))) and write it as a second checkpoint")
+    p.add_argument("--ema-output", type=Path, default=None, metavar="DIR",
+                   help="where the --ema-decay checkpoint goes (default: <output>-ema)")
     p.add_argument("--save-every", type=float, default=5.0, metavar="MIN",
                    help="write <output>/resume-state.pt every MIN minutes (0 = never)")
     p.add_argument("--resume", action="store_true",
@@ -657,6 +675,16 @@ def run_train(args: argparse.Namespace) -> int:
     base = Path(args.base) if args.base else default_base_dir()
     encoder = Path(args.encoder) if getattr(args, "encoder", None) else default_base_dir()
     out_dir = Path(args.output)
+    ema_decay = getattr(args, "ema_decay", None)
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        print(f"--ema-decay must be in (0, 1), got {ema_decay}", file=sys.stderr)
+        return 2
+    ema_dir = None
+    if ema_decay is not None:
+        ema_dir = Path(args.ema_output) if getattr(args, "ema_output", None) else out_dir.with_name(out_dir.name + "-ema")
+        if ema_dir.resolve() == out_dir.resolve():
+            print("--ema-output must differ from --output", file=sys.stderr)
+            return 2
     device = resolve_device(args.device)
     bf16 = resolve_bf16(args.bf16, device)
     threads = set_threads(args.threads)
@@ -728,6 +756,9 @@ def run_train(args: argparse.Namespace) -> int:
          "weight_decay": 0.0},
     ]
     optim = torch.optim.AdamW(params, lr=args.lr)
+    live = [p for p in model.parameters()]
+    # Polyak/EMA weights: fp32 copies on the training device, updated after every optimizer step
+    weights_ema = [p.detach().clone().float() for p in live] if ema_decay is not None else None
     budget_s = 60.0 * args.time_budget if args.time_budget else None
     t_train = time.time()
 
@@ -768,6 +799,12 @@ def run_train(args: argparse.Namespace) -> int:
         optim.load_state_dict(st["optim"])
         step, epoch, skip = st["step"], st["epoch"], st["pos"]
         pairs_seen, ema, curve = st["pairs_seen"], st["ema"], st["curve"]
+        if weights_ema is not None:
+            if st.get("weights_ema") is None:
+                print(f"[train] {state_path} holds no EMA weights: resume with the flags it was "
+                      "written with", file=sys.stderr)
+                return 2
+            weights_ema = st["weights_ema"]
         rng.setstate(st["epoch_rng"])
         torch.set_rng_state(st["torch_rng"])
         t_train = time.time() - st["elapsed"]
@@ -788,7 +825,7 @@ def run_train(args: argparse.Namespace) -> int:
                 tmp = state_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
                             "epoch": epoch, "pos": pos, "pairs_seen": pairs_seen, "ema": ema,
-                            "curve": curve, "epoch_rng": epoch_rng,
+                            "curve": curve, "epoch_rng": epoch_rng, "weights_ema": weights_ema,
                             "torch_rng": torch.get_rng_state(),
                             "elapsed": time.time() - t_train}, tmp)
                 os.replace(tmp, state_path)
@@ -809,6 +846,8 @@ def run_train(args: argparse.Namespace) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             step += 1
+            if weights_ema is not None:
+                ema_update(weights_ema, live, ema_decay, step)
             val = float(loss.detach())
             losses_finite &= math.isfinite(val)
             ema = val if ema is None else 0.98 * ema + 0.02 * val
@@ -832,21 +871,6 @@ def run_train(args: argparse.Namespace) -> int:
           f"final loss(ema) {ema:.4f}", flush=True)
     if not losses_finite:
         print("[train] non-finite loss encountered", file=sys.stderr)
-
-    # ---- save -----------------------------------------------------------------------
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.half()
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    os.chmod(out_dir / "model.safetensors", 0o644)
-    if state_path.exists():
-        state_path.unlink()
-    tokenizer.model_max_length = 512
-    tokenizer.save_pretrained(str(out_dir))
-    for junk in ("added_tokens.json",):
-        p = out_dir / junk
-        if p.exists() and p.read_text(encoding="utf-8").strip() in ("{}", ""):
-            p.unlink()
 
     argv = canonical_command(args)
     recipe = {
@@ -899,7 +923,37 @@ def run_train(args: argparse.Namespace) -> int:
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "activation": "none (raw logit; sigmoid optional)",
         "trained": True,
+        "weights": "final",
+        "ema_decay": ema_decay,
     }
+    model.eval()
+    _write_checkpoint(model, tokenizer, out_dir, recipe)
+    if state_path.exists():
+        state_path.unlink()
+    print(f"[train] wrote {out_dir} in {time.time() - t_start:.0f}s total", flush=True)
+    if weights_ema is not None:
+        with torch.no_grad():
+            for p, e in zip(live, weights_ema):
+                p.copy_(e)  # into the (now fp16) model: the EMA is rounded once, as the final weights are
+        ema_recipe = dict(recipe, weights=f"EMA of the parameters, decay {ema_decay} "
+                                           "(warmed up as min(decay, (1+t)/(10+t)) over steps t)")
+        _write_checkpoint(model, tokenizer, ema_dir, ema_recipe)
+        print(f"[train] wrote EMA weights to {ema_dir}", flush=True)
+    return 0 if losses_finite else 1
+
+
+def _write_checkpoint(model, tokenizer, out_dir: Path, recipe: dict) -> None:
+    """fp16 safetensors + tokenizer + config.json carrying the recipe + model card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.half()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    os.chmod(out_dir / "model.safetensors", 0o644)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(str(out_dir))
+    for junk in ("added_tokens.json",):
+        p = out_dir / junk
+        if p.exists() and p.read_text(encoding="utf-8").strip() in ("{}", ""):
+            p.unlink()
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     # Stored weights are fp16 to keep the file small; compute dtype stays fp32.
@@ -909,8 +963,6 @@ def run_train(args: argparse.Namespace) -> int:
     cfg["rerankd"] = recipe
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out_dir / "README.md").write_text(model_card(recipe), encoding="utf-8")
-    print(f"[train] wrote {out_dir} in {time.time() - t_start:.0f}s total", flush=True)
-    return 0 if losses_finite else 1
 
 
 def canonical_command(args: argparse.Namespace) -> str:
@@ -919,7 +971,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
                 "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries",
-                "holdout_seed", "holdout_ids", "train_ids"):
+                "holdout_seed", "holdout_ids", "train_ids", "ema_decay", "ema_output"):
         val = getattr(args, key, None)
         if val is None or (key == "holdout_queries" and not val):
             continue
@@ -1024,10 +1076,11 @@ use only**. The base model all-MiniLM-L6-v2 is Apache-2.0.
 | max length (train / inference) | {r['train_max_length']} / {r['max_length']} |
 | precision | {"bf16 autocast, fp32 master weights" if r['bf16_autocast'] else "fp32"} |
 | seed | {r['seed']} |
+| weights | {r.get('weights', 'final')} |
 | machine | {r['machine']} |
 | throughput | {r['pairs_per_s']} pairs/s ({r['pairs_seen']} pairs) |
 | wall time | mining {r['mining_wall_s']} s, training {r['train_wall_s']} s, total {r['total_wall_s']} s |
-| final loss (EMA) | {r['final_loss_ema']} (random = ln({r['negatives'] + 1}) = {math.log(r['negatives'] + 1):.3f}) |
+| final loss (running average) | {r['final_loss_ema']} (random = ln({r['negatives'] + 1}) = {math.log(r['negatives'] + 1):.3f}) |
 
 Command:
 
