@@ -30,14 +30,17 @@
 # MODE=soup: seeds 42 and $SEED2 (43) with 100 claims held out, and their weight average
 # (rerankd_export.soup), all evaluated on the held-out claims; A2 (seed 43, all claims) comes back.
 # MODE=select: SEEDS (default 42 43 44 45) side by side, 100 claims held out; the best on those
-# claims comes back as ckpt-pick.tar.* (its card evaluated on test), dev figures in dev.tgz as
-# soon as the pick is made, every candidate's test figures in results.tgz. EMA_DECAY=0.999 adds
+# claims comes back as ckpt-pick.tar.* and dev figures in dev.tgz as soon as the pick is made;
+# then every candidate's test figures (results.tgz) and the pick's card with its test figures
+# (card-pick.tgz: README.md + config.json, to lay over the checkpoint). EMA_DECAY=0.999 adds
 # each run's weight average as a second candidate (session 9).
 # The shipped checkpoint: MODE=select THREADS=4 TRAIN_EXTRA="--time-budget 5.5" (4 runs share the
 # GPU at ~1,070 pairs/s each, so the 5.5 min cap ended them at ~94 % of the planned steps).
 # Run it without a pipe after it (`| grep`, `| tail`): a device call that hits its timeout kills the
 # whole pipeline and returns none of the output. A cold device start took ~40 s here; four seeds
 # with the 5.5 min cap took 483 s in all; two seeds with a 3.3 min cap did not fit a 290 s call.
+# Session 9: four seeds + EMA_DECAY (eight candidates) took 524 s; one seed alone ran at 1,610
+# pairs/s and, with a 2.6 min cap, packed its pick at ~225 s, its test evals cut by a 240 s limit.
 # Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
 set -euo pipefail
 G=${GPU_DIR:-.gpu}
@@ -68,6 +71,8 @@ if [ "${MODE:-ship}" = select ]; then
   # so the dev claims compare final and averaged weights of the same run pairwise.
   # shellcheck disable=SC2206
   SEEDS=(${SEEDS:-42 43 44 45})
+  # a warm machine keeps $W: no figure of an earlier call may stand in for this one's
+  rm -rf "$W"/train-S*.log "$W"/dev-S*.* "$W"/test-S*.* "$W/picked"
   pids=()
   cands=()
   for s in "${SEEDS[@]}"; do
@@ -78,7 +83,7 @@ if [ "${MODE:-ship}" = select ]; then
       cands+=("S$s-ema")
     fi
     python3 -m rerankd_export.train_reranker "${RECIPE[@]}" --seed "$s" --holdout-queries 100 \
-      --holdout-seed 42 --output "$W/S$s" "${ema[@]}" >"$W/train-S$s.log" 2>&1 &
+      --holdout-seed 42 --output "$W/S$s" ${ema[@]+"${ema[@]}"} >"$W/train-S$s.log" 2>&1 &
     pids+=($!)
   done
   rc=0
@@ -87,11 +92,14 @@ if [ "${MODE:-ship}" = select ]; then
   if [ $rc -ne 0 ]; then tail -n 30 "$W"/train-S*.log; exit $rc; fi
   # shellcheck disable=SC2206
   EVAL=(--dataset "$G/scifact" --encoder "$G/base" --device "$DEVICE" --cache-dir "$W/cache" ${EVAL_EXTRA:-})
+  pids=()
   for c in "${cands[@]}"; do
     python3 -m rerankd_export.quick_eval --model "$W/$c" --split train --holdout "${EVAL[@]}" \
       --json "$W/dev-$c.json" >"$W/dev-$c.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  if [ $rc -ne 0 ]; then tail -n 30 "$W"/dev-S*.log; exit $rc; fi
   best=$(python3 - "$W" "${cands[@]}" <<'PY'
 import json, sys
 w, cands = sys.argv[1], sys.argv[2:]
@@ -103,16 +111,17 @@ PY
 )
   echo "picked $best on the held-out claims"
   echo "$best" >"$W/picked"
-  [ -n "${CARD---update-card}" ] && python3 -m rerankd_export.quick_eval --model "$W/$best" --split test \
-    "${EVAL[@]}" --json "$W/test-$best.json" --update-card >"$W/test-$best.log" 2>&1
+  # the pick goes out before any test figure exists; its card (test figures) follows separately
   tar cf - -C "$W/$best" . | split -b 15m - "$OUT/ckpt-pick.tar."
   tar czf "$OUT/dev.tgz" -C "$W" picked $(cd "$W" && ls train-S*.log dev-S*.json)
   for c in "${cands[@]}"; do
-    [ -f "$W/test-$c.json" ] && continue
+    card=()
+    [ "$c" = "$best" ] && card=(${CARD---update-card})
     python3 -m rerankd_export.quick_eval --model "$W/$c" --split test "${EVAL[@]}" \
-      --json "$W/test-$c.json" >"$W/test-$c.log" 2>&1 &
+      --json "$W/test-$c.json" ${card[@]+"${card[@]}"} >"$W/test-$c.log" 2>&1 &
   done
-  wait
+  wait || true
+  tar czf "$OUT/card-pick.tgz" -C "$W/$best" README.md config.json
   for c in "${cands[@]}"; do
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('test', sys.argv[2], 'NDCG@10', round(r['reranked']['NDCG@10'], 4))" \
       "$W/test-$c.json" "$c" || true

@@ -680,10 +680,17 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"--ema-decay must be in (0, 1), got {ema_decay}", file=sys.stderr)
         return 2
     ema_dir = None
+    if getattr(args, "ema_output", None) and ema_decay is None:
+        print("--ema-output needs --ema-decay", file=sys.stderr)
+        return 2
     if ema_decay is not None:
-        ema_dir = Path(args.ema_output) if getattr(args, "ema_output", None) else out_dir.with_name(out_dir.name + "-ema")
-        if ema_dir.resolve() == out_dir.resolve():
-            print("--ema-output must differ from --output", file=sys.stderr)
+        out_abs = out_dir.resolve()
+        ema_dir = (Path(args.ema_output) if getattr(args, "ema_output", None)
+                   else out_abs.with_name(out_abs.name + "-ema"))
+        ema_abs = ema_dir.resolve()
+        if ema_abs == out_abs or out_abs in ema_abs.parents or ema_abs in out_abs.parents:
+            print("--ema-output must be a directory beside --output, not the same one, "
+                  "nor inside it or above it", file=sys.stderr)
             return 2
     device = resolve_device(args.device)
     bf16 = resolve_bf16(args.bf16, device)
@@ -799,11 +806,11 @@ def run_train(args: argparse.Namespace) -> int:
         optim.load_state_dict(st["optim"])
         step, epoch, skip = st["step"], st["epoch"], st["pos"]
         pairs_seen, ema, curve = st["pairs_seen"], st["ema"], st["curve"]
+        if st.get("ema_decay") != ema_decay:
+            print(f"[train] {state_path} was written with --ema-decay {st.get('ema_decay')}, not "
+                  f"{ema_decay}: resume with the flags it was written with", file=sys.stderr)
+            return 2
         if weights_ema is not None:
-            if st.get("weights_ema") is None:
-                print(f"[train] {state_path} holds no EMA weights: resume with the flags it was "
-                      "written with", file=sys.stderr)
-                return 2
             weights_ema = st["weights_ema"]
         rng.setstate(st["epoch_rng"])
         torch.set_rng_state(st["torch_rng"])
@@ -826,6 +833,7 @@ def run_train(args: argparse.Namespace) -> int:
                 torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
                             "epoch": epoch, "pos": pos, "pairs_seen": pairs_seen, "ema": ema,
                             "curve": curve, "epoch_rng": epoch_rng, "weights_ema": weights_ema,
+                            "ema_decay": ema_decay,
                             "torch_rng": torch.get_rng_state(),
                             "elapsed": time.time() - t_train}, tmp)
                 os.replace(tmp, state_path)
@@ -928,8 +936,6 @@ def run_train(args: argparse.Namespace) -> int:
     }
     model.eval()
     _write_checkpoint(model, tokenizer, out_dir, recipe)
-    if state_path.exists():
-        state_path.unlink()
     print(f"[train] wrote {out_dir} in {time.time() - t_start:.0f}s total", flush=True)
     if weights_ema is not None:
         with torch.no_grad():
@@ -939,6 +945,8 @@ def run_train(args: argparse.Namespace) -> int:
                                            "(warmed up as min(decay, (1+t)/(10+t)) over steps t)")
         _write_checkpoint(model, tokenizer, ema_dir, ema_recipe)
         print(f"[train] wrote EMA weights to {ema_dir}", flush=True)
+    if state_path.exists():  # only once every checkpoint of the run is written
+        state_path.unlink()
     return 0 if losses_finite else 1
 
 
