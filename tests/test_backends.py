@@ -137,7 +137,17 @@ def test_auto_resolution_prefers_gated_fast_variants(models_dir, monkeypatch):
     assert resolve("onnxruntime", "fp32", b) == ("onnxruntime", "fp32")
     have = set.intersection(*(set(x.manifest["variants"]) for x in b))
     if "openvino-int8" in have:
+        monkeypatch.setattr(openvino_cpu, "has_int8_dot", lambda: True)
         assert resolve("auto", "auto", b) == ("openvino", "int8")
+        # Without VNNI/AMX int8 is slower than fp32 (measured): auto takes fp32 (bf16 if the CPU
+        # has it); int8 asked for by name is still served.
+        monkeypatch.setattr(openvino_cpu, "has_int8_dot", lambda: False)
+        monkeypatch.setattr(openvino_cpu, "has_bf16", lambda: False)
+        assert resolve("auto", "auto", b) == ("openvino", "fp32")
+        assert resolve("auto", "int8", b) == ("openvino", "int8")
+        assert resolve("openvino", "auto", b) == ("openvino", "fp32")
+        monkeypatch.undo()
+    assert resolve("auto", "fp32", b) == ("openvino", "fp32")
     assert resolve("onnxruntime", "auto", b) == ("onnxruntime", "fp32")  # int8 ORT only when asked for
     for bb in b:  # each model resolves on its own: a refused variant is never picked
         vs = bb.manifest["variants"]
@@ -150,4 +160,14 @@ def test_auto_resolution_prefers_gated_fast_variants(models_dir, monkeypatch):
     monkeypatch.setattr(openvino_cpu, "has_bf16", lambda: False)
     for bb in b:
         monkeypatch.setitem(bb.manifest, "variants", {k: v for k, v in bb.manifest["variants"].items() if k != "openvino-int8"})
-    assert resolve("auto", "auto", b) == ("onnxruntime", "fp32")
+    assert resolve("auto", "auto", b) == ("openvino", "fp32")
+    assert resolve("auto", "auto", b, skip=("openvino",)) == ("onnxruntime", "fp32")
+
+
+def test_int8_dot_detection(monkeypatch):
+    from rerankd.backends import openvino_cpu
+
+    for flags, want in (({"avx2", "fma"}, False), ({"avx2", "avx_vnni"}, True),
+                        ({"avx512f", "avx512_vnni"}, True), ({"amx_int8"}, True), (set(), False)):
+        monkeypatch.setattr(openvino_cpu, "cpu_flags", lambda f=flags: set(f))
+        assert openvino_cpu.has_int8_dot() is want, flags

@@ -74,7 +74,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
 
 
 # ``--backend auto --precision auto``: the fastest gated variant this machine and bundle support,
-# in this order (CPU rows measured on a 2-core AVX-512 BF16 CPU, see README "Performance"; a GPU,
+# in this order (CPU rows measured on a 2-core AVX-512 BF16 CPU, see README "Performance"; on a
+# CPU without an int8 dot-product instruction (VNNI/AMX) int8 is slower than fp32 and is skipped,
+# measured on a 2-core AVX2 EPYC; OpenVINO fp32 beat onnxruntime fp32 on both CPUs; a GPU,
 # when onnxruntime-gpu and a CUDA device are present, beats any CPU variant by two orders of
 # magnitude for these models: MiniLM-L6 50x256 took 2.5-4 ms on an H100 against ~550 ms here).
 AUTO_ORDER: tuple[tuple[str, str, str], ...] = (
@@ -82,6 +84,7 @@ AUTO_ORDER: tuple[tuple[str, str, str], ...] = (
     ("cuda", "fp32", "fp32"),
     ("openvino", "int8", "openvino-int8"),
     ("openvino", "bf16", "openvino-bf16"),
+    ("openvino", "fp32", "fp32"),
     ("onnxruntime", "fp32", "fp32"),
     # Dynamic int8: activation scales are computed per batch, so a pair's score depends slightly on
     # what shares its batch; only used when asked for explicitly (--precision int8 without openvino).
@@ -109,6 +112,8 @@ def resolve(backend: str, precision: str, bundles: list[ModelBundle], skip: tupl
             except ImportError:
                 continue
             if prec == "bf16" and not openvino_cpu.has_bf16():
+                continue
+            if prec == "int8" and precision == "auto" and not openvino_cpu.has_int8_dot():
                 continue
         return name, prec
     if backend == "auto":
