@@ -66,7 +66,9 @@ if [ "${MODE:-ship}" = select ]; then
   # same model: instead train SEEDS side by side, all holding out the same 100 train claims
   # (--holdout-seed 42), pick the best NDCG@10 on those claims (never on test) and ship that very
   # checkpoint. Every candidate is also evaluated on test, for the record of the spread only; the
-  # pick is fixed by the dev score (and packed into $OUT) before those numbers exist.
+  # pick is fixed by the dev score (and packed into $OUT) before those numbers exist. Decide
+  # whether to ship from the dev lines (dev.tgz) before reading the test lines: in session 9 the
+  # test figures printed in the same output ended up deciding (README, Measured results).
   # EMA_DECAY=D: each run also writes its EMA weights (S<seed>-ema), a second candidate per seed,
   # so the dev claims compare final and averaged weights of the same run pairwise.
   # shellcheck disable=SC2206
