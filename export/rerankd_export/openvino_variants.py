@@ -43,14 +43,6 @@ GATES = {
 INT8_FILE = "model.ov-int8.xml"
 
 
-def _has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _compile(core, model, precision_hint: str):
     return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"})
 
@@ -97,12 +89,14 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
     import nncf
     import openvino as ov
 
+    from rerankd.backends.openvino_cpu import has_bf16
+
     mf_path = bundle / "manifest.json"
     manifest = json.loads(mf_path.read_text())
     task, max_length, inputs = manifest["task"], int(manifest["max_length"]), list(manifest["inputs"])
     variants = manifest.setdefault("variants", {})
     refused = manifest.get("refused_variants", {})
-    want_bf16 = bf16 and _has_bf16() and "openvino-bf16" not in variants and "openvino-bf16" not in refused
+    want_bf16 = bf16 and has_bf16() and "openvino-bf16" not in variants and "openvino-bf16" not in refused
     want_int8 = int8 and "openvino-int8" not in refused and not (
         variants.get("openvino-int8") and (bundle / variants["openvino-int8"]["file"]).is_file())
     if not (want_bf16 or want_int8):
@@ -139,7 +133,7 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
         os.replace(tmp_xml.with_suffix(".bin"), out_xml.with_suffix(".bin"))
         os.replace(tmp_xml, out_xml)
         # Served as int8 weights/activations with bf16 for the remaining float ops where the CPU has it.
-        hint = "bf16" if _has_bf16() else "f32"
+        hint = "bf16" if has_bf16() else "f32"
         compiled = _compile(core, core.read_model(str(out_xml)), hint)
         outs = [_run(compiled, c.encoding, inputs) for c in parity._bar(cases, f"gate openvino-int8 ({task})")]
         try:

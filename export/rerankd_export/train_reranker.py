@@ -763,7 +763,7 @@ def run_train(args: argparse.Namespace) -> int:
          "weight_decay": 0.0},
     ]
     optim = torch.optim.AdamW(params, lr=args.lr)
-    live = [p for p in model.parameters()]
+    live = list(model.parameters())
     # Polyak/EMA weights: fp32 copies on the training device, updated after every optimizer step
     weights_ema = [p.detach().clone().float() for p in live] if ema_decay is not None else None
     budget_s = 60.0 * args.time_budget if args.time_budget else None
