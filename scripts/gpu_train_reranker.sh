@@ -41,6 +41,10 @@
 # with the 5.5 min cap took 483 s in all; two seeds with a 3.3 min cap did not fit a 290 s call.
 # Session 9: four seeds + EMA_DECAY (eight candidates) took 524 s; one seed alone ran at 1,610
 # pairs/s and, with a 2.6 min cap, packed its pick at ~225 s, its test evals cut by a 240 s limit.
+# Session 10 (round 4), rule fixed and committed before the call: MODE=select SEEDS="55 56 57 58"
+# EMA_DECAY=0.999 THREADS=4 TRAIN_EXTRA="--time-budget 6.3" (full length: the cap only guards the
+# call's 600 s limit); ship the best dev candidate if its dev NDCG@10 beats 0.8092 (the shipped
+# run's), whatever the test lines say; otherwise keep the shipped checkpoint.
 # Overrides for a CPU dry run: DEVICE=cpu TRAIN_EXTRA="--max-steps 2" EVAL_EXTRA="--limit-queries 3" CARD=
 set -euo pipefail
 G=${GPU_DIR:-.gpu}
