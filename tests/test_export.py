@@ -343,6 +343,32 @@ def test_reexport_is_noop(models, caplog):
     assert "up to date" in caplog.text
 
 
+def test_exporter_code_hash_covers_every_export_module(tmp_path, monkeypatch):
+    """Each module of rerankd_export is classified (export code or not), and the hash follows
+    the gate code: a change to gates.py or rerankd/drift.py re-exports cached bundles."""
+    from rerankd_export import export as export_mod
+
+    package = Path(export_mod.__file__).resolve().parent
+    modules = {p.name for p in package.glob("*.py")}
+    assert modules == set(export_mod._EXPORT_CODE) | set(export_mod._NOT_EXPORT_CODE)
+    names = [p.name for p in export_mod.exporter_code_files()]
+    assert {"gates.py", "openvino_variants.py", "gpu_variants.py", "drift.py"} <= set(names)
+    copies = []
+    for path in export_mod.exporter_code_files():
+        copy = tmp_path / path.parent.name / path.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(export_mod, "exporter_code_files", lambda: copies)
+    before = export_mod.exporter_code_sha256()
+    for name in ("gates.py", "drift.py"):
+        copy = next(c for c in copies if c.name == name)
+        copy.write_bytes(copy.read_bytes() + b"\n# changed\n")
+        after = export_mod.exporter_code_sha256()
+        assert after != before, name
+        before = after
+
+
 def test_cache_invalidated_by_max_length_and_source_change(tiny_dirs, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_dirs["plain"], src)

@@ -110,12 +110,28 @@ def exporter_versions() -> dict:
     return out
 
 
-def exporter_code_sha256() -> str:
-    """Hash of this package's export code: a changed exporter invalidates cached bundles."""
-    h = hashlib.sha256()
+# Every module whose code shapes a bundle's files or decides its gates: a change to any of them
+# re-exports cached bundles (tests/test_export.py checks that each module of this package is
+# either listed here or in _NOT_EXPORT_CODE, so a new module must be classified).
+_EXPORT_CODE = ("export.py", "parity.py", "sources.py", "gates.py", "openvino_variants.py",
+                "gpu_variants.py")
+_NOT_EXPORT_CODE = ("__init__.py", "quick_eval.py", "soup.py", "testing.py", "train_reranker.py")
+
+
+def exporter_code_files() -> list[Path]:
+    """The files exporter_code_sha256 hashes: this package's export modules and the service's
+    drift metric (rerankd.drift), which the int8/fp16 gates measure with."""
+    from rerankd import drift
+
     here = Path(__file__).resolve().parent
-    for name in ("export.py", "parity.py", "sources.py"):
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return [here / name for name in _EXPORT_CODE] + [Path(drift.__file__).resolve()]
+
+
+def exporter_code_sha256() -> str:
+    """Hash of the export code: a changed exporter invalidates cached bundles."""
+    h = hashlib.sha256()
+    for path in exporter_code_files():
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
