@@ -474,3 +474,24 @@ def test_tail_window_covers_what_truncation_cut():
     # the plain pair (first window) has the same length but not the text's end
     first = tok(q, title + " " + text, truncation="only_second", max_length=64)["input_ids"]
     assert len(first) == 64 and first[-5:-1] != xi[-4:]
+
+
+def test_hybrid_retriever_leg_depth_and_rrf_k(monkeypatch):
+    """quick_eval --leg-depth/--rrf-k mirror the server's rerank pool: deeper legs let a passage
+    ranked 3rd by dense and 2nd by BM25 overtake the legs' first hits (RRF k=1)."""
+    import numpy as np
+
+    a, b, c, d, e = range(5)
+    dense_rank, bm25_rank = [a, b, c], [d, c, e]
+    monkeypatch.setattr(train_reranker, "encode_dense", lambda *x, **kw: np.ones((1, 4), np.float32))
+    r = train_reranker.HybridRetriever.__new__(train_reranker.HybridRetriever)
+    r.encoder_dir, r.device, r.bf16, r.batch_size, r.model, r.tokenizer = "enc", "cpu", False, 8, None, None
+    r.rrf_k = 1
+    r.dense_search = lambda q_emb, k: [dense_rank[:k]]
+    r.bm25_search = lambda queries, k: [bm25_rank[:k]]
+    shallow = [doc for doc, _ in r.search(["q"], depth=2)[0]]
+    deep = r.search(["q"], depth=2, leg_depth=3)[0]
+    assert sorted(shallow) == [a, d]
+    assert deep[0][0] == c and abs(deep[0][1] - (1 / 4 + 1 / 3)) < 1e-9 and len(deep) == 2
+    with pytest.raises(ValueError, match="leg_depth 1 < depth 2"):
+        r.search(["q"], depth=2, leg_depth=1)

@@ -188,6 +188,8 @@ def evaluate_reranker(
     holdout: bool = False,
     fusion_weights: Sequence[float] = (),
     passage_windows: bool = False,
+    rrf_k: int | None = None,
+    leg_depth: int | None = None,
 ) -> dict:
     """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
 
@@ -196,6 +198,9 @@ def evaluate_reranker(
     ``holdout_qids``; ``split`` must be the split it trained on). ``fusion_weights``: also
     report the served rerank fusion (``rerankd.stages.fusion.rerank_fusion``) at each weight,
     under ``"fusion"`` -- this is how the served default weight is chosen, on held-out claims.
+    ``rrf_k`` / ``leg_depth``: the first stage's RRF constant (default the trainer's, 60) and how
+    deep each leg retrieves before fusion (default ``depth``); the server's defaults are
+    ``--rrf-k 20 --hybrid-depth 400``, so ``rrf_k=20, leg_depth=400`` mirrors its rerank pool.
     ``passage_windows``: also score a second window (title + end of the text, ``tail_window``)
     of every passage the pair truncates, and report the run ordered by the first window alone,
     the max and the mean of the two windows, under ``"windows"``.
@@ -230,8 +235,10 @@ def evaluate_reranker(
         device=dev,
         bf16=False,  # first stage in fp32, as served
         cache_dir=Path(cache_dir) if cache_dir else None,
+        **({"rrf_k": rrf_k} if rrf_k is not None else {}),
     )
-    hits = retriever.search([queries[q] for q in qids], depth=depth)
+    hits = retriever.search([queries[q] for q in qids], depth=depth, leg_depth=leg_depth)
+    fusion_k = retriever.rrf_k
     del retriever
     first_run = {
         q: {corpus.ids[d]: float(s) for d, s in h} for q, h in zip(qids, hits)
@@ -315,7 +322,12 @@ def evaluate_reranker(
         **({"fusion": fusion} if fusion else {}),
         **({"windows": windows} if windows else {}),
         **({"holdout": True} if holdout else {}),
-        "first_stage_desc": f"hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), RRF k=60, top-{depth}",
+        "rrf_k": fusion_k,
+        "leg_depth": leg_depth or depth,
+        "first_stage_desc": "hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), "
+                            f"RRF k={fusion_k}"
+                            + (f" over each leg's top {leg_depth}" if leg_depth and leg_depth != depth else "")
+                            + f", top-{depth}",
         "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
         "rerank_pairs": len(pairs),
         "rerank_pairs_per_s": round(stats.get("scored", len(pairs)) / max(t_rerank, 1e-6), 1),
@@ -404,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passage-windows", action="store_true",
                    help="also score a title + end-of-text window of each truncated passage and "
                         "report first-window / max / mean orderings")
+    p.add_argument("--rrf-k", type=int, default=None,
+                   help="first-stage RRF constant [default: the trainer's, 60; the server's is 20]")
+    p.add_argument("--leg-depth", type=int, default=None,
+                   help="each first-stage leg's depth before fusion [default --depth; the "
+                        "server's --hybrid-depth is 400]")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
@@ -414,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
         cache_dir=cache, limit_queries=a.limit_queries, holdout=a.holdout,
         fusion_weights=a.fusion_weights, passage_windows=a.passage_windows,
+        rrf_k=a.rrf_k, leg_depth=a.leg_depth,
     )
     print(json.dumps(res, indent=2))
     print(metrics_markdown(res), file=sys.stderr)

@@ -351,8 +351,14 @@ class HybridRetriever:
             out.append([int(d) for d, s in zip(docs[0], scores[0]) if s > 0])
         return out
 
-    def search(self, queries: Sequence[str], depth: int = 50) -> list[list[tuple[int, float]]]:
-        """Fused top-``depth`` as [(doc_index, rrf_score)], best first, per query."""
+    def search(self, queries: Sequence[str], depth: int = 50,
+               leg_depth: int | None = None) -> list[list[tuple[int, float]]]:
+        """Fused top-``depth`` as [(doc_index, rrf_score)], best first, per query. Each leg
+        returns its top ``leg_depth`` (default ``depth``; the server fuses deeper legs,
+        ``--hybrid-depth``)."""
+        legs = depth if leg_depth is None else leg_depth
+        if legs < depth:
+            raise ValueError(f"leg_depth {legs} < depth {depth}")
         q_emb = encode_dense(
             self.encoder_dir,
             list(queries),
@@ -363,8 +369,8 @@ class HybridRetriever:
             model=self.model,
             tokenizer=self.tokenizer,
         )
-        dense = self.dense_search(q_emb, depth)
-        sparse = self.bm25_search(queries, depth)
+        dense = self.dense_search(q_emb, legs)
+        sparse = self.bm25_search(queries, legs)
         fused = []
         for d_list, s_list in zip(dense, sparse):
             score: dict[int, float] = {}
