@@ -257,6 +257,17 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for v in res["fusion"]["1"].values())
     with pytest.raises(ValueError, match="held out 'train' claims"):
         quick_eval.evaluate_reranker(out, data, "dev", cache_dir=None, holdout=True, device="cpu")
+    # the server's rerank pool (RRF k=20 over deeper legs) is recorded as such, and its card
+    # entry does not overwrite the trainer-pool figure for the same depth
+    deep = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
+                                        cache_dir=None, holdout=True, rrf_k=20, leg_depth=30)
+    assert (deep["rrf_k"], deep["leg_depth"], res["rrf_k"], res["leg_depth"]) == (20, 30, 60, 10)
+    assert "RRF k=20 over each leg's top 30, top-10" in deep["first_stage_desc"]
+    assert "RRF k=60, top-10" in res["first_stage_desc"]
+    quick_eval.update_card(out, res)
+    quick_eval.update_card(out, deep)
+    evals = json.loads((out / "config.json").read_text())["rerankd"]["eval"]
+    assert {"train@10;holdout", "train@10;holdout;rrf20x30"} <= {k.split("/", 1)[1] for k in evals}
 
     # Continuing this checkpoint on chosen claims, with an explicit held-out list: only those
     # claims form claim groups, the held-out one never does, and the recipe says so.
@@ -493,5 +504,5 @@ def test_hybrid_retriever_leg_depth_and_rrf_k(monkeypatch):
     deep = r.search(["q"], depth=2, leg_depth=3)[0]
     assert sorted(shallow) == [a, d]
     assert deep[0][0] == c and abs(deep[0][1] - (1 / 4 + 1 / 3)) < 1e-9 and len(deep) == 2
-    with pytest.raises(ValueError, match="leg_depth 1 < depth 2"):
-        r.search(["q"], depth=2, leg_depth=1)
+    # legs never shallower than the fused depth, as the server's max(k, --hybrid-depth)
+    assert r.search(["q"], depth=2, leg_depth=1) == r.search(["q"], depth=2)

@@ -1,7 +1,8 @@
 """Quick PyTorch evaluation of a cross-encoder checkpoint on a BEIR dataset.
 
-Runs the hybrid first stage (dense all-MiniLM-L6-v2 exact cosine + BM25, RRF k=60, the
-same code the trainer mines negatives with), reranks the top ``depth`` with the
+Runs the hybrid first stage (dense all-MiniLM-L6-v2 exact cosine + BM25, RRF k=60 over
+top-``depth`` legs by default, the same code the trainer mines negatives with; ``--rrf-k 20
+--leg-depth 400`` approximates the server's rerank pool), reranks the top ``depth`` with the
 cross-encoder and reports NDCG@10 / MRR@10 / P@5 (``ir_measures``) for the first stage and
 the reranked run. This is evaluation, so it reads ``qrels/<split>.tsv`` (test by default).
 
@@ -29,6 +30,7 @@ from rerankd_export.train_reranker import (
     CARD_METRICS_END,
     CARD_METRICS_START,
     DEFAULT_CACHE,
+    RRF_K,
     HybridRetriever,
     _machine,
     _progress,
@@ -200,7 +202,8 @@ def evaluate_reranker(
     under ``"fusion"`` -- this is how the served default weight is chosen, on held-out claims.
     ``rrf_k`` / ``leg_depth``: the first stage's RRF constant (default the trainer's, 60) and how
     deep each leg retrieves before fusion (default ``depth``); the server's defaults are
-    ``--rrf-k 20 --hybrid-depth 400``, so ``rrf_k=20, leg_depth=400`` mirrors its rerank pool.
+    ``--rrf-k 20 --hybrid-depth 400``, so ``rrf_k=20, leg_depth=400`` approximates its rerank
+    pool (exact cosine and bm25s here, HNSW and rerankd's BM25 there; ties broken differently).
     ``passage_windows``: also score a second window (title + end of the text, ``tail_window``)
     of every passage the pair truncates, and report the run ordered by the first window alone,
     the max and the mean of the two windows, under ``"windows"``.
@@ -323,10 +326,10 @@ def evaluate_reranker(
         **({"windows": windows} if windows else {}),
         **({"holdout": True} if holdout else {}),
         "rrf_k": fusion_k,
-        "leg_depth": leg_depth or depth,
+        "leg_depth": max(depth, leg_depth or depth),
         "first_stage_desc": "hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), "
                             f"RRF k={fusion_k}"
-                            + (f" over each leg's top {leg_depth}" if leg_depth and leg_depth != depth else "")
+                            + (f" over each leg's top {leg_depth}" if leg_depth and leg_depth > depth else "")
                             + f", top-{depth}",
         "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
         "rerank_pairs": len(pairs),
@@ -390,7 +393,12 @@ def update_card(model_dir, res: dict) -> None:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         evals = cfg.setdefault("rerankd", {}).setdefault("eval", {})
         key = f"{Path(res['dataset']).name}/{res['split']}@{res['depth']}"
-        evals[key] = {k: res[k] for k in ("first_stage", "reranked", "queries", "max_length", "rerank_precision")}
+        if res.get("holdout"):
+            key += ";holdout"
+        if res.get("rrf_k", RRF_K) != RRF_K or res.get("leg_depth", res["depth"]) != res["depth"]:
+            key += f";rrf{res['rrf_k']}x{res['leg_depth']}"
+        evals[key] = {k: res[k] for k in ("first_stage", "reranked", "queries", "max_length", "rerank_precision",
+                                          "first_stage_desc") if k in res}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -255,10 +255,12 @@ def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
 
 
 class HybridRetriever:
-    """Exact-cosine dense + BM25 (bm25s, English stopwords), fused by RRF (k=60).
+    """Exact-cosine dense + BM25 (bm25s, English stopwords), fused by RRF (``rrf_k``, default
+    60: the trainer mines its negatives with it).
 
     Both retrievers see the same document string (``title + " " + text``). Each returns
-    its top ``depth`` documents; the fused list is cut to ``depth``.
+    its top ``depth`` documents (or ``leg_depth``, see ``search``); the fused list is cut to
+    ``depth``.
     """
 
     def __init__(
@@ -354,11 +356,9 @@ class HybridRetriever:
     def search(self, queries: Sequence[str], depth: int = 50,
                leg_depth: int | None = None) -> list[list[tuple[int, float]]]:
         """Fused top-``depth`` as [(doc_index, rrf_score)], best first, per query. Each leg
-        returns its top ``leg_depth`` (default ``depth``; the server fuses deeper legs,
-        ``--hybrid-depth``)."""
-        legs = depth if leg_depth is None else leg_depth
-        if legs < depth:
-            raise ValueError(f"leg_depth {legs} < depth {depth}")
+        returns its top max(``depth``, ``leg_depth``) (``leg_depth`` default ``depth``), as the
+        server's hybrid leg takes max(k, ``--hybrid-depth``)."""
+        legs = depth if leg_depth is None else max(depth, leg_depth)
         q_emb = encode_dense(
             self.encoder_dir,
             list(queries),
