@@ -506,3 +506,12 @@ def test_hybrid_retriever_leg_depth_and_rrf_k(monkeypatch):
     assert deep[0][0] == c and abs(deep[0][1] - (1 / 4 + 1 / 3)) < 1e-9 and len(deep) == 2
     # legs never shallower than the fused depth, as the server's max(k, --hybrid-depth)
     assert r.search(["q"], depth=2, leg_depth=1) == r.search(["q"], depth=2)
+
+
+@pytest.mark.parametrize("argv, field", [(["--rrf-k", "-1"], "--rrf-k"), (["--leg-depth", "0"], "--leg-depth")])
+def test_quick_eval_rejects_bad_first_stage_flags(tmp_path, capsys, argv, field):
+    from rerankd_export import quick_eval
+
+    with pytest.raises(SystemExit) as e:
+        quick_eval.main(["--model", str(tmp_path), "--dataset", str(tmp_path), *argv])
+    assert e.value.code == 2 and field in capsys.readouterr().err

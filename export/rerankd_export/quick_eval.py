@@ -433,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
     a = p.parse_args(argv)
+    if a.rrf_k is not None and a.rrf_k < 0:
+        p.error(f"--rrf-k must be >= 0, got {a.rrf_k}")
+    if a.leg_depth is not None and a.leg_depth < 1:
+        p.error(f"--leg-depth must be >= 1, got {a.leg_depth}")
     cache = None if str(a.cache_dir).lower() in ("", "none", "off") else a.cache_dir
     res = evaluate_reranker(
         a.model, a.dataset, a.split, a.depth, a.max_length, encoder_dir=a.encoder,
