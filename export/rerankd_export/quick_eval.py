@@ -238,9 +238,10 @@ def evaluate_reranker(
         device=dev,
         bf16=False,  # first stage in fp32, as served
         cache_dir=Path(cache_dir) if cache_dir else None,
-        **({"rrf_k": rrf_k} if rrf_k is not None else {}),
+        rrf_k=RRF_K if rrf_k is None else rrf_k,
     )
-    hits = retriever.search([queries[q] for q in qids], depth=depth, leg_depth=leg_depth)
+    legs = max(depth, leg_depth or depth)
+    hits = retriever.search([queries[q] for q in qids], depth=depth, leg_depth=legs)
     fusion_k = retriever.rrf_k
     del retriever
     first_run = {
@@ -326,10 +327,10 @@ def evaluate_reranker(
         **({"windows": windows} if windows else {}),
         **({"holdout": True} if holdout else {}),
         "rrf_k": fusion_k,
-        "leg_depth": max(depth, leg_depth or depth),
+        "leg_depth": legs,
         "first_stage_desc": "hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), "
                             f"RRF k={fusion_k}"
-                            + (f" over each leg's top {leg_depth}" if leg_depth and leg_depth > depth else "")
+                            + (f" over each leg's top {legs}" if legs > depth else "")
                             + f", top-{depth}",
         "rerank_precision": "bf16 autocast" if use_bf16 else "fp32",
         "rerank_pairs": len(pairs),
