@@ -515,3 +515,100 @@ def test_quick_eval_rejects_bad_first_stage_flags(tmp_path, capsys, argv, field)
     with pytest.raises(SystemExit) as e:
         quick_eval.main(["--model", str(tmp_path), "--dataset", str(tmp_path), *argv])
     assert e.value.code == 2 and field in capsys.readouterr().err
+
+
+def test_init_seed_fixes_the_head_and_only_the_head(tmp_path, monkeypatch):
+    """Runs that share --init-seed start from the same classifier head whatever --seed says
+    (what a weight average of them needs), the head a plain `--seed <init-seed>` run draws;
+    another --init-seed draws another head."""
+    import transformers
+
+    data = make_dataset(tmp_path / "tiny")
+    real = transformers.AutoModelForSequenceClassification.from_pretrained
+    heads = []
+
+    class Built(Exception):
+        pass
+
+    def capture(*a, **kw):
+        model = real(*a, **kw)
+        heads.append(model.classifier.weight.detach().clone())
+        raise Built  # the head is all this test needs: stop before training
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", capture)
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    for seed, init in ((1, 7), (2, 7), (1, 8), (7, None)):
+        args = parser.parse_args(["--dataset", str(data), "--output", str(tmp_path / f"o{seed}{init}"),
+                                  "--negatives", "3", "--pseudo-queries", "0", "--device", "cpu",
+                                  "--cache-dir", "none", "--threads", "2", "--seed", str(seed),
+                                  *(["--init-seed", str(init)] if init is not None else [])])
+        with pytest.raises(Built):
+            train_reranker.run_train(args)
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+    assert torch.equal(heads[0], heads[3])  # --seed 7 alone draws the --init-seed 7 head
+    assert "--init-seed 7" in train_reranker.canonical_command(args.__class__(**{**vars(args), "init_seed": 7}))
+
+
+def _ingredient(d: Path, value: float, held=("q1", "q2")) -> Path:
+    from safetensors.torch import save_file
+
+    d.mkdir()
+    save_file({"w": torch.full((2,), value, dtype=torch.float16)}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"rerankd": {"seed": value, "holdout_qids": list(held)}}))
+    return d
+
+
+def test_greedy_soup_keeps_only_ingredients_that_raise_the_held_out_score(tmp_path):
+    from safetensors.torch import load_file
+
+    from rerankd_export import soup
+
+    # score = closeness of the mean weight to 1.5: a (2.0) alone 0.5; a+b (1.0) -> mean 1.5, best;
+    # then c (4.0) would pull the mean to 2.33 and is dropped
+    a, b, c = (_ingredient(tmp_path / n, v) for n, v in (("a", 2.0), ("b", 1.0), ("c", 4.0)))
+    calls = []
+
+    def evaluate(d):
+        calls.append(Path(d).name)
+        return 2.0 - abs(float(load_file(str(Path(d) / "model.safetensors"))["w"].float().mean()) - 1.5)
+
+    out = tmp_path / "soup"
+    kept, best, trace = soup.greedy_soup(out, [a, b, c], evaluate, scores={a: 1.5}, log=lambda m: None)
+    assert kept == [a, b] and best == pytest.approx(2.0)
+    assert [t["kept"] for t in trace] == [True, True, False]
+    assert calls == ["soup.try", "soup.try"]  # a's score was given; each trial scored once
+    assert torch.all(load_file(str(out / "model.safetensors"))["w"] == 1.5)
+    assert not (tmp_path / "soup.try").exists()
+    g = json.loads((out / "config.json").read_text())["rerankd"]["soup"]
+    assert g["greedy"]["held_out_score"] == pytest.approx(2.0) and len(g["recipes"]) == 2
+
+    # nothing helps: the result is the best ingredient itself, said so
+    kept, best, _ = soup.greedy_soup(tmp_path / "s1", [b, c], evaluate, log=lambda m: None)
+    assert kept == [b] and best == pytest.approx(1.5)
+    assert torch.all(load_file(str(tmp_path / "s1" / "model.safetensors"))["w"] == 1.0)
+    assert "single checkpoint" in json.loads((tmp_path / "s1" / "config.json").read_text())["rerankd"]["soup"]["method"]
+
+    # an ingredient that held out other claims would be scored on claims it was trained on
+    d = _ingredient(tmp_path / "d", 1.0, held=("q3", "q4"))
+    with pytest.raises(ValueError, match="other claims"):
+        soup.greedy_soup(tmp_path / "s2", [a, d], evaluate, log=lambda m: None)
+
+
+def test_soup_cli_reads_given_scores_and_orders_best_first(tmp_path, monkeypatch, capsys):
+    from rerankd_export import soup
+
+    a, b = _ingredient(tmp_path / "a", 2.0), _ingredient(tmp_path / "b", 1.0)
+    seen = []
+
+    def fake_eval_args(args):
+        assert args == ["--dataset", "x y"]
+        return lambda d: seen.append(Path(d).name) or 0.1
+
+    monkeypatch.setattr(soup, "holdout_ndcg", fake_eval_args)
+    rc = soup.main([str(tmp_path / "s"), f"{a}=0.5", str(b), "--greedy", "--eval-args=--dataset 'x y'"])
+    assert rc == 0
+    assert seen == ["b", "s.try"]  # b had no score: measured first; then one trial, a (0.5) first
+    assert json.loads(capsys.readouterr().out)["ingredients"] == [str(a)]
+    with pytest.raises(SystemExit):
+        soup.main([str(tmp_path / "t"), f"{a}=0.5", str(b)])  # a score without --greedy

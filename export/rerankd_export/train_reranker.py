@@ -608,6 +608,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "progress = max(step/steps, elapsed/budget) drives the linear warmup/decay "
                         "and training stops (and saves) when it reaches 1")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--init-seed", type=int, default=None, metavar="N",
+                   help="draw the new classifier head as a `--seed N` run does (default: --seed); "
+                        "runs that share it start from the same weights and differ only in data "
+                        "order, negatives and dropout, which is what a weight average "
+                        "(rerankd_export.soup) needs")
     p.add_argument("--ema-decay", type=float, default=None, metavar="D",
                    help="also keep an exponential moving average of the weights (decay D, warmed up "
                         "as min(D, (1+t)/(10+t))) and write it as a second checkpoint")
@@ -703,7 +708,11 @@ def run_train(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    init_seed = getattr(args, "init_seed", None)
+    # torch's generator draws the new head when the model is built below (after the first stage
+    # has loaded its encoder, which may draw from it too): seeding it here with --init-seed gives a
+    # run the very head a `--seed <init-seed>` run draws; it is re-seeded with --seed after that
+    torch.manual_seed(args.seed if init_seed is None else init_seed)
     print(f"[train] base={base} encoder={encoder} device={device} bf16={bf16} threads={threads}", flush=True)
 
     # ---- data + hard-negative mining -------------------------------------------------
@@ -753,6 +762,8 @@ def run_train(args: argparse.Namespace) -> int:
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=1, dtype=torch.float32
     )
+    if init_seed is not None:  # dropout and the rest follow --seed
+        torch.manual_seed(args.seed)
     hf_logging.set_verbosity(verbosity)
     model.to(device)
     model.train()
@@ -920,6 +931,7 @@ def run_train(args: argparse.Namespace) -> int:
         "max_length": args.eval_max_length,
         "queries_cut": q_cut,
         "seed": args.seed,
+        "init_seed": getattr(args, "init_seed", None),
         "device": device,
         "bf16_autocast": bf16,
         "threads": threads,
@@ -984,8 +996,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["rerankd", "train-reranker"]
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
-                "seed", "device", "bf16", "threads", "mining_depth", "skip_top", "holdout_queries",
-                "holdout_seed", "holdout_ids", "train_ids", "ema_decay", "ema_output"):
+                "seed", "init_seed", "device", "bf16", "threads", "mining_depth", "skip_top",
+                "holdout_queries", "holdout_seed", "holdout_ids", "train_ids", "ema_decay", "ema_output"):
         val = getattr(args, key, None)
         if val is None or (key == "holdout_queries" and not val):
             continue
