@@ -56,7 +56,7 @@
 # --init-seed 55 replays seed 55's generator up to the head; the "head cos" lines check it) and the
 # greedy soup of all four (rerankd_export.soup --greedy). Ship the best dev candidate if its dev
 # NDCG@10 beats S55's, measured in the same call, by at least 0.005, whatever the test lines say;
-# otherwise keep S55.
+# otherwise keep S55. Not run in session 11: no device was lent (the first call was refused).
 # MODE=select options: INIT_SEED (train-reranker --init-seed for every run), ANCHOR (a checkpoint
 # with the same held-out claims, scored beside the runs; MARGIN: a run must beat it by this much
 # to be picked, else the pick is "anchor" and nothing is packed), SOUP=greedy (adds the greedy soup
