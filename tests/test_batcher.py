@@ -623,8 +623,9 @@ def test_warmup_runs_exactly_the_warm_shapes():
     asyncio.run(b.close())
 
 
+@pytest.mark.parametrize("order", ["length", "arrival"])
 @pytest.mark.parametrize("seed", range(24))
-def test_random_workloads_stay_inside_warm_shapes(seed):
+def test_random_workloads_stay_inside_warm_shapes(seed, order):
     rng = random.Random(seed)
     static = seed % 3 != 0
     max_length = rng.choice([64, 100, 128, 256])
@@ -635,7 +636,7 @@ def test_random_workloads_stay_inside_warm_shapes(seed):
     fake = FakeForward(pad_id=rng.choice([0, 1]))
     b = make(
         fake, static=static, max_length=max_length, seq_buckets=buckets, batch_sizes=sizes,
-        max_batch_tokens=budget, sort_window=window,
+        max_batch_tokens=budget, sort_window=window, batch_order=order,
     )
     calls = [[seq(rng.randint(1, max_length)) for _ in range(rng.randint(1, 15))] for _ in range(rng.randint(1, 12))]
     delays = [rng.randint(0, 3) for _ in calls]
@@ -755,6 +756,28 @@ def test_arrival_order_serves_the_oldest_call_first():
             await finish(b, fake)
 
     run(body)
+
+
+def test_arrival_order_keeps_the_token_budget_when_a_later_call_is_longer():
+    """A short call ahead of a long one: the batch that takes rows of both is padded to the long
+    rows' bucket, so it may hold only the rows that bucket allows (found by a review: it took the
+    short call's row count, twice the budget, in a shape warmup never ran)."""
+    fake = FakeForward()
+
+    async def body():
+        b = make(fake, static=True, max_length=256, seq_buckets=(32, 256), batch_sizes=(1, 2, 4, 8, 16, 32),
+                 max_batch_tokens=4096, batch_order="arrival")
+        await b.start()
+        try:
+            await _two_calls(b, fake, [seq(20)] * 3, [seq(250)] * 40, in_turn=True)
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    assert not fake.problems
+    assert all(rows * t <= 4096 for rows, t in fake.shapes), fake.shapes
+    assert set(fake.shapes) <= set(make(fake, static=True, max_length=256, seq_buckets=(32, 256),
+                                        batch_sizes=(1, 2, 4, 8, 16, 32), max_batch_tokens=4096).warm_shapes())
 
 
 def test_unknown_batch_order_is_rejected():

@@ -492,12 +492,30 @@ def _good(case: str, i: int) -> bytes:
 BAD_LINES = [
     ("json", b'{"_id": "x", "text": "unterminated\n', 4, "bad JSON"),
     ("utf8", b'{"_id": "y", "text": "bad \xff\xfe bytes"}\n', 3, "invalid UTF-8"),
-    ("notext", b'{"_id": "z", "title": "only a title"}\n', 5, 'missing "text"'),
+    ("notext", b'{"_id": "z", "title": "   "}\n', 5, 'missing "text"'),
     ("emptytext", b'{"_id": "z", "text": "   "}\n', 2, 'empty "text"'),
     ("noid", b'{"text": "a document without an id"}\n', 3, "missing id"),
     ("meta", b'{"_id": "z", "text": "ok", "metadata": {"n": 3}}\n', 4, "metadata value"),
     ("first", b'not json at all\n', 1, "bad JSON"),
 ]
+
+
+def test_a_title_alone_is_a_document_as_the_server_takes_it():
+    """Abstract-less corpus rows (TREC-COVID has them) are ingested as their title, like Upsert
+    takes them; only a row with neither text nor title is refused (found by a review)."""
+    from rerankd import config as cfg
+    from rerankd.ingest import LineError, parse_line
+
+    limits = cfg.LimitsConfig()
+    for raw in (b'{"_id": "a", "title": "COVID-19 in children", "text": ""}',
+                b'{"_id": "a", "title": "COVID-19 in children"}',
+                b'{"_id": "a", "title": "COVID-19 in children", "text": null}'):
+        d = parse_line(raw, 1, limits)
+        assert d is not None and (d.id, d.title, d.text) == ("a", "COVID-19 in children", ""), raw
+    for raw, why in ((b'{"_id": "a", "title": " ", "text": " "}', 'empty "text"'),
+                     (b'{"_id": "a", "title": "t", "text": 3}', '"text" must be a string')):
+        with pytest.raises(LineError, match=why):
+            parse_line(raw, 1, limits)
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,38 @@ def test_dense_search_within_equals_exact_filtered_topk(exact_max, walk_vs_exact
     assert 21 not in labels and len(labels) == 5
 
 
+def test_filtered_walk_asks_for_fewer_when_hnsw_cannot_reach_enough():
+    """hnswlib raises when fewer live elements are reachable than asked for (heavy deletes). The
+    filtered walk used to give up and, with the filter over the exact-scan limit, return nothing;
+    it now halves its request like the unfiltered search (found by a review)."""
+    v = _unit(500, 8, seed=1)
+    d = DenseIndex(8, m=16, ef_construction=100, ef_search=50)
+    d.upsert(np.arange(500), v)
+
+    class Reachable:  # only `limit` elements reachable: any larger k raises, as hnswlib does
+        def __init__(self, real, limit):
+            self.real, self.limit, self.asked = real, limit, []
+
+        def knn_query(self, q, k, num_threads=1):
+            self.asked.append(k)
+            if k > self.limit:
+                raise RuntimeError("Cannot return the results in a contigious 2D array. Probably ef or M is too small")
+            return self.real.knn_query(q, k=k, num_threads=num_threads)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    d._index = Reachable(d._index, 25)
+    allowed = set(range(0, 500, 2))
+    labels, scores = d.search_within(v[0], 10, lambda: allowed, lambda ls: (ls, v[ls]), exact_max=0)
+    # the first walk asks for 33 (k * live / matching, oversampled), gets an error, then asks for 16
+    assert d._index.asked == [33, 16]
+    assert 0 < len(labels) <= 10 and set(labels.tolist()) <= allowed and np.all(np.diff(scores) <= 1e-6)
+    assert labels[0] == 0  # the query's own vector
+    d._index.limit = 0  # nothing reachable at all: an empty answer, not an endless loop
+    assert d.search_within(v[0], 10, lambda: allowed, lambda ls: (ls, v[ls]), exact_max=0)[0].size == 0
+
+
 def test_bm25_allowed_mask_returns_best_matching_not_leftovers():
     texts = ["aspirin colon cancer", "aspirin heart attack", "coffee liver", "aspirin aspirin stroke", "solar panels"]
     labels = [10, 11, 12, 13, 14]

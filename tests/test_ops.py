@@ -265,6 +265,38 @@ def test_estimated_wait_is_the_remaining_solo_time_of_calls_in_flight():
     assert Settings().server.max_queue_wait_ratio == 0.0  # off by default (measured: no p99 gain here)
 
 
+def test_early_deadline_check_compares_calls_of_about_the_same_size():
+    """A review found one latency average per method: after a run of 512-document Upserts (or
+    long ingest streams) a 1-document Upsert with a short deadline was refused at once. The check
+    now reads calls of the same lane and size class only, and never judges a stream or Compact."""
+    import dataclasses
+    import types
+
+    from rerankd.config import Settings
+    from rerankd.server import RetrievalServicer
+
+    sv = RetrievalServicer(types.SimpleNamespace(settings=Settings()))
+    for _ in range(30):
+        sv._observe("Upsert", 512, 4.0)
+        sv._observe("UpsertStream", None, 600.0)
+    assert sv._too_short("Upsert", 512, 1.0) == pytest.approx(4.0)  # same size: 1 s cannot cover ~4 s
+    assert sv._too_short("Upsert", 600, 1.0) == pytest.approx(4.0)  # 512..1023: same class
+    assert sv._too_short("Upsert", 1, 1.0) is None  # no history for 1-document calls: not refused
+    assert sv._too_short("Upsert", 300, 1.0) is None  # 256..511: another class
+    assert sv._too_short("UpsertStream", None, 1.0) is None  # a stream's length is the client's
+    assert sv._too_short("Score", 512, 1.0) is None  # other lanes keep their own estimates
+    for _ in range(19):
+        sv._observe("Upsert", 1, 0.01)
+    assert sv._too_short("Upsert", 1, 0.001) is None  # 19 calls: not enough history yet
+    sv._observe("Upsert", 1, 0.01)
+    assert sv._too_short("Upsert", 1, 0.001) == pytest.approx(0.01)
+    assert sv._too_short("Upsert", 1, 0.006) is None  # more than half the typical latency left
+    off = Settings()
+    off = dataclasses.replace(off, server=dataclasses.replace(off.server, early_deadline_reject=False))
+    sv.app = types.SimpleNamespace(settings=off)
+    assert sv._too_short("Upsert", 512, 1.0) is None
+
+
 def test_queue_wait_admission_sheds_only_with_resource_exhausted(models_dir, tmp_path):
     """With a tiny wait budget, a reranked Search that arrives while another runs is shed with
     RESOURCE_EXHAUSTED naming the estimated wait; the rest succeed and nothing else is returned."""

@@ -271,10 +271,20 @@ class Batcher:
             # Oldest call first (its pairs longest first): a call admitted later never delays the
             # remaining batches of one that is already running.
             window.sort(key=lambda it: (it.call.submitted, -len(it.seq), it.index))
+            # Rows are taken in that order, so the longest of them need not come first: grow the
+            # batch while every row taken so far still fits the rows allowed at the bucket of
+            # the longest one (the token budget, and only shapes warmup() has run).
+            n, longest = 0, 0
+            for it in window:
+                longest_if = max(longest, len(it.seq))
+                if n + 1 > self.max_rows(self.seq_bucket(longest_if)):
+                    break
+                n, longest = n + 1, longest_if
+            n = self.batch_bucket(max(n, 1))
         else:
             window.sort(key=lambda it: len(it.seq), reverse=True)
-        padded = self.seq_bucket(len(window[0].seq))
-        n = self.batch_bucket(min(len(window), self.max_rows(padded)))
+            padded = self.seq_bucket(len(window[0].seq))
+            n = self.batch_bucket(min(len(window), self.max_rows(padded)))
         batch, rest = window[:n], window[n:]
         # Put the rest back at the head, in arrival order, so older work goes first next time.
         rest.sort(key=lambda it: (it.call.submitted, it.index))

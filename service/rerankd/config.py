@@ -48,7 +48,7 @@ class ServerConfig:
         "Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
         "while admitted calls wait at most about one call's time; raise it where reranking is cheap (GPU)",
     )
-    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the method's recent average latency (after 20 calls)")
+    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the recent average latency of its method's calls of about its size (same power of two of items, documents, ids or candidates; after 20 of them); never a stream or Compact")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
     metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
     tls_cert: str = _f("", "TLS server certificate chain (PEM); with --tls-key enables TLS on TCP listeners")

@@ -5,7 +5,8 @@ One JSON object per line: ``{"_id" or "id": ..., "title"?: str, "text": str, "me
 batch is committed (durable) by the server before it reads the next one. Without ``--target``
 the command runs an embedded server on the same configuration flags as ``rerankd serve``.
 
-A malformed line (bad JSON, invalid UTF-8, missing id, missing or empty text, a metadata value
+A malformed line (bad JSON, invalid UTF-8, missing id, missing or empty text without a title (a
+title alone is a document, as the server takes it), a metadata value
 that is not a string, a field over the size limits) stops the command: the valid lines before
 it are sent and committed first, then it exits non-zero naming the line and saying exactly how
 many documents were committed. Re-running the file is safe (upserts by id are idempotent).
@@ -97,17 +98,6 @@ def _document(obj: dict[str, Any], limits: cfg.LimitsConfig) -> Doc:
     if len(doc_id.encode("utf-8")) > limits.max_id_bytes:
         raise ValueError(f'"{key}" is longer than {limits.max_id_bytes} bytes')
 
-    if "text" not in obj or obj["text"] is None:
-        raise ValueError('missing "text"')
-    text = obj["text"]
-    if not isinstance(text, str):
-        raise ValueError(f'"text" must be a string, got {type(text).__name__}')
-    if not text.strip():
-        raise ValueError('empty "text"')
-    _utf8(text, '"text"')
-    if len(text.encode("utf-8")) > limits.max_text_bytes:
-        raise ValueError(f'"text" is {len(text.encode("utf-8"))} bytes, over the limit of {limits.max_text_bytes}')
-
     title = obj.get("title")
     if title is None:
         title = ""
@@ -116,6 +106,20 @@ def _document(obj: dict[str, Any], limits: cfg.LimitsConfig) -> Doc:
     _utf8(title, '"title"')
     if len(title.encode("utf-8")) > limits.max_text_bytes:
         raise ValueError(f'"title" is over the limit of {limits.max_text_bytes} bytes')
+
+    text = obj.get("text")
+    if text is None:
+        text = ""
+        if not title.strip():
+            raise ValueError('missing "text"')
+    if not isinstance(text, str):
+        raise ValueError(f'"text" must be a string, got {type(text).__name__}')
+    # An abstract-less entry (TREC-COVID has them) is its title alone, as the server takes it.
+    if not text.strip() and not title.strip():
+        raise ValueError('empty "text" (and no "title")')
+    _utf8(text, '"text"')
+    if len(text.encode("utf-8")) > limits.max_text_bytes:
+        raise ValueError(f'"text" is {len(text.encode("utf-8"))} bytes, over the limit of {limits.max_text_bytes}')
 
     meta = obj.get("metadata")
     if meta is None:

@@ -104,7 +104,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def __init__(self, app: App) -> None:
         self.app = app
         self._inflight: dict[str, int] = {}
-        self._ewma: dict[str, tuple[float, int]] = {}  # method -> (EWMA of OK latency, observations)
+        self._ewma: dict[str, tuple[float, int]] = {}  # lane -> (EWMA of OK latency, observations)
+        # The early deadline check's estimates: per lane *and size class* (items, documents, ids or
+        # candidates, by powers of two), so a 1-item call is never judged by 512-item ones.
+        self._sized: dict[tuple[str, int], tuple[float, int]] = {}
         # Latency-aware admission (reranked Searches): start times of the calls in flight, and the
         # EWMA latency of calls that ran with no other call of their lane in flight ("solo").
         self._starts: dict[str, dict[int, float]] = {}
@@ -123,25 +126,34 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls
 
-    def _too_short(self, method: str, remaining: float) -> float | None:
-        """The method's typical latency when ``remaining`` cannot cover it, else None."""
-        if not self.app.settings.server.early_deadline_reject:
+    def _too_short(self, lane: str, size: int | None, remaining: float) -> float | None:
+        """The typical latency of ``lane``'s calls of this size when ``remaining`` cannot cover
+        it, else None. ``size`` None (a stream, Compact: no size known up front) is never refused."""
+        if not self.app.settings.server.early_deadline_reject or size is None:
             return None
-        est, n = self._ewma.get(method, (0.0, 0))
+        est, n = self._sized.get((lane, size.bit_length()), (0.0, 0))
         # Only with enough history, and only for deadlines clearly below the typical latency.
         return est if n >= 20 and remaining < 0.5 * est else None
 
-    def _observe(self, method: str, seconds: float) -> None:
-        est, n = self._ewma.get(method, (seconds, 0))
-        self._ewma[method] = (0.9 * est + 0.1 * seconds, n + 1)
+    def _observe(self, lane: str, size: int | None, seconds: float) -> None:
+        est, n = self._ewma.get(lane, (seconds, 0))
+        self._ewma[lane] = (0.9 * est + 0.1 * seconds, n + 1)
+        if size is not None:
+            key = (lane, size.bit_length())
+            est, n = self._sized.get(key, (seconds, 0))
+            self._sized[key] = (0.9 * est + 0.1 * seconds, n + 1)
 
-    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None):
+    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None,
+                   size: int | None = 1):
         """Admission, deadline, error mapping and logging around one call.
 
         ``lane`` groups calls that share a concurrency limit and a latency estimate (default: the
         method). A reranked Search costs ~100x a first-stage-only one, so they are separate lanes:
         the reranked one is held to --max-concurrent-search, and neither skews the other's EWMA
-        (which the early deadline check reads)."""
+        (which the early deadline check reads). ``size`` is the call's amount of work (items,
+        documents, ids, candidates; 0 = the server's default): the early deadline check compares a
+        call only with calls of its lane of about the same size (same power of two). None: no
+        size known up front (a client stream, Compact), never refused early."""
         app = self.app
         lane = lane or method
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
@@ -178,16 +190,17 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
-                typical = self._too_short(lane, remaining)
+                typical = self._too_short(lane, size, remaining)
                 if typical is not None:
                     app.metrics.rejected.labels(method, "deadline").inc()
                     raise errors.DeadlineExceeded(
-                        f"deadline of {remaining * 1e3:.0f} ms cannot be met: {method} takes ~{typical * 1e3:.0f} ms now"
+                        f"deadline of {remaining * 1e3:.0f} ms cannot be met: {method} of this size takes "
+                        f"~{typical * 1e3:.0f} ms now"
                     )
                 deadline = asyncio.get_running_loop().time() + remaining
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
-            self._observe(lane, took)
+            self._observe(lane, size, took)
             if solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
                 est, n = self._solo.get(lane, (took, 0))
                 self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)
@@ -252,7 +265,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
-        return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search")
+        return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search",
+                               size=request.candidates if request.HasField("candidates") else 0)
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):
@@ -263,7 +277,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 dimension=p.dim, model=p.embedder.name, timings=_timings(t),
             )
 
-        return await self._run("Encode", context, fn)
+        return await self._run("Encode", context, fn, size=len(request.items))
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def fn(p: Pipeline, deadline):
@@ -274,14 +288,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 model=p.reranker.name, timings=_timings(t),
             )
 
-        return await self._run("Score", context, fn)
+        return await self._run("Score", context, fn, size=len(request.items))
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
             r = await p.upsert(_documents(request), deadline)
             return pb.UpsertResponse(upserted=r.upserted, replaced=r.replaced, sequence=r.sequence, timings=_timings(r.timings))
 
-        return await self._run("Upsert", context, fn)
+        return await self._run("Upsert", context, fn, size=len(request.documents))
 
     async def UpsertStream(self, request_iterator, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
@@ -321,14 +335,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return pb.UpsertResponse(upserted=upserted, replaced=replaced, sequence=seq,
                                      timings=pb.StageTimings(total_us=int((time.perf_counter() - t0) * 1e6)))
 
-        return await self._run("UpsertStream", context, fn)
+        return await self._run("UpsertStream", context, fn, size=None)
 
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
         async def fn(p: Pipeline, deadline):
             r = await p.delete(list(request.ids))
             return pb.DeleteResponse(deleted=r.deleted, not_found=r.not_found, sequence=r.sequence)
 
-        return await self._run("Delete", context, fn)
+        return await self._run("Delete", context, fn, size=len(request.ids))
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         async def fn(p: Pipeline, deadline):
@@ -341,7 +355,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             info, seconds = await p.compact()
             return pb.CompactResponse(snapshot_sequence=info.sequence, documents=len(p.dense), seconds=seconds)
 
-        return await self._run("Compact", context, fn)
+        return await self._run("Compact", context, fn, size=None)
 
 
 def _stage_name(value: int) -> str | None:

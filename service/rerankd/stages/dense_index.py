@@ -128,7 +128,8 @@ class DenseIndex:
           callback per visited node, which needs the GIL each time and stalls for seconds when
           another thread is busy in Python (a BM25 rebuild, the batchers).
         Should the HNSW search come back with fewer than k matching documents, it is repeated
-        with 4x the candidates (twice at most); then the exact scan answers if the filter
+        with 4x the candidates (twice at most); should hnswlib find fewer reachable elements
+        than asked for (heavy deletes), it asks for half as many; then the exact scan answers if the filter
         matches at most ``exact_max`` documents, else the search returns what it found.
         ``walk_vs_exact``: the cost model's ratio (``filter_plan``).
         """
@@ -143,18 +144,26 @@ class DenseIndex:
             walk_labels = np.zeros(0, dtype=np.int64)
             walk_scores = np.zeros(0, dtype=np.float32)
             if not exact:
-                for _ in range(3):
+                cap, walks = n_live, 0
+                while walks < 3:
                     self._index.set_ef(max(self.ef_search, fetch))
                     try:
                         labels, dist = self._index.knn_query(q.reshape(1, -1), k=fetch, num_threads=1)
                     except RuntimeError:
-                        break  # fewer reachable live elements than asked for (heavy deletes)
+                        # Fewer reachable live elements than asked for (heavy deletes): ask for
+                        # fewer, as search() does, and never for this many again.
+                        cap = fetch // 2
+                        if cap < 1:
+                            break
+                        fetch = cap
+                        continue
+                    walks += 1
                     labels = labels[0].astype(np.int64)
                     keep = np.fromiter((lb in matching for lb in labels.tolist()), dtype=bool, count=len(labels))
                     walk_labels, walk_scores = labels[keep][:k], (1.0 - dist[0][keep][:k]).astype(np.float32)
-                    if len(walk_labels) == k or fetch >= n_live:
+                    if len(walk_labels) == k or fetch >= cap:
                         break
-                    fetch = min(n_live, fetch * 4)
+                    fetch = min(cap, fetch * 4)
                 self._index.set_ef(self.ef_search)
                 if len(walk_labels) == k or len(matching) > exact_max:
                     return walk_labels, walk_scores
