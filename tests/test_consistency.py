@@ -332,3 +332,49 @@ def test_index_update_failing_after_commit_is_reported_and_repaired(models_dir, 
             await p.close()
 
     asyncio.run(run())
+
+
+def test_compact_calls_during_a_rebuild_share_the_next_one():
+    """A burst of Compact calls costs two rebuilds, not one each holding the write lock in turn
+    (found by a review); each caller's rebuild starts after its call; a caller that goes away
+    leaves the shared rebuild to the others."""
+    from rerankd.pipeline import Pipeline
+
+    p = Pipeline.__new__(Pipeline)  # only the coalescing is under test: no models, no store
+    p._compact_now = p._compact_next = None
+    started: list[int] = []
+    gates: list[asyncio.Event] = []
+
+    async def once():
+        started.append(len(started))
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return f"rebuild {len(started) - 1}", 0.0
+
+    p._compact_once = once
+
+    async def run() -> None:
+        first = asyncio.create_task(p.compact())
+        await asyncio.sleep(0.01)
+        assert started == [0]
+        later = [asyncio.create_task(p.compact()) for _ in range(3)]
+        gone = asyncio.create_task(p.compact())
+        await asyncio.sleep(0.01)
+        assert started == [0]  # the later calls wait for the running rebuild to end
+        gone.cancel()
+        gates[0].set()
+        assert (await first)[0] == "rebuild 0"
+        await asyncio.sleep(0.01)
+        assert started == [0, 1]  # one more rebuild for all four later calls, the cancelled one's too
+        gates[1].set()
+        assert {(await t)[0] for t in later} == {"rebuild 1"}
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        third = asyncio.create_task(p.compact())  # nothing running: starts at once
+        await asyncio.sleep(0.01)
+        assert started == [0, 1, 2]
+        gates[2].set()
+        assert (await third)[0] == "rebuild 2"
+
+    asyncio.run(run())

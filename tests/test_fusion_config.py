@@ -291,3 +291,17 @@ def test_resolve_search_errors_name_the_field(top_n, candidates, field):
         resolve_search(top_n, candidates, LIMITS)
     assert ei.value.field == field
     assert str(ei.value).startswith(f"{field}:")
+
+
+def test_max_queue_below_the_largest_admitted_call_is_refused_at_start():
+    """A queue smaller than the largest call the limits admit would answer such calls with a
+    retryable RESOURCE_EXHAUSTED forever (found by a review): refused before any model loads."""
+    import dataclasses
+
+    from rerankd.errors import ConfigError
+    from rerankd.pipeline import Pipeline
+
+    s = Settings()
+    small = dataclasses.replace(s, batch=dataclasses.replace(s.batch, max_queue=600))
+    with pytest.raises(ConfigError, match=r"--max-queue 600 .*--max-candidates 1000"):
+        Pipeline(small)

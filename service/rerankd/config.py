@@ -90,7 +90,7 @@ class BatchConfig:
     batch_sizes: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32), "Batch-size buckets (fixed shapes)", type=int, nargs="+")
     seq_buckets: tuple[int, ...] = _f((32, 64, 128, 192, 256), "Sequence-length buckets (fixed shapes)", type=int, nargs="+")
     max_batch_tokens: int = _f(8192, "Token budget per batch (batch size x padded length)")
-    max_queue: int = _f(4096, "Sequences waiting per model; beyond it calls get RESOURCE_EXHAUSTED")
+    max_queue: int = _f(4096, "Sequences waiting per model; beyond it calls get RESOURCE_EXHAUSTED (at least --max-candidates and --max-items, checked at start)")
     sort_window: int = _f(256, "Queued sequences considered together for length sorting")
     batch_order: str = _f(
         "length",

@@ -163,6 +163,14 @@ class Pipeline:
             raise ConfigError(f"--rerank-fusion-weight: {e}") from None
         if s.index.filter_exact_max < 0:
             raise ConfigError(f"--filter-exact-max must be >= 0, got {s.index.filter_exact_max}")
+        # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
+        # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
+        # items, an Upsert's documents) must fit an empty queue.
+        biggest = max(s.limits.max_candidates, s.limits.max_items)
+        if s.batch.max_queue < biggest:
+            raise ConfigError(f"--max-queue {s.batch.max_queue} is below the largest call the limits admit "
+                              f"({biggest}: --max-candidates {s.limits.max_candidates}, --max-items "
+                              f"{s.limits.max_items}): such calls could never be queued")
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
@@ -224,6 +232,10 @@ class Pipeline:
         self._snapshot_task: asyncio.Task | None = None
         self._compact_lock = threading.Lock()  # one graph rebuild at a time
         self._compact_task: asyncio.Task | None = None
+        # Compact calls: the one rebuilding, and the next one, which every call arriving during a
+        # rebuild shares (it starts after all of them called; see compact()).
+        self._compact_now: asyncio.Task | None = None
+        self._compact_next: asyncio.Task | None = None
         self._repair_task: asyncio.Task | None = None
         self._repair_requested = 0  # bumped (under the apply lock) by each write the indexes missed
         self._indexes_behind = False
@@ -275,7 +287,8 @@ class Pipeline:
         self._closing = True
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
-        for task in (self._compact_task, self._snapshot_task, self._repair_task):
+        for task in (self._compact_task, self._compact_now, self._compact_next, self._snapshot_task,
+                     self._repair_task):
             if task is not None and not task.done():
                 await asyncio.wait({task})
         if save_snapshot:
@@ -633,7 +646,30 @@ class Pipeline:
             log.exception("background HNSW snapshot failed (the previous one stays valid; retried later)")
 
     async def compact(self) -> tuple[snapshot.SnapshotInfo, float]:
-        """Rebuild the HNSW graph without deleted entries and snapshot it. Reads go on meanwhile."""
+        """Rebuild the HNSW graph without deleted entries and snapshot it. Reads go on meanwhile.
+
+        Calls coalesce: while one rebuild runs, every Compact that arrives shares the *next* one,
+        which starts when the running one ends, so each call gets a rebuild that began after it
+        was made (its own deletes are dropped, not only marked) and a burst of N calls costs two
+        rebuilds, not N back to back holding the write lock. A caller that goes away (cancelled,
+        deadline) leaves the shared rebuild running for the others."""
+        nxt = self._compact_next
+        if nxt is None or nxt.done():
+            prev = self._compact_now
+
+            async def run() -> tuple[snapshot.SnapshotInfo, float]:
+                if prev is not None and not prev.done():
+                    await asyncio.wait({prev})
+                self._compact_now, self._compact_next = self._compact_next, None
+                return await self._compact_once()
+
+            nxt = self._compact_next = asyncio.get_running_loop().create_task(run())
+            # its outcome is read by the callers; this keeps an unread failure (all callers gone)
+            # from being logged as "never retrieved"
+            nxt.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(nxt)
+
+    async def _compact_once(self) -> tuple[snapshot.SnapshotInfo, float]:
         assert self._write_lock is not None
         t0 = time.perf_counter()
         async with self._write_lock:  # writes wait; searches keep using the old graph
