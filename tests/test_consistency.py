@@ -378,3 +378,33 @@ def test_compact_calls_during_a_rebuild_share_the_next_one():
         assert (await third)[0] == "rebuild 2"
 
     asyncio.run(run())
+
+
+def test_searches_parked_on_a_bm25_refresh_do_not_hold_up_writes(models_dir, tmp_path):
+    """BM25 searches wait on the index lock while a refresh runs (seconds after a large batch).
+    They ran in asyncio's default pool (6 threads on 2 cores), where a dozen of them left no
+    thread for an Upsert or Stats (found by a review); they now run in the pipeline's search pool."""
+    from rerankd.pipeline import Document, Pipeline, SearchParams
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))
+        await p.start()
+        try:
+            await p.upsert([Document(f"d{i}", f"aspirin and colon cancer, study {i}") for i in range(3)])
+            assert p.bm25._lock.acquire(timeout=5)  # a refresh that takes its time
+            try:
+                parked = [asyncio.create_task(p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False)))
+                          for _ in range(16)]
+                await asyncio.sleep(0.3)
+                assert not any(t.done() for t in parked)  # they do wait for the refresh
+                r = await asyncio.wait_for(p.upsert([Document("new", "a write during the refresh")]), 60)
+                assert r.upserted == 1
+                await asyncio.wait_for(asyncio.to_thread(p.stats), 60)
+            finally:
+                p.bm25._lock.release()
+            hits = await asyncio.wait_for(asyncio.gather(*parked), 60)
+            assert all(len(h.hits) == 3 for h in hits)
+        finally:
+            await p.close()
+
+    asyncio.run(run())

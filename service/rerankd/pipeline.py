@@ -2,16 +2,21 @@
 
 Knows nothing about gRPC: takes and returns plain domain types and raises ``rerankd.errors``.
 Model work goes through the batchers (model threads); index, BM25 and SQLite work runs in
-worker threads (``asyncio.to_thread``) so the event loop never blocks.
+worker threads so the event loop never blocks: a Search's index and store reads in the
+pipeline's own search pool, writes, snapshots and the rest in asyncio's default pool, so
+searches parked on the BM25 lock during a refresh never hold the threads a write needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +237,10 @@ class Pipeline:
         self._snapshot_task: asyncio.Task | None = None
         self._compact_lock = threading.Lock()  # one graph rebuild at a time
         self._compact_task: asyncio.Task | None = None
+        # A Search's first-stage legs, filter and store reads (the size asyncio's default pool
+        # would have: the measured search capacity is unchanged); see the module docstring.
+        self._search_pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
+                                               thread_name_prefix="rerankd-search")
         # Compact calls: the one rebuilding, and the next one, which every call arriving during a
         # rebuild shares (it starts after all of them called; see compact()).
         self._compact_now: asyncio.Task | None = None
@@ -300,6 +309,11 @@ class Pipeline:
             except Exception:
                 log.exception("saving the HNSW snapshot at shutdown failed (it is rebuilt on start)")
         await asyncio.to_thread(self._close_store)
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _searching(self, fn, *args):
+        """``fn(*args)`` in the search pool (a Search's index and store reads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._search_pool, functools.partial(fn, *args))
 
     def _close_store(self) -> None:
         with self._apply_lock:  # never close the connection under a commit in progress
@@ -324,7 +338,7 @@ class Pipeline:
         conditions = check_filter(p.filter, limits)
         # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
         # its own index if a write changed the filter index since (see FilterView).
-        allowed = await asyncio.to_thread(FilterView, self.metadata_index, conditions) if conditions else None
+        allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
 
         async def dense_leg(depth: int) -> list[tuple[int, float]]:
@@ -332,9 +346,9 @@ class Pipeline:
             vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
             t1 = time.perf_counter()
             if allowed is None:
-                labels, scores = await asyncio.to_thread(self.dense.search, vec[0], depth)
+                labels, scores = await self._searching(self.dense.search, vec[0], depth)
             else:
-                labels, scores = await asyncio.to_thread(self.dense.search_within, vec[0], depth, allowed,
+                labels, scores = await self._searching(self.dense.search_within, vec[0], depth, allowed,
                                                          self._load_vectors, self.settings.index.filter_exact_max)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
@@ -342,7 +356,7 @@ class Pipeline:
 
         async def bm25_leg(depth: int) -> list[tuple[int, float]]:
             t0 = time.perf_counter()
-            labels, scores = await asyncio.to_thread(self.bm25.search, p.query, depth, allowed)
+            labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed)
             t.bm25_us = _us(time.perf_counter() - t0)
             return list(zip(labels.tolist(), scores.tolist()))
 
@@ -360,7 +374,7 @@ class Pipeline:
             t.fusion_us = _us(time.perf_counter() - t0)
         first = first[:k]
 
-        docs = await asyncio.to_thread(self._fetch, [lb for lb, _ in first], conditions)
+        docs = await self._searching(self._fetch, [lb for lb, _ in first], conditions)
         cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1) if lb in docs]  # drop deleted meanwhile
 
         if rerank and cands:
@@ -368,7 +382,7 @@ class Pipeline:
             passages = [docs[lb].token_ids for lb, _, _ in cands]
             if any(x is None for x in passages):
                 missing = [i for i, x in enumerate(passages) if x is None]
-                fresh = await asyncio.to_thread(self.reranker.passage_ids, [docs[cands[i][0]].full_text for i in missing])
+                fresh = await self._searching(self.reranker.passage_ids, [docs[cands[i][0]].full_text for i in missing])
                 for i, ids in zip(missing, fresh):
                     passages[i] = ids
             scores, queued = await self.reranker.score_cached(
