@@ -310,3 +310,42 @@ def test_queue_wait_admission_sheds_only_with_resource_exhausted(models_dir, tmp
     codes = [r[0] for r in results]
     assert "ok" in codes and set(codes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}, results
     assert all("estimated wait" in r[3] for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_shutdown_during_warmup_closes_the_half_started_pipeline(models_dir, tmp_path, monkeypatch):
+    """A signal while the models warm up: the pipeline that was built is closed (shutdown() only
+    closes a serving one), the server never reports SERVING, and shutdown does not wait for the
+    warmup to end (found by a review)."""
+    import asyncio
+    import threading
+
+    from rerankd import server as srv
+    from rerankd.pipeline import Pipeline
+    from util import settings_for
+
+    closed: list[bool] = []
+    real_close = Pipeline.close
+    entered, gate = threading.Event(), threading.Event()
+
+    async def close(self, save_snapshot=True):
+        closed.append(save_snapshot)
+        await real_close(self, save_snapshot)
+
+    def warmup(self):
+        entered.set()
+        gate.wait(60)
+        return 0
+
+    monkeypatch.setattr(Pipeline, "close", close)
+    monkeypatch.setattr(Pipeline, "warmup", warmup)
+
+    async def run() -> None:
+        server, _, app = await srv.create_server(settings_for(models_dir, tmp_path / "data"))
+        try:
+            assert await asyncio.to_thread(entered.wait, 120)
+            await asyncio.wait_for(srv.shutdown(server, app, grace=0), 60)  # the warmup still runs
+            assert closed == [False] and app.pipeline is None and isinstance(app.load_error, asyncio.CancelledError)
+        finally:
+            gate.set()
+
+    asyncio.run(run())

@@ -264,10 +264,17 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
     assert (deep["rrf_k"], deep["leg_depth"], res["rrf_k"], res["leg_depth"]) == (20, 30, 60, 10)
     assert "RRF k=20 over each leg's top 30, top-10" in deep["first_stage_desc"]
     assert "RRF k=60, top-10" in res["first_stage_desc"]
+    # ... and the served pool's stemmed BM25 leg as well
+    served = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
+                                          cache_dir=None, holdout=True, rrf_k=20, leg_depth=30, bm25_stem=True)
+    assert served["bm25_stem"] is True and "BM25 (bm25s, stemmed)" in served["first_stage_desc"]
+    assert 0.0 <= served["candidate_recall"] <= 1.0 and res["bm25_stem"] is False
     quick_eval.update_card(out, res)
     quick_eval.update_card(out, deep)
+    quick_eval.update_card(out, served)
     evals = json.loads((out / "config.json").read_text())["rerankd"]["eval"]
-    assert {"train@10;holdout", "train@10;holdout;rrf20x30"} <= {k.split("/", 1)[1] for k in evals}
+    assert {"train@10;holdout", "train@10;holdout;rrf20x30", "train@10;holdout;rrf20x30;stem"} <= {
+        k.split("/", 1)[1] for k in evals}
 
     # Continuing this checkpoint on chosen claims, with an explicit held-out list: only those
     # claims form claim groups, the held-out one never does, and the recipe says so.
@@ -506,6 +513,19 @@ def test_hybrid_retriever_leg_depth_and_rrf_k(monkeypatch):
     assert deep[0][0] == c and abs(deep[0][1] - (1 / 4 + 1 / 3)) < 1e-9 and len(deep) == 2
     # legs never shallower than the fused depth, as the server's max(k, --hybrid-depth)
     assert r.search(["q"], depth=2, leg_depth=1) == r.search(["q"], depth=2)
+
+
+def test_bm25_stemming_matches_the_services_tokenizer():
+    """The offline BM25 leg stems, when asked, exactly as the service's BM25 tokenizes."""
+    from rerankd.stages import bm25 as served
+
+    texts = ["Studies of bumblebees' colonies", "Vaccinated children were hospitalized less"]
+    plain = train_reranker._bm25_tokens(texts)
+    stemmed = train_reranker._bm25_tokens(texts, stem=True)
+    assert plain != stemmed and "colonies" in plain[0] and "coloni" in stemmed[0]
+    ids, vocab = served.tokenize(texts)
+    inv = {i: t for t, i in vocab.items()}
+    assert [[inv[i] for i in row] for row in ids] == stemmed
 
 
 @pytest.mark.parametrize("argv, field", [(["--rrf-k", "-1"], "--rrf-k"), (["--leg-depth", "0"], "--leg-depth")])

@@ -192,6 +192,7 @@ def evaluate_reranker(
     passage_windows: bool = False,
     rrf_k: int | None = None,
     leg_depth: int | None = None,
+    bm25_stem: bool = False,
 ) -> dict:
     """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
 
@@ -204,6 +205,9 @@ def evaluate_reranker(
     deep each leg retrieves before fusion (default ``depth``); the server's defaults are
     ``--rrf-k 20 --hybrid-depth 400``, so ``rrf_k=20, leg_depth=400`` approximates its rerank
     pool (exact cosine and bm25s here, HNSW and rerankd's BM25 there; ties broken differently).
+    ``bm25_stem``: stem the BM25 leg (English Snowball), as the service's BM25 does; the trainer
+    mines without stemming. With ``rrf_k=20, leg_depth=400, bm25_stem=True`` the pool is the
+    served one up to HNSW's approximation.
     ``passage_windows``: also score a second window (title + end of the text, ``tail_window``)
     of every passage the pair truncates, and report the run ordered by the first window alone,
     the max and the mean of the two windows, under ``"windows"``.
@@ -239,6 +243,7 @@ def evaluate_reranker(
         bf16=False,  # first stage in fp32, as served
         cache_dir=Path(cache_dir) if cache_dir else None,
         rrf_k=RRF_K if rrf_k is None else rrf_k,
+        stem=bm25_stem,
     )
     legs = max(depth, leg_depth or depth)
     hits = retriever.search([queries[q] for q in qids], depth=depth, leg_depth=legs)
@@ -248,6 +253,9 @@ def evaluate_reranker(
         q: {corpus.ids[d]: float(s) for d, s in h} for q, h in zip(qids, hits)
     }
     t_first = time.time() - t0
+    # the rerank ceiling: the share of each query's relevant documents among its candidates
+    recall = [len({d for d, v in qrels[q].items() if v > 0} & set(first_run[q])) /
+              max(1, sum(1 for v in qrels[q].values() if v > 0)) for q in qids]
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -322,13 +330,16 @@ def evaluate_reranker(
         "depth": depth,
         "max_length": max_length,
         "first_stage": _metrics(qrels, first_run),
+        "candidate_recall": round(float(np.mean(recall)) if recall else 0.0, 4),
         "reranked": _metrics(qrels, rerun),
         **({"fusion": fusion} if fusion else {}),
         **({"windows": windows} if windows else {}),
         **({"holdout": True} if holdout else {}),
         "rrf_k": fusion_k,
         "leg_depth": legs,
-        "first_stage_desc": "hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s), "
+        "bm25_stem": bm25_stem,
+        "first_stage_desc": "hybrid: dense all-MiniLM-L6-v2 exact cosine + BM25 (bm25s"
+                            + (", stemmed" if bm25_stem else "") + "), "
                             f"RRF k={fusion_k}"
                             + (f" over each leg's top {legs}" if legs > depth else "")
                             + f", top-{depth}",
@@ -398,6 +409,8 @@ def update_card(model_dir, res: dict) -> None:
             key += ";holdout"
         if res.get("rrf_k", RRF_K) != RRF_K or res.get("leg_depth", res["depth"]) != res["depth"]:
             key += f";rrf{res['rrf_k']}x{res['leg_depth']}"
+        if res.get("bm25_stem"):
+            key += ";stem"
         evals[key] = {k: res[k] for k in ("first_stage", "reranked", "queries", "max_length", "rerank_precision",
                                           "first_stage_desc") if k in res}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -430,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--leg-depth", type=int, default=None,
                    help="each first-stage leg's depth before fusion [default --depth; the "
                         "server's --hybrid-depth is 400]")
+    p.add_argument("--bm25-stem", action="store_true",
+                   help="stem the BM25 leg (English Snowball) as the service does [default: off, "
+                        "as the trainer mines]")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
@@ -444,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
         cache_dir=cache, limit_queries=a.limit_queries, holdout=a.holdout,
         fusion_weights=a.fusion_weights, passage_windows=a.passage_windows,
-        rrf_k=a.rrf_k, leg_depth=a.leg_depth,
+        rrf_k=a.rrf_k, leg_depth=a.leg_depth, bm25_stem=a.bm25_stem,
     )
     print(json.dumps(res, indent=2))
     print(metrics_markdown(res), file=sys.stderr)

@@ -248,10 +248,19 @@ def encode_dense(
     return out
 
 
-def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+def _stemmer(stem: bool):
+    if not stem:
+        return None
+    import Stemmer  # PyStemmer, as the service's BM25 (rerankd.stages.bm25)
+
+    return Stemmer.Stemmer("english")
+
+
+def _bm25_tokens(texts: Sequence[str], stem: bool = False) -> list[list[str]]:
     import bm25s
 
-    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+    return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(stem), return_ids=False,
+                          show_progress=False)
 
 
 class HybridRetriever:
@@ -260,7 +269,8 @@ class HybridRetriever:
 
     Both retrievers see the same document string (``title + " " + text``). Each returns
     its top ``depth`` documents (or ``leg_depth``, see ``search``); the fused list is cut to
-    ``depth``.
+    ``depth``. ``stem``: BM25 with the English Snowball stemmer, as the service's BM25 leg; the
+    trainer mines without it (the recipe predates the service's stemming).
     """
 
     def __init__(
@@ -273,6 +283,7 @@ class HybridRetriever:
         batch_size: int = 64,
         cache_dir: Path | None = None,
         rrf_k: int = RRF_K,
+        stem: bool = False,
     ) -> None:
         import bm25s
         import torch
@@ -284,13 +295,15 @@ class HybridRetriever:
         self.bf16 = bf16
         self.batch_size = batch_size
         self.rrf_k = rrf_k
+        self.stem = stem
         self.tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
         # fp32 as served, also when the checkpoint is stored in fp16
         self.model = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32).to(device).eval()
         texts = corpus.full_texts()
         self.doc_emb = self._doc_embeddings(texts, cache_dir)
         self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(stem), show_progress=False),
+                        show_progress=False)
 
     def _doc_embeddings(self, texts: list[str], cache_dir: Path | None) -> np.ndarray:
         key = None
@@ -344,7 +357,7 @@ class HybridRetriever:
         k = min(k, len(self.corpus))
         vocab = self.bm25.vocab_dict
         out = []
-        for toks in _bm25_tokens(queries):
+        for toks in _bm25_tokens(queries, self.stem):
             toks = [t for t in toks if t in vocab]
             if not toks:
                 out.append([])

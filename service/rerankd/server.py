@@ -163,9 +163,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         admitted = False
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
+                if app.draining:
+                    raise errors.NotReady("draining")
                 if app.load_error is not None:
                     raise errors.NotReady(f"models failed to load: {app.load_error}")
-                raise errors.NotReady("draining" if app.draining else "models are loading and warming up; retry shortly")
+                raise errors.NotReady("models are loading and warming up; retry shortly")
             if self._inflight.get(lane, 0) >= limit:
                 app.metrics.rejected.labels(method, "concurrency").inc()
                 est, _ = self._ewma.get(lane, (0.05, 0))
@@ -539,11 +541,14 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
 
 
 async def _load(app: App) -> None:
+    pipeline = None
     try:
         t0 = time.perf_counter()
         pipeline = await asyncio.to_thread(Pipeline, app.settings, app.metrics.on_batch)
         await pipeline.start()
         shapes = await asyncio.to_thread(pipeline.warmup)
+        if app.draining:  # a signal came while warming up: never go SERVING
+            raise asyncio.CancelledError
         pipeline.ready = True
         app.pipeline = pipeline
         app.metrics.bind(pipeline)
@@ -555,7 +560,15 @@ async def _load(app: App) -> None:
         )
     except BaseException as e:
         app.load_error = e
-        log.error("failed to load models: %s", e)
+        if isinstance(e, asyncio.CancelledError):
+            log.info("start-up cancelled (signal): not serving")
+        else:
+            log.error("failed to load models: %s", e)
+        if pipeline is not None and app.pipeline is not pipeline:
+            # Built but never served (cancelled while starting or warming up): close it here, as
+            # shutdown() only closes app.pipeline. Nothing was acknowledged through it.
+            with contextlib.suppress(BaseException):
+                await pipeline.close(save_snapshot=False)
     finally:
         app.ready_event.set()
 
