@@ -515,6 +515,38 @@ def test_hybrid_retriever_leg_depth_and_rrf_k(monkeypatch):
     assert r.search(["q"], depth=2, leg_depth=1) == r.search(["q"], depth=2)
 
 
+def test_mining_pool_flags_reach_the_retriever_and_the_recipe(tmp_path, monkeypatch):
+    """--mining-rrf-k/--mining-leg-depth/--mining-stem mine negatives from the served pool shape."""
+    data = make_dataset(tmp_path / "tiny")
+    seen = {}
+    real_init, real_search = train_reranker.HybridRetriever.__init__, train_reranker.HybridRetriever.search
+
+    def init(self, *a, **kw):
+        seen.update(rrf_k=kw.get("rrf_k"), stem=kw.get("stem"))
+        real_init(self, *a, **kw)
+
+    def search(self, queries, depth=50, leg_depth=None):
+        seen.setdefault("legs", set()).add((depth, leg_depth))
+        return real_search(self, queries, depth=depth, leg_depth=leg_depth)
+
+    monkeypatch.setattr(train_reranker.HybridRetriever, "__init__", init)
+    monkeypatch.setattr(train_reranker.HybridRetriever, "search", search)
+    out = tmp_path / "m"
+    parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--dataset", str(data), "--output", str(out), "--max-steps", "1", "--negatives", "3",
+                              "--max-length", "64", "--pseudo-queries", "2", "--batch-groups", "2", "--threads", "2",
+                              "--bf16", "off", "--device", "cpu", "--cache-dir", "none", "--mining-depth", "5",
+                              "--mining-rrf-k", "20", "--mining-leg-depth", "9", "--mining-stem"])
+    assert train_reranker.run_train(args) == 0
+    assert seen == {"rrf_k": 20, "stem": True, "legs": {(5, 9)}}
+    r = json.loads((out / "config.json").read_text())["rerankd"]
+    assert r["mining_pool"] == {"depth": 5, "rrf_k": 20, "stem": True, "leg_depth": 9}
+    assert "Snowball stemmer, RRF k=20 over each leg's top 9" in r["negatives_from"]
+    assert "--mining-stem" in r["command"] and "--mining-leg-depth 9" in r["command"]
+    bad = parser.parse_args(["--dataset", str(data), "--output", str(out), "--mining-rrf-k", "-1"])
+    assert train_reranker.run_train(bad) == 2
+
+
 def test_bm25_stemming_matches_the_services_tokenizer():
     """The offline BM25 leg stems, when asked, exactly as the service's BM25 tokenizes."""
     from rerankd.stages import bm25 as served

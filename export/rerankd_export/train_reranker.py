@@ -442,6 +442,7 @@ def build_groups(
     seed: int,
     holdout: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    leg_depth: int | None = None,
 ) -> tuple[list[Group], dict]:
     rng = random.Random(seed)
     groups: list[Group] = []
@@ -455,7 +456,7 @@ def build_groups(
     keep = None if only is None else set(only)
     qids = [q for q in qids if q not in held and (keep is None or q in keep)]
     claim_text = [queries[q] for q in qids]
-    ranked = retriever.search(claim_text, depth=mining_depth) if qids else []
+    ranked = retriever.search(claim_text, depth=mining_depth, leg_depth=leg_depth) if qids else []
     for qid, text, hits in zip(qids, claim_text, ranked):
         pos = []
         for d, rel in sorted(qrels[qid].items()):
@@ -485,7 +486,7 @@ def build_groups(
         rng.shuffle(eligible)
         chosen = sorted(eligible[:pseudo_queries])
         titles = [corpus.titles[i].strip() for i in chosen]
-        ranked = retriever.search(titles, depth=mining_depth)
+        ranked = retriever.search(titles, depth=mining_depth, leg_depth=leg_depth)
         for i, title, hits in zip(chosen, titles, ranked):
             negs = pick_negatives([d for d, _ in hits], {i}, negatives, skip_top, rng, len(corpus))
             # abstract only for every member of the group (see module docstring)
@@ -640,6 +641,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="bf16 autocast (auto: on for CUDA/CPUs with native bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--mining-depth", type=int, default=50, help="hybrid depth for negatives")
+    p.add_argument("--mining-rrf-k", type=int, default=RRF_K,
+                   help=f"RRF constant of the mining first stage [default {RRF_K}; the server's is 20]")
+    p.add_argument("--mining-leg-depth", type=int, default=None,
+                   help="each mining leg's depth before fusion [default --mining-depth; the "
+                        "server's --hybrid-depth is 400]")
+    p.add_argument("--mining-stem", action="store_true",
+                   help="stem the mining BM25 leg (English Snowball) as the service's BM25 does; "
+                        "with --mining-rrf-k 20 --mining-leg-depth 400 negatives come from the "
+                        "served candidate pool")
     p.add_argument("--holdout-queries", type=int, default=0, metavar="N",
                    help="keep N seeded training claims out of training (a dev set; their ids go "
                         "into the recipe, and quick_eval --holdout evaluates on them)")
@@ -739,8 +749,15 @@ def run_train(args: argparse.Namespace) -> int:
     only = sorted(_read_ids(args.train_ids)) if getattr(args, "train_ids", None) else None
     t0 = time.time()
     # fp32 first stage, exactly as served (and shared with quick_eval through the cache)
+    mining_rrf_k = getattr(args, "mining_rrf_k", RRF_K)
+    mining_legs = getattr(args, "mining_leg_depth", None)
+    mining_stem = bool(getattr(args, "mining_stem", False))
+    if mining_rrf_k < 0 or (mining_legs is not None and mining_legs < 1):
+        print("--mining-rrf-k must be >= 0 and --mining-leg-depth >= 1", file=sys.stderr)
+        return 2
     retriever = HybridRetriever(
-        corpus, encoder, device=device, bf16=False, cache_dir=_cache_dir(args.cache_dir)
+        corpus, encoder, device=device, bf16=False, cache_dir=_cache_dir(args.cache_dir),
+        rrf_k=mining_rrf_k, stem=mining_stem,
     )
     groups, stats = build_groups(
         corpus,
@@ -754,6 +771,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         holdout=holdout,
         only=only,
+        leg_depth=mining_legs,
     )
     del retriever
     mining_s = time.time() - t0
@@ -926,9 +944,14 @@ def run_train(args: argparse.Namespace) -> int:
         "pseudo_query_docs": "abstract only (no title) for every member of a pseudo-query group",
         "document_text": 'title + " " + text',
         "negatives": args.negatives,
+        "mining_pool": {"depth": args.mining_depth, "rrf_k": mining_rrf_k, "stem": mining_stem,
+                        "leg_depth": max(args.mining_depth, mining_legs or args.mining_depth)},
         "negatives_from": f"hybrid top-{args.mining_depth} (dense all-MiniLM-L6-v2 exact cosine + "
-                          f"bm25s English stopwords, RRF k={RRF_K}), positives excluded, "
-                          f"skip_top={args.skip_top}",
+                          f"bm25s English stopwords{', Snowball stemmer' if mining_stem else ''}, "
+                          f"RRF k={mining_rrf_k}"
+                          + (f" over each leg's top {mining_legs}" if mining_legs and mining_legs > args.mining_depth
+                             else "")
+                          + f"), positives excluded, skip_top={args.skip_top}",
         "epochs": args.epochs,
         "steps": step,
         "planned_steps": total_steps,
@@ -1009,12 +1032,15 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["rerankd", "train-reranker"]
     for key in ("dataset", "split", "output", "epochs", "negatives", "pseudo_queries",
                 "max_length", "lr", "batch_groups", "warmup", "weight_decay", "max_steps", "time_budget",
-                "seed", "init_seed", "device", "bf16", "threads", "mining_depth", "skip_top",
+                "seed", "init_seed", "device", "bf16", "threads", "mining_depth", "mining_rrf_k",
+                "mining_leg_depth", "skip_top",
                 "holdout_queries", "holdout_seed", "holdout_ids", "train_ids", "ema_decay", "ema_output"):
         val = getattr(args, key, None)
         if val is None or (key == "holdout_queries" and not val):
             continue
         parts += ["--" + key.replace("_", "-"), str(val)]
+    if getattr(args, "mining_stem", False):
+        parts.append("--mining-stem")
     if args.base:
         parts += ["--base", str(args.base)]
     if getattr(args, "encoder", None):
