@@ -57,6 +57,7 @@
 # greedy soup of all four (rerankd_export.soup --greedy). Ship the best dev candidate if its dev
 # NDCG@10 beats S55's, measured in the same call, by at least 0.005, whatever the test lines say;
 # otherwise keep S55. Not run in session 11: no device was lent (the first call was refused).
+# (--mining-stem / quick_eval --bm25-stem need PyStemmer: put its cp312 wheel in whl/ as well.)
 # MODE=select options: INIT_SEED (train-reranker --init-seed for every run), ANCHOR (a checkpoint
 # with the same held-out claims, scored beside the runs; MARGIN: a run must beat it by this much
 # to be picked, else the pick is "anchor" and nothing is packed), SOUP=greedy (adds the greedy soup
@@ -97,7 +98,7 @@ if [ "${MODE:-ship}" = select ]; then
   SEEDS=(${SEEDS:-42 43 44 45})
   # a warm machine keeps $W: no figure of an earlier call may stand in for this one's
   rm -rf "$W"/train-S*.log "$W"/dev-*.* "$W"/test-*.* "$W/picked" "$W/anchor" "$W/soup" "$W/soup.try" \
-    "$W/decision"
+    "$W/soup.json" "$W/soup.log"
   pids=()
   cands=()
   init=()
@@ -130,7 +131,10 @@ if [ "${MODE:-ship}" = select ]; then
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-  if [ $rc -ne 0 ]; then tail -n 30 "$W"/dev-S*.log; exit $rc; fi
+  if [ $rc -ne 0 ]; then tail -n 30 "$W"/dev-*.log; exit $rc; fi
+  # the dev figures go out before the soup's evaluations (they may run into the call's limit)
+  # shellcheck disable=SC2046
+  tar czf "$OUT/dev.tgz" -C "$W" $(cd "$W" && ls train-S*.log dev-*.json)
   if [ "${SOUP:-}" = greedy ]; then
     # greedy soup (rerankd_export.soup --greedy) of the final weights (and the anchor), chosen on
     # the same held-out claims; the EMA candidates stay out of it
@@ -138,13 +142,17 @@ if [ "${MODE:-ship}" = select ]; then
     for c in "${cands[@]}"; do
       case $c in *-ema) ;; *) ingr+=("$W/$c=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['reranked']['NDCG@10'])" "$W/dev-$c.json")");; esac
     done
-    python3 -m rerankd_export.soup "$W/soup" "${ingr[@]}" --greedy \
+    # the same quick_eval arguments as the candidates' dev lines above (the given scores are theirs)
+    if python3 -m rerankd_export.soup "$W/soup" "${ingr[@]}" --greedy \
       --eval-args="--dataset $G/scifact --encoder $G/base --device $DEVICE --cache-dir $W/cache ${EVAL_EXTRA:-}" \
-      >"$W/soup.json" 2>"$W/soup.log" || { tail -n 30 "$W/soup.log"; exit 1; }
-    grep "^\[soup\]" "$W/soup.log" || true
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); json.dump({'reranked': {'NDCG@10': r['held_out_ndcg10']}, 'ingredients': r['ingredients']}, open(sys.argv[2], 'w'))" \
-      "$W/soup.json" "$W/dev-soup.json"
-    cands+=(soup)
+      >"$W/soup.json" 2>"$W/soup.log"; then
+      grep "^\[soup\]" "$W/soup.log" || true
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); json.dump({'reranked': {'NDCG@10': r['held_out_ndcg10']}, 'ingredients': r['ingredients']}, open(sys.argv[2], 'w'))" \
+        "$W/soup.json" "$W/dev-soup.json"
+      cands+=(soup)
+    else  # the round's runs stay candidates without it
+      echo "greedy soup failed; going on without it"; tail -n 30 "$W/soup.log"
+    fi
   fi
   if [ -n "${INIT_SEED:-}" ]; then
     # did the runs start from one head? pairwise cosine of the final heads: runs from one head stay

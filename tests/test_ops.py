@@ -291,6 +291,13 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
     sv._observe("Upsert", 1, 0.01)
     assert sv._too_short("Upsert", 1, 0.001) == pytest.approx(0.01)
     assert sv._too_short("Upsert", 1, 0.006) is None  # more than half the typical latency left
+    # a Search's size is its candidates with the default resolved: unset and explicit 50 are one size
+    from rerankd.server import _search_size
+
+    limits = Settings().limits
+    assert _search_size(pb.SearchRequest(query="q"), limits) == _search_size(pb.SearchRequest(query="q", candidates=50), limits) == 50
+    assert _search_size(pb.SearchRequest(query="q", top_n=80), limits) == 80
+    assert _search_size(pb.SearchRequest(query="q", candidates=-3), limits) == 0  # left to validation
     off = Settings()
     off = dataclasses.replace(off, server=dataclasses.replace(off.server, early_deadline_reject=False))
     sv.app = types.SimpleNamespace(settings=off)

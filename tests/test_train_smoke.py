@@ -582,14 +582,21 @@ def test_init_seed_fixes_the_head_and_only_the_head(tmp_path, monkeypatch):
     class Built(Exception):
         pass
 
+    rng_after_build = []
+
     def capture(*a, **kw):
         model = real(*a, **kw)
         heads.append(model.classifier.weight.detach().clone())
-        raise Built  # the head is all this test needs: stop before training
+        return model
+
+    def optimizer(*a, **kw):  # built right after the head: the generator dropout will draw from
+        rng_after_build.append(torch.get_rng_state())
+        raise Built  # all this test needs: stop before training
 
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", capture)
+    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
     parser = train_reranker.add_train_arguments(argparse.ArgumentParser())
-    for seed, init in ((1, 7), (2, 7), (1, 8), (7, None)):
+    for seed, init in ((1, 7), (2, 7), (1, 8), (7, None), (7, 7)):
         args = parser.parse_args(["--dataset", str(data), "--output", str(tmp_path / f"o{seed}{init}"),
                                   "--negatives", "3", "--pseudo-queries", "0", "--device", "cpu",
                                   "--cache-dir", "none", "--threads", "2", "--seed", str(seed),
@@ -599,6 +606,9 @@ def test_init_seed_fixes_the_head_and_only_the_head(tmp_path, monkeypatch):
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])
     assert torch.equal(heads[0], heads[3])  # --seed 7 alone draws the --init-seed 7 head
+    # --init-seed equal to --seed is the plain run: the same head and the same generator after it
+    assert torch.equal(heads[3], heads[4]) and torch.equal(rng_after_build[3], rng_after_build[4])
+    assert not torch.equal(rng_after_build[0], rng_after_build[1])  # --seed still drives the rest
     assert "--init-seed 7" in train_reranker.canonical_command(args.__class__(**{**vars(args), "init_seed": 7}))
 
 
@@ -664,3 +674,9 @@ def test_soup_cli_reads_given_scores_and_orders_best_first(tmp_path, monkeypatch
     assert json.loads(capsys.readouterr().out)["ingredients"] == [str(a)]
     with pytest.raises(SystemExit):
         soup.main([str(tmp_path / "t"), f"{a}=0.5", str(b)])  # a score without --greedy
+    # a run directory with '=' in its own name is a directory, not DIR=SCORE
+    odd = _ingredient(tmp_path / "lr=2e-5", 1.0)
+    assert soup._ingredient(str(odd)) == (odd, None)
+    assert soup._ingredient(f"{odd}=0.75") == (odd, 0.75)
+    with pytest.raises(argparse.ArgumentTypeError):
+        soup._ingredient(str(tmp_path / "missing=x"))

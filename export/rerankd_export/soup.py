@@ -167,8 +167,9 @@ def holdout_ndcg(eval_args: Sequence[str]) -> Callable[[Path], float]:
 
 
 def _ingredient(arg: str) -> tuple[Path, float | None]:
-    path, sep, score = arg.rpartition("=") if "=" in arg else (arg, "", "")
-    if not sep:
+    """DIR or DIR=SCORE; a directory whose own name holds '=' (runs/lr=2e-5) is a DIR."""
+    path, sep, score = arg.rpartition("=")
+    if not sep or Path(arg).is_dir():
         return Path(arg), None
     try:
         return Path(path), float(score)

@@ -793,7 +793,7 @@ def run_train(args: argparse.Namespace) -> int:
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=1, dtype=torch.float32
     )
-    if init_seed is not None:  # dropout and the rest follow --seed
+    if init_seed is not None and init_seed != args.seed:  # dropout and the rest follow --seed
         torch.manual_seed(args.seed)
     hf_logging.set_verbosity(verbosity)
     model.to(device)

@@ -308,8 +308,10 @@ class Pipeline:
                 await asyncio.to_thread(self._save_snapshot)
             except Exception:
                 log.exception("saving the HNSW snapshot at shutdown failed (it is rebuilt on start)")
+        # the search pool first: a read of a cancelled Search still running there must not meet
+        # a closed store
+        await asyncio.to_thread(self._search_pool.shutdown, True, cancel_futures=True)
         await asyncio.to_thread(self._close_store)
-        self._search_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _searching(self, fn, *args):
         """``fn(*args)`` in the search pool (a Search's index and store reads)."""

@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
 from .v1 import rerankd_pb2 as pb
 from .v1 import rerankd_pb2_grpc as pb_grpc
+from .validation import resolve_search
 
 log = logging.getLogger("rerankd.server")
 
@@ -268,7 +269,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
         rerank = request.rerank if request.HasField("rerank") else True
         return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search",
-                               size=request.candidates if request.HasField("candidates") else 0)
+                               size=_search_size(request, self.app.settings.limits))
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):
@@ -366,6 +367,17 @@ def _stage_name(value: int) -> str | None:
     if value not in _PB_TO_STAGE:
         raise errors.InvalidArgument("first_stage", f"unknown enum value {value}")
     return _PB_TO_STAGE[value]
+
+
+def _search_size(request: pb.SearchRequest, limits) -> int:
+    """A Search's amount of work for the early deadline check: its candidates, the default
+    resolved (so leaving it unset and asking for the default are one size); invalid values are
+    left to the pipeline's validation."""
+    try:
+        return resolve_search(request.top_n if request.HasField("top_n") else None,
+                              request.candidates if request.HasField("candidates") else None, limits)[1]
+    except errors.InvalidArgument:
+        return 0
 
 
 def _documents(request: pb.UpsertRequest) -> list[Document]:
@@ -566,9 +578,14 @@ async def _load(app: App) -> None:
             log.error("failed to load models: %s", e)
         if pipeline is not None and app.pipeline is not pipeline:
             # Built but never served (cancelled while starting or warming up): close it here, as
-            # shutdown() only closes app.pipeline. Nothing was acknowledged through it.
-            with contextlib.suppress(BaseException):
-                await pipeline.close(save_snapshot=False)
+            # shutdown() only closes app.pipeline. Nothing was acknowledged through it. Shielded:
+            # shutdown() cancels this task, and a close cut in half would leave the store open.
+            closing = asyncio.ensure_future(pipeline.close(save_snapshot=False))
+            while not closing.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(closing)
+            if not closing.cancelled() and closing.exception() is not None:
+                log.error("closing the half-started pipeline failed: %s", closing.exception())
     finally:
         app.ready_event.set()
 
