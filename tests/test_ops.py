@@ -297,7 +297,7 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
     limits = Settings().limits
     assert _search_size(pb.SearchRequest(query="q"), limits) == _search_size(pb.SearchRequest(query="q", candidates=50), limits) == 50
     assert _search_size(pb.SearchRequest(query="q", top_n=80), limits) == 80
-    assert _search_size(pb.SearchRequest(query="q", candidates=-3), limits) == 0  # left to validation
+    assert _search_size(pb.SearchRequest(query="q", candidates=0), limits) == 0  # invalid: left to validation
     off = Settings()
     off = dataclasses.replace(off, server=dataclasses.replace(off.server, early_deadline_reject=False))
     sv.app = types.SimpleNamespace(settings=off)
