@@ -553,7 +553,7 @@ def test_bm25_stemming_matches_the_services_tokenizer():
 
     texts = ["Studies of bumblebees' colonies", "Vaccinated children were hospitalized less"]
     plain = train_reranker._bm25_tokens(texts)
-    stemmed = train_reranker._bm25_tokens(texts, stem=True)
+    stemmed = train_reranker._bm25_tokens(texts, train_reranker._stemmer(True))
     assert plain != stemmed and "colonies" in plain[0] and "coloni" in stemmed[0]
     ids, vocab = served.tokenize(texts)
     inv = {i: t for t, i in vocab.items()}

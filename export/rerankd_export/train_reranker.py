@@ -256,10 +256,10 @@ def _stemmer(stem: bool):
     return Stemmer.Stemmer("english")
 
 
-def _bm25_tokens(texts: Sequence[str], stem: bool = False) -> list[list[str]]:
+def _bm25_tokens(texts: Sequence[str], stemmer=None) -> list[list[str]]:
     import bm25s
 
-    return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(stem), return_ids=False,
+    return bm25s.tokenize(list(texts), stopwords="en", stemmer=stemmer, return_ids=False,
                           show_progress=False)
 
 
@@ -295,14 +295,14 @@ class HybridRetriever:
         self.bf16 = bf16
         self.batch_size = batch_size
         self.rrf_k = rrf_k
-        self.stem = stem
+        self.stemmer = _stemmer(stem)
         self.tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
         # fp32 as served, also when the checkpoint is stored in fp16
         self.model = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32).to(device).eval()
         texts = corpus.full_texts()
         self.doc_emb = self._doc_embeddings(texts, cache_dir)
         self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(stem), show_progress=False),
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False),
                         show_progress=False)
 
     def _doc_embeddings(self, texts: list[str], cache_dir: Path | None) -> np.ndarray:
@@ -357,7 +357,7 @@ class HybridRetriever:
         k = min(k, len(self.corpus))
         vocab = self.bm25.vocab_dict
         out = []
-        for toks in _bm25_tokens(queries, self.stem):
+        for toks in _bm25_tokens(queries, self.stemmer):
             toks = [t for t in toks if t in vocab]
             if not toks:
                 out.append([])
@@ -755,6 +755,7 @@ def run_train(args: argparse.Namespace) -> int:
     if mining_rrf_k < 0 or (mining_legs is not None and mining_legs < 1):
         print("--mining-rrf-k must be >= 0 and --mining-leg-depth >= 1", file=sys.stderr)
         return 2
+    legs_mined = max(args.mining_depth, mining_legs or args.mining_depth)  # as search() takes them
     retriever = HybridRetriever(
         corpus, encoder, device=device, bf16=False, cache_dir=_cache_dir(args.cache_dir),
         rrf_k=mining_rrf_k, stem=mining_stem,
@@ -945,12 +946,11 @@ def run_train(args: argparse.Namespace) -> int:
         "document_text": 'title + " " + text',
         "negatives": args.negatives,
         "mining_pool": {"depth": args.mining_depth, "rrf_k": mining_rrf_k, "stem": mining_stem,
-                        "leg_depth": max(args.mining_depth, mining_legs or args.mining_depth)},
+                        "leg_depth": legs_mined},
         "negatives_from": f"hybrid top-{args.mining_depth} (dense all-MiniLM-L6-v2 exact cosine + "
                           f"bm25s English stopwords{', Snowball stemmer' if mining_stem else ''}, "
                           f"RRF k={mining_rrf_k}"
-                          + (f" over each leg's top {mining_legs}" if mining_legs and mining_legs > args.mining_depth
-                             else "")
+                          + (f" over each leg's top {legs_mined}" if legs_mined > args.mining_depth else "")
                           + f"), positives excluded, skip_top={args.skip_top}",
         "epochs": args.epochs,
         "steps": step,

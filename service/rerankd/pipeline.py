@@ -237,8 +237,8 @@ class Pipeline:
         self._snapshot_task: asyncio.Task | None = None
         self._compact_lock = threading.Lock()  # one graph rebuild at a time
         self._compact_task: asyncio.Task | None = None
-        # A Search's first-stage legs, filter and store reads (the size asyncio's default pool
-        # would have: the measured search capacity is unchanged); see the module docstring.
+        # A Search's first-stage legs, filter and store reads, with as many threads as asyncio's
+        # default pool would give them (capacity not re-measured); see the module docstring.
         self._search_pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
                                                thread_name_prefix="rerankd-search")
         # Compact calls: the one rebuilding, and the next one, which every call arriving during a

@@ -152,7 +152,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         method). A reranked Search costs ~100x a first-stage-only one, so they are separate lanes:
         the reranked one is held to --max-concurrent-search, and neither skews the other's EWMA
         (which the early deadline check reads). ``size`` is the call's amount of work (items,
-        documents, ids, candidates; 0 = the server's default): the early deadline check compares a
+        documents, ids, a Search's candidates with the default resolved): the early deadline check compares a
         call only with calls of its lane of about the same size (same power of two). None: no
         size known up front (a client stream, Compact), never refused early."""
         app = self.app
