@@ -408,3 +408,48 @@ def test_searches_parked_on_a_bm25_refresh_do_not_hold_up_writes(models_dir, tmp
             await p.close()
 
     asyncio.run(run())
+
+
+def test_snapshot_graph_holds_exactly_its_sequence(models_dir, tmp_path, monkeypatch):
+    """A snapshot covers the store sequence it records and nothing later. The sequence is read
+    under the writers' apply lock; released before the graph's lock was taken (found by a review),
+    a delete could commit in between and reach the serialized graph. A store restored from a
+    backup taken before that delete then passed the sequence check with the document live in the
+    store but marked deleted in the graph: invisible to the dense leg."""
+    import threading
+    import time
+
+    from rerankd.pipeline import Document, Pipeline
+    from rerankd.stages.dense_index import DenseIndex
+
+    real_save = snapshot.save
+    racer: list[threading.Thread] = []
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))
+        await p.start()
+        try:
+            await p.upsert([Document(i, f"aspirin and colon cancer, study {i}") for i in "xyz"])
+            z = p.store.labels_for(["z"])["z"]
+
+            def save_with_a_racing_delete(index, directory, sequence, **kw):
+                # A write arriving right after the sequence was read: it must wait for the graph.
+                t = threading.Thread(target=p._apply_delete, args=(["z"],))
+                t.start()
+                racer.append(t)
+                time.sleep(0.3)
+                return real_save(index, directory, sequence, **kw)
+
+            monkeypatch.setattr(snapshot, "save", save_with_a_racing_delete)
+            info = await asyncio.to_thread(p._save_snapshot, True, False)
+            racer[0].join(10)
+            assert not racer[0].is_alive() and z not in p.dense.labels()  # the delete went through after
+            assert info.sequence < p.store.last_seq()
+            saved = DenseIndex.load(info.path / "index.bin", p.dim, m=p.dense.m, ef_construction=p.dense.ef_construction,
+                                    ef_search=p.dense.ef_search, live=set())
+            assert saved._index.get_items([z]).shape == (1, p.dim)  # not marked deleted in the file (raises if so)
+        finally:
+            monkeypatch.setattr(snapshot, "save", real_save)
+            await p.close()
+
+    asyncio.run(run())

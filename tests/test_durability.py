@@ -643,3 +643,61 @@ def test_snapshot_interrupted_save_torn_and_foreign(tmp_path, caplog):
     _, _, how = load()
     assert how == "rebuilt" and "store ends at seq" in caplog.text
     store.close()
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "1", '"x"', '{"format": "rerankd-hnsw/1"}'])
+@pytest.mark.parametrize("where", ["manifest.json", "manifest.json.tmp"])
+def test_snapshot_manifest_that_is_json_but_not_a_manifest_is_rebuilt(tmp_path, content, where):
+    """A manifest (or the leftover manifest.json.tmp beside a damaged index) that parses but is no
+    object, or lacks its sequence, reads as an unusable snapshot: rebuilt, never a failed start."""
+    import numpy as np
+
+    from rerankd import snapshot
+    from rerankd.store import DocumentStore, NewDocument
+
+    dim, kw = 16, {"m": 8, "ef_construction": 50, "ef_search": 50}
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    vecs = np.eye(dim, dtype=np.float32)[:4]
+    store.upsert([NewDocument(f"d{i}", f"text {i}", "", {}, vecs[i], None) for i in range(4)])
+    d = tmp_path / "hnsw"
+    idx, _, _ = snapshot.load_or_rebuild(store, d, dim, **kw)
+    snapshot.save(idx, d, store.last_seq(), store_id=store.store_id)
+    if where == "manifest.json.tmp":  # a torn save: index.bin no longer matches manifest.json
+        with open(d / "index.bin", "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\xff")
+    (d / where).write_text(content)
+    assert snapshot.info(d) is None or where == "manifest.json.tmp"
+    idx, info, how = snapshot.load_or_rebuild(store, d, dim, **kw)
+    assert (how, info, len(idx)) == ("rebuilt", None, 4)
+    store.close()
+
+
+def test_index_counts_a_batch_committed_before_its_index_update_failed(models_dir, tmp_path, monkeypatch, capsys):
+    """Batch n committed to SQLite, then the in-memory update failed: the stream's error counted
+    only batches 0..n-1 as committed, and `rerankd index` told the user 3 documents were durable
+    when 6 were (found by a review)."""
+    from rerankd.embedded import EmbeddedServer
+    from rerankd.stages import dense_index
+    from util import settings_for
+
+    real = dense_index.DenseIndex.replace
+    calls = {"n": 0}
+
+    def fails_second_time(self, labels, vectors, retired):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated: growing the graph failed")
+        return real(self, labels, vectors, retired)
+
+    monkeypatch.setattr(dense_index.DenseIndex, "replace", fails_second_time)
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"document number {i} apple"}) + "\n" for i in range(6)))
+    with EmbeddedServer(settings_for(models_dir, tmp_path / "data")) as srv:
+        rc = cli_main(["index", str(f), "--target", srv.target, "--batch-size", "3", "--no-progress"])
+        err = capsys.readouterr().err
+        with Client(srv.target) as c:
+            assert c.stats().documents == 6
+    assert rc == 1
+    assert "batch[1]:" in err and "batches 0..1 with 6 documents were committed" in err
+    assert "the server reports 6 documents committed" in err

@@ -43,5 +43,10 @@ class BackendError(RerankdError):
     """A model backend failed while running a batch."""
 
 
+class CommittedNotIndexed(BackendError):
+    """A write was committed (durable) but updating the in-memory indexes failed; they are being
+    rebuilt from the store. Counts as committed wherever a caller is told what is durable."""
+
+
 class ConfigError(RerankdError):
     """Invalid configuration, missing model bundle, unknown backend, missing dependency."""

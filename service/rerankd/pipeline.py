@@ -26,7 +26,7 @@ from . import snapshot
 from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings
-from .errors import BackendError, ConfigError, InvalidArgument, NotReady
+from .errors import BackendError, CommittedNotIndexed, ConfigError, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
@@ -485,7 +485,7 @@ class Pipeline:
         try:
             return await asyncio.to_thread(fn, *args)
         except _IndexesBehind as e:
-            raise BackendError(
+            raise CommittedNotIndexed(
                 f"the write was committed (sequence {e.seq}) but updating the in-memory indexes failed "
                 f"({e.__cause__!r}); they are being rebuilt from the store. Retrying is safe (a retried Delete "
                 f"reports the ids it already deleted as not_found)") from None
@@ -590,13 +590,25 @@ class Pipeline:
     def _save_hnsw(self, force: bool) -> snapshot.SnapshotInfo | None:
         """Write the HNSW snapshot and prune the change log behind it. None when already current.
 
-        The sequence is read under the apply lock, so the graph holds every change up to it (and
-        possibly later ones, which a restart replays again: replay is idempotent). The save
-        itself runs outside the apply lock: writes go on; the graph's own lock is held only
-        while hnswlib serializes it (it also holds the GIL: ~1 ms per MB of index).
+        The sequence is read under the apply lock, which is held until the graph's own lock is
+        taken for serializing: the file holds exactly the changes up to that sequence. (Released
+        right after reading it, a delete committed in between could reach the serialized graph;
+        a store later restored from a backup taken before that delete would then pass the
+        sequence check with a live document marked deleted in the graph.) Writes wait only while
+        hnswlib serializes the graph (it also holds the GIL: ~1 ms per MB of index), as they did
+        for the graph's lock before; the rest of the save (fsync, checksum) runs without locks.
         """
         with self._snapshot_lock:
-            with self._apply_lock:
+            self._apply_lock.acquire()
+            held = True
+
+            def release() -> None:
+                nonlocal held
+                if held:
+                    held = False
+                    self._apply_lock.release()
+
+            try:
                 if self._indexes_behind:
                     # The graph misses a committed write: saving it under a sequence that covers
                     # the write would make a restart trust it. The rebuild saves one when done.
@@ -604,10 +616,12 @@ class Pipeline:
                     return None
                 seq = self.store.last_seq()
                 dense = self.dense
-            if not force and seq == self._snapshot_seq:
-                return None
-            t0 = time.perf_counter()
-            info = snapshot.save(dense, self.snapshot_dir, seq, store_id=self.store.store_id)
+                if not force and seq == self._snapshot_seq:
+                    return None
+                t0 = time.perf_counter()
+                info = snapshot.save(dense, self.snapshot_dir, seq, store_id=self.store.store_id, on_locked=release)
+            finally:
+                release()
             self.snapshot_info = info
             self._snapshot_seq = seq
             log.info("HNSW snapshot saved at seq %d (%d documents, %.0f ms)", seq, len(dense), (time.perf_counter() - t0) * 1e3)

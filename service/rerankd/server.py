@@ -326,8 +326,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 except errors.RerankdError as e:
                     # The idle timeout, overload, deadline, a backend or index failure: same status,
                     # plus where it stopped. A copy: a batcher hands one exception to every call in its batch.
+                    at = n
+                    if isinstance(e, errors.CommittedNotIndexed):  # this batch is durable too
+                        upserted += len(request.documents)
+                        n += 1
                     err = copy.copy(e)
-                    err.args = (f"batch[{n}]: {e} (stream stopped there; {committed()})",)
+                    err.args = (f"batch[{at}]: {e} (stream stopped there; {committed()})",)
                     raise err from e
                 except Exception as e:  # e.g. SQLite failing the commit: still say what is durable
                     raise errors.BackendError(f"batch[{n}]: {e!r} (stream stopped there; {committed()})") from e

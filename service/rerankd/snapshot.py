@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(index: DenseIndex, directory: Path, sequence: int, store_id: str | None = None) -> SnapshotInfo:
+def save(index: DenseIndex, directory: Path, sequence: int, store_id: str | None = None,
+         on_locked: Callable[[], None] | None = None) -> SnapshotInfo:
+    """Write ``index`` as the snapshot covering store sequence ``sequence`` (``on_locked``: see
+    ``DenseIndex.save``)."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "index.bin.tmp"
-    index.save(tmp)
+    index.save(tmp, on_locked)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     manifest = {
@@ -89,9 +93,9 @@ def load_or_rebuild(
     if reason is not None and reason != "parameters changed" and _roll_forward(directory):
         reason = _check(directory, dim, m, ef_construction)
     if reason is None:
-        mf = json.loads((directory / "manifest.json").read_text())
-        seq = int(mf["sequence"])
+        mf = _read_manifest(directory / "manifest.json") or {}
         try:
+            seq = int(mf["sequence"])
             sid = mf.get("store_id")  # absent in snapshots saved before it was recorded
             if sid is not None and sid != store.store_id:
                 # documents.sqlite3 copied in from another server: its labels name other documents.
@@ -143,8 +147,10 @@ def _roll_forward(directory: Path) -> bool:
     mtmp, idx = directory / "manifest.json.tmp", directory / "index.bin"
     if not mtmp.is_file() or not idx.is_file():
         return False
+    mf = _read_manifest(mtmp)
+    if mf is None:
+        return False
     try:
-        mf = json.loads(mtmp.read_text())
         if mf.get("format") != FORMAT or sha256_file(idx) != mf.get("sha256"):
             return False
         os.replace(mtmp, directory / "manifest.json")
@@ -167,9 +173,8 @@ def _check(directory: Path, dim: int, m: int, ef_construction: int) -> str | Non
     mf_path, idx = directory / "manifest.json", directory / "index.bin"
     if not mf_path.is_file() or not idx.is_file():
         return "missing"
-    try:
-        mf = json.loads(mf_path.read_text())
-    except ValueError:
+    mf = _read_manifest(mf_path)
+    if mf is None:
         return "manifest unreadable"
     if mf.get("format") != FORMAT:
         return f"format {mf.get('format')!r}"
@@ -181,11 +186,21 @@ def _check(directory: Path, dim: int, m: int, ef_construction: int) -> str | Non
 
 
 def info(directory: Path) -> SnapshotInfo | None:
+    mf = _read_manifest(directory / "manifest.json")
     try:
-        mf = json.loads((directory / "manifest.json").read_text())
-        return SnapshotInfo(int(mf["sequence"]), float(mf["created_at"]), directory)
-    except (OSError, ValueError, KeyError):
+        return SnapshotInfo(int(mf["sequence"]), float(mf["created_at"]), directory) if mf else None
+    except (ValueError, KeyError, TypeError):
         return None
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest as a dict; None when it cannot be read, is not JSON, or is JSON but not an
+    object (``null``, a list: a damaged file must read as "unusable", never crash the start)."""
+    try:
+        mf = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return mf if isinstance(mf, dict) else None
 
 
 __all__ = ["save", "load_or_rebuild", "rebuild", "info", "SnapshotInfo", "np"]

@@ -197,8 +197,13 @@ class DenseIndex:
             return labels - set(self._index.get_ids_list())
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, on_locked: Callable[[], None] | None = None) -> None:
+        """Serialize the graph. ``on_locked`` runs once the graph's lock is held, before the
+        graph is written: the snapshot releases the writers' apply lock there, so the file holds
+        exactly the changes up to the sequence it read under that lock, none later."""
         with self._lock:
+            if on_locked is not None:
+                on_locked()
             self._index.save_index(str(path))
 
     @classmethod
