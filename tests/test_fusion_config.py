@@ -305,3 +305,46 @@ def test_max_queue_below_the_largest_admitted_call_is_refused_at_start():
     small = dataclasses.replace(s, batch=dataclasses.replace(s.batch, max_queue=600))
     with pytest.raises(ConfigError, match=r"--max-queue 600 .*--max-candidates 1000"):
         Pipeline(small)
+
+
+@pytest.mark.parametrize("section,name,value", [
+    ("index", "rrf_k", -1),  # every hybrid Search failed with INTERNAL (division by zero)
+    ("server", "max_concurrent_search", 0),  # every reranked Search: RESOURCE_EXHAUSTED forever
+    ("server", "max_concurrent_calls", 0),
+    ("limits", "max_candidates", 0),  # every default Search refused on top_n
+    ("index", "hybrid_depth", 0),
+    ("index", "auto_compact_ratio", float("nan")),
+    ("index", "first_stage", "Hybrid"),  # every Search without first_stage refused, naming a field it never sent
+])
+def test_settings_no_call_could_work_with_are_refused_at_start(section, name, value):
+    """A review found settings that started a server which then failed every affected call:
+    refused before any model loads, naming the flag."""
+    from rerankd.config import check_settings, flag_name
+    from rerankd.errors import ConfigError
+    from rerankd.pipeline import Pipeline
+
+    bad = Settings().replace(**{section: {name: value}})
+    with pytest.raises(ConfigError, match=flag_name(name)):
+        check_settings(bad)
+    with pytest.raises(ConfigError, match=flag_name(name)):
+        Pipeline(bad)
+    check_settings(Settings())  # the defaults pass
+    check_settings(Settings().replace(index={"rrf_k": 0, "snapshot_every": 0}, server={"max_concurrent_search": 1}))
+
+
+def test_every_numeric_setting_has_a_minimum():
+    """A new numeric setting must say its smallest value (MINIMUM), or check_settings skips it."""
+    from rerankd.config import MINIMUM, SECTIONS
+
+    numeric = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)
+               if type(getattr(cls(), f.name)) in (int, float)}
+    assert numeric - {"rerank_fusion_weight"} == set(MINIMUM)  # that one: check_fusion_weight (finite, >= 0)
+
+
+def test_serve_with_a_bad_flag_exits_at_once_naming_it(tmp_path, capsys):
+    from rerankd.cli import main
+
+    rc = main(["serve", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "data"),
+               "--listen", "127.0.0.1:0", "--rrf-k", "-1"])
+    assert rc == 2 and "--rrf-k must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before anything was opened

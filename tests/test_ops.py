@@ -233,10 +233,15 @@ def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
             proc.wait()
 
 
-def test_only_reranked_searches_count_against_the_search_limit(models_dir, tmp_path):
+def test_only_reranked_searches_count_against_the_search_limit(models_dir, tmp_path, monkeypatch):
     """--max-concurrent-search holds reranked Searches; first-stage-only ones (~100x cheaper) are in
-    their own lane under --max-concurrent-calls. A limit of 0 makes it deterministic."""
-    with _serve(models_dir, tmp_path, max_concurrent_search=0) as srv:
+    their own lane under --max-concurrent-calls. A limit of 0 makes it deterministic (patched in:
+    the flag refuses 0 at start, as no reranked Search could ever run)."""
+    from rerankd.server import RERANKED_SEARCH, RetrievalServicer
+
+    real_limit = RetrievalServicer._limit
+    monkeypatch.setattr(RetrievalServicer, "_limit", lambda sv, lane: 0 if lane == RERANKED_SEARCH else real_limit(sv, lane))
+    with _serve(models_dir, tmp_path) as srv:
         with Client(srv.target, timeout=300) as c:
             c.upsert(DOCS)
             assert c.search("aspirin colorectal cancer", top_n=3, candidates=8, rerank=False)
@@ -263,6 +268,38 @@ def test_estimated_wait_is_the_remaining_solo_time_of_calls_in_flight():
     assert sv.estimated_wait(lane, 100.65) == pytest.approx(0.0 + 0.05)  # the first is past its typical time
     assert sv.estimated_wait(lane, 102.0) == 0.0
     assert Settings().server.max_queue_wait_ratio == 0.0  # off by default (measured: no p99 gain here)
+
+
+def test_early_deadline_check_recovers_after_a_slow_spell():
+    """Only successes move the estimate, and a refused call never succeeds: after a slow spell,
+    clients with a fixed short deadline were refused for good although the server was fast
+    again (a review measured 13,895 of 13,895 calls refused over 10 s). An estimate with no news
+    for a second now lets the next call it would refuse through as a probe."""
+    import types
+
+    from rerankd.config import Settings
+    from rerankd.server import PROBE_INTERVAL_S, RetrievalServicer
+
+    sv = RetrievalServicer(types.SimpleNamespace(settings=Settings()))
+    for _ in range(20):
+        sv._observe("Score", 1, 0.5)  # the slow spell
+    now = sv._fresh[("Score", 1)]
+    assert sv._too_short("Score", 1, 0.2, now + 0.1) == pytest.approx(0.5)  # fresh: refused
+    assert sv._too_short("Score", 1, 0.2, now + PROBE_INTERVAL_S) is None  # stale: one probe goes through
+    assert sv._too_short("Score", 1, 0.2, now + PROBE_INTERVAL_S + 0.1) == pytest.approx(0.5)  # only one
+    assert sv._too_short("Score", 2, 0.2, now + 5) is None  # no history for that size: never refused
+    refused = through = 0
+    t = now + PROBE_INTERVAL_S
+    while sv._sized[("Score", 1)][0] >= 0.4:  # the server is fast again: 200 ms deadlines, 100 calls/s
+        t += 0.01
+        if sv._too_short("Score", 1, 0.2, t) is None:
+            through += 1
+            sv._observe("Score", 1, 0.007)
+            sv._fresh[("Score", 1)] = t  # the probe's success, at the test's clock
+        else:
+            refused += 1
+        assert t < now + 60
+    assert through >= 1 and sv._too_short("Score", 1, 0.2, t + 0.01) is None  # recovered, calls go through
 
 
 def test_early_deadline_check_compares_calls_of_about_the_same_size():

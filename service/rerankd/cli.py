@@ -21,9 +21,15 @@ def _setup_logging(level: str = "INFO") -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    from .errors import ConfigError
+
     settings = cfg.settings_from_args(args)
     _setup_logging(settings.server.log_level)
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as e:  # a bad flag or TLS file: one line naming it, not a traceback
+        print(f"rerankd serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _offline_tool(command: str, module: str, func: str):

@@ -48,7 +48,7 @@ class ServerConfig:
         "Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
         "while admitted calls wait at most about one call's time; raise it where reranking is cheap (GPU)",
     )
-    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the recent average latency of its method's calls of about its size (same power of two of items, documents, ids or candidates; after 20 of them); never a stream or Compact")
+    early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the recent average latency of its method's calls of about its size (same power of two of items, documents, ids or candidates; after 20 of them); never a stream or Compact. Only successes move that average, so when it has had no news for a second the next call it would refuse goes through as a probe: after a slow spell the check follows the server back down")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
     metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
     tls_cert: str = _f("", "TLS server certificate chain (PEM); with --tls-key enables TLS on TCP listeners")
@@ -159,6 +159,40 @@ class Settings:
         for name, changes in sections.items():
             out[name] = dataclasses.replace(getattr(self, name), **changes)
         return dataclasses.replace(self, **out)
+
+
+# Smallest value each numeric setting takes. A value below it used to start a server that then
+# failed every affected call (a review found --rrf-k -1: INTERNAL on every hybrid Search;
+# --max-concurrent-search 0: RESOURCE_EXHAUSTED forever; --max-candidates 0: every default Search
+# refused); ``check_settings`` refuses it at start instead, naming the flag.
+MINIMUM: dict[str, float] = {
+    "grace_period_s": 0, "stream_idle_timeout_s": 0, "max_message_bytes": 1, "max_queue_wait_ratio": 0,
+    "max_concurrent_calls": 1, "max_concurrent_search": 1, "keepalive_time_s": 0, "keepalive_timeout_s": 0,
+    "min_client_ping_interval_s": 0, "max_connection_age_s": 0,
+    "threads": 0, "device_id": 0, "max_query_tokens": 1,
+    "max_batch_tokens": 1, "max_queue": 1, "sort_window": 1,
+    "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "rrf_k": 0, "hybrid_depth": 1, "filter_exact_max": 0,
+    "snapshot_every": 0, "auto_compact_ratio": 0,
+    "max_candidates": 1, "max_top_n": 1, "max_items": 1, "max_text_bytes": 1, "max_query_bytes": 1,
+    "max_id_bytes": 1, "max_metadata_bytes": 0,
+}
+
+
+def check_settings(settings: "Settings") -> None:
+    """Refuse, naming the flag, a setting no call could work with (ConfigError). The backend,
+    batcher and reranker check their own choices (precision, batch order, activation) as they
+    are built; the default first stage is only read by a Search, so it is checked here."""
+    from .errors import ConfigError
+    from .validation import FIRST_STAGES
+
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            v = getattr(getattr(settings, section), f.name)
+            low = MINIMUM.get(f.name)
+            if low is not None and not v >= low:  # "not >=" also refuses NaN
+                raise ConfigError(f"{flag_name(f.name)} must be at least {low:g}, got {v!r}")
+    if settings.index.first_stage not in FIRST_STAGES:
+        raise ConfigError(f"--first-stage must be one of {', '.join(FIRST_STAGES)}, got {settings.index.first_stage!r}")
 
 
 SECTIONS: dict[str, type] = {

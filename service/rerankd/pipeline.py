@@ -25,7 +25,7 @@ import numpy as np
 from . import snapshot
 from .backends import create_for
 from .bundle import ModelBundle
-from .config import Settings
+from .config import Settings, check_settings
 from .errors import BackendError, CommittedNotIndexed, ConfigError, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
 from .stages.embedder import Embedder
@@ -162,12 +162,11 @@ class Pipeline:
         """Blocking: loads the model bundles, opens the store, brings the indexes up to date."""
         self.settings = settings
         s = settings
+        check_settings(s)
         try:
             check_fusion_weight(s.index.rerank_fusion_weight, "rerank_fusion_weight")
         except InvalidArgument as e:
             raise ConfigError(f"--rerank-fusion-weight: {e}") from None
-        if s.index.filter_exact_max < 0:
-            raise ConfigError(f"--filter-exact-max must be >= 0, got {s.index.filter_exact_max}")
         # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
         # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
         # items, an Upsert's documents) must fit an empty queue.

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import errors
-from .config import Settings
+from .config import Settings, check_settings
 from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
 from .v1 import rerankd_pb2 as pb
@@ -101,6 +101,11 @@ class App:
         await self.health.set(SERVICE_NAME, status)
 
 
+# The early deadline check lets a call it would refuse through as a probe when its estimate has
+# had no news for this long (per lane and size).
+PROBE_INTERVAL_S = 1.0
+
+
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     def __init__(self, app: App) -> None:
         self.app = app
@@ -109,6 +114,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         # The early deadline check's estimates: per lane *and size class* (items, documents, ids or
         # candidates, by powers of two), so a 1-item call is never judged by 512-item ones.
         self._sized: dict[tuple[str, int], tuple[float, int]] = {}
+        # When each estimate last had news (a call of that lane and size succeeded, or one the
+        # check would refuse went through to probe).
+        self._fresh: dict[tuple[str, int], float] = {}
         # Latency-aware admission (reranked Searches): start times of the calls in flight, and the
         # EWMA latency of calls that ran with no other call of their lane in flight ("solo").
         self._starts: dict[str, dict[int, float]] = {}
@@ -127,14 +135,27 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls
 
-    def _too_short(self, lane: str, size: int | None, remaining: float) -> float | None:
+    def _too_short(self, lane: str, size: int | None, remaining: float, now: float | None = None) -> float | None:
         """The typical latency of ``lane``'s calls of this size when ``remaining`` cannot cover
-        it, else None. ``size`` None (a stream, Compact: no size known up front) is never refused."""
+        it, else None. ``size`` None (a stream, Compact: no size known up front) is never refused.
+
+        The estimate only moves when a call succeeds, and a refused call never does: after a slow
+        spell, clients with a fixed short deadline would be refused for good although the server
+        is fast again (found by a review). So when an estimate has had no news for a second, the
+        next call it would refuse goes through as a probe: if it succeeds, its latency pulls the
+        estimate down (one such call a second per lane and size, at most)."""
         if not self.app.settings.server.early_deadline_reject or size is None:
             return None
-        est, n = self._sized.get((lane, size.bit_length()), (0.0, 0))
+        key = (lane, size.bit_length())
+        est, n = self._sized.get(key, (0.0, 0))
         # Only with enough history, and only for deadlines clearly below the typical latency.
-        return est if n >= 20 and remaining < 0.5 * est else None
+        if n < 20 or remaining >= 0.5 * est:
+            return None
+        now = time.perf_counter() if now is None else now
+        if now - self._fresh.get(key, now) >= PROBE_INTERVAL_S:
+            self._fresh[key] = now
+            return None
+        return est
 
     def _observe(self, lane: str, size: int | None, seconds: float) -> None:
         est, n = self._ewma.get(lane, (seconds, 0))
@@ -143,6 +164,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             key = (lane, size.bit_length())
             est, n = self._sized.get(key, (seconds, 0))
             self._sized[key] = (0.9 * est + 0.1 * seconds, n + 1)
+            self._fresh[key] = time.perf_counter()
 
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None,
                    size: int | None = 1):
@@ -193,7 +215,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
-                typical = self._too_short(lane, size, remaining)
+                typical = self._too_short(lane, size, remaining, t0)
                 if typical is not None:
                     app.metrics.rejected.labels(method, "deadline").inc()
                     raise errors.DeadlineExceeded(
@@ -526,6 +548,7 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
     Returns (server, bound TCP port of the first TCP address or 0, app). ``await
     app.wait_ready()`` waits for SERVING (re-raises a load failure).
     """
+    check_settings(settings)  # before binding: a bad flag is an error at once, not a failed model load
     health_servicer = health.aio.HealthServicer()
     app = App(settings=settings, health=health_servicer)
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
