@@ -380,6 +380,44 @@ def test_length_sorting_across_calls():
     run(body)
 
 
+def test_length_order_gives_the_oldest_call_a_share_so_short_work_is_not_starved():
+    """Length order took the longest rows of the window: a short call (a Search's query, 5
+    tokens) queued behind a stream of long ones (an ingest's documents) ran only once no longer
+    work was left (found by a review: a Search hit its deadline during a bulk Upsert). The oldest
+    call now gets up to half of each batch's rows, never raising its padded length."""
+    fake = FakeForward()
+    short_old = [seq(5) for _ in range(4)]
+    query = [seq(6)]
+    longs = [[seq(100) for _ in range(8)] for _ in range(4)]
+
+    async def body():
+        b = make(fake, batch_sizes=(1, 2, 4, 8))
+        await b.start()
+        try:
+            plugs = await plug(b, fake)
+            calls = []
+            for work in (short_old, longs[0], query, *longs[1:]):  # in this order of arrival
+                calls.append(asyncio.create_task(b.submit(work)))
+                want = sum(len(w) for w in (short_old, longs[0], query, *longs[1:])[: len(calls)])
+                await wait_until(lambda: b.queue_depth == want, "call queued")
+            fake.release()
+            results = await asyncio.gather(*calls)
+            await asyncio.gather(*plugs)
+            for work, (rows, _) in zip((short_old, longs[0], query, *longs[1:]), results):
+                assert [int(r) for r in rows] == expected(work)
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    batches = fake.batch_tags()[2:]  # after the plugs
+    # the oldest call (4 short rows) rides in the first batch, beside the 4 longest of the rest
+    assert batches[0] == {tag(s) for s in short_old} | {tag(s) for s in longs[0][:4]}
+    # the query, the oldest once the first long call is done, rides before the later long calls run
+    at = next(i for i, bt in enumerate(batches) if tag(query[0]) in bt)
+    assert at == 2 and not any(tag(s) in bt for s in longs[3] for bt in batches[: at + 1])
+    assert all(t == 104 for _, t in fake.shapes[2:6]) and not fake.problems  # padded to the long rows only
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_token_budget_respected(static):
     fake = FakeForward()
