@@ -237,3 +237,57 @@ def test_text_tokenizer_truncates_and_wraps(tok_path, special, raw, corpus, max_
             cut += 1
             assert len(ids) == max_length
     assert cut > 0
+
+
+def _long_texts(seed: int = 7) -> list[str]:
+    """Texts far past the kept tokens: words, punctuation, accents, CJK, newlines, tabs, and very
+    long "words" (which yield few tokens per character, so the head is not enough)."""
+    rng = random.Random(seed)
+    vocab = ["aspirin", "colorectal", "adenoma", "(81", "mg/day)", "naïve", "café", "東京大学", "résumé",
+             "p<0.05;", "IL-6", "\u00e9\u0301t\u00e9", "co-operative", "—", "x" * 40, "ZZZ" * 70]
+    seps = [" ", " ", " ", "\n", "\t", "  "]
+    out = []
+    for n in (600, 1500, 5000, 12000):
+        out.append("".join(rng.choice(vocab) + rng.choice(seps) for _ in range(n)))
+    out.append("y" * 9000 + " tail words")  # no whitespace in the head: tokenized whole
+    out.append(("z" * 300 + " ") * 40)  # long words: the head yields too few tokens, redone whole
+    out.append("short text")
+    return out
+
+
+class _Spy:
+    """Delegates to a tokenizer and records the length of every text it is asked to encode."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.lengths = tok, []
+
+    def encode_batch(self, texts, **kw):
+        self.lengths += [len(t) for t in texts]
+        return self.tok.encode_batch(texts, **kw)
+
+
+def test_long_texts_tokenized_from_their_head_give_the_whole_text_result(tok_path, special, raw):
+    """A review measured 6.4 s tokenizing one Score of 512 passages of 30 KB to keep ~250 tokens
+    each. Long texts are now tokenized from a head cut at a whitespace; the ids must equal the
+    whole text's, which the load-time check also verifies (``from_heads``)."""
+    from rerankd.tokenization import CHARS_PER_KEPT_TOKEN
+
+    texts = _long_texts()
+    full = _ids(raw, texts)
+    pt = _pair_tok(tok_path, special, 256)
+    tt = TextTokenizer(tok_path, 256)
+    assert pt.from_heads and tt.from_heads
+    limit = 256 - 4
+    pt._raw = spy = _Spy(pt._raw)
+    try:
+        got = pt.passage_ids(texts)
+    finally:
+        pt._raw = spy.tok
+    assert [g.tolist() for g in got] == [f[:limit] for f in full]
+    # the four word texts were tokenized from their head only; the two without a usable head whole
+    assert all(len(texts[i]) > n and n <= limit * CHARS_PER_KEPT_TOKEN for i, n in enumerate(spy.lengths[:4]))
+    assert spy.lengths[4] == len(texts[4])  # no whitespace to cut at
+    assert spy.lengths[len(texts):] == [len(texts[5])]  # its head gave too few tokens: redone whole
+    cls_id, sep_id = special
+    for enc, f in zip(tt.encode(texts), full):
+        assert enc.input_ids.tolist() == [cls_id, *f[:254], sep_id]
