@@ -172,6 +172,19 @@ def test_query_without_tokens_is_invalid_argument_when_reranked(stub, query):
     stub.Search(pb.SearchRequest(query=query, rerank=False), timeout=60)
 
 
+@pytest.mark.parametrize("text", ["\u200b", "\x00\x01", "\ufeff\u0301"])
+def test_passage_without_tokens_is_invalid_argument(server, stub, text):
+    """Not empty to str.strip, but nothing the reranker can read: a Score item scored like a real
+    match (found by a review), and an Upsert stored a document no leg could find by its text."""
+    items = [pb.Item(id="ok", text="Aspirin lowers colorectal cancer risk."), pb.Item(id="blank", text=text)]
+    assert_invalid(lambda: stub.Score(pb.ScoreRequest(query="aspirin", items=items), timeout=60), "items[1].text")
+    docs = [pb.Document(id="tok-ok", text="A fine document."), pb.Document(id="tok-blank", text=text)]
+    assert_invalid(lambda: stub.Upsert(pb.UpsertRequest(documents=docs), timeout=60), "documents[1].text")
+    assert not {"tok-ok", "tok-blank"} & _live_ids(server)  # the call is refused whole
+    stub.Upsert(pb.UpsertRequest(documents=[pb.Document(id="tok-title", title="Aspirin", text=text)]), timeout=60)
+    assert "tok-title" in _live_ids(server)  # the title gives it tokens
+
+
 @pytest.mark.parametrize("field", ["top_n", "candidates"])
 def test_uint32_max_counts_are_invalid_argument(stub, field):
     assert_invalid(lambda: stub.Search(pb.SearchRequest(query="aspirin", **{field: 2**32 - 1}), timeout=60), field)

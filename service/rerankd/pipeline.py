@@ -31,7 +31,7 @@ from .stages.bm25 import BM25Index
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
 from .stages.metadata_filter import FilterView, MetadataIndex, matches
-from .stages.reranker import Reranker
+from .stages.reranker import Reranker, check_has_tokens
 from .store import DocumentStore, NewDocument, join_title
 from .validation import (
     check_count,
@@ -466,6 +466,7 @@ class Pipeline:
         vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
         t1 = time.perf_counter()
         token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
+        check_has_tokens(token_ids, "documents")
         rows = [NewDocument(d.id, d.text, d.title, dict(d.metadata), v, tok) for d, v, tok in zip(docs, vecs, token_ids)]
         assert self._write_lock is not None
         async with self._write_lock:

@@ -14,6 +14,7 @@ from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
 from ..config import BatchConfig
+from ..errors import InvalidArgument
 from ..tokenization import PairTokenizer
 
 
@@ -71,8 +72,19 @@ class Reranker:
         rows, queued = await self.batcher.submit(pairs, deadline)
         return np.asarray(rows, dtype=np.float32), queued
 
-    async def score_texts(self, query: str, texts: list[str], deadline: float | None = None) -> tuple[np.ndarray, float]:
+    async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
+                          field: str = "items") -> tuple[np.ndarray, float]:
         """Scores for caller-supplied passages (tokenized here, off the event loop)."""
         q = self.query_ids(query)
         passages = await asyncio.to_thread(self.passage_ids, texts)
+        check_has_tokens(passages, field)
         return await self.score_cached(query, q, passages, texts, deadline)
+
+
+def check_has_tokens(passages: list[np.ndarray], field: str) -> None:
+    """A text of only characters the tokenizer drops (zero-width spaces, control characters) is
+    not empty to ``str.strip`` but gives the reranker nothing to read: its pair scored like a real
+    match (a review saw 4.7 against a relevant passage's 12.5). Refused as a query is."""
+    for i, p in enumerate(passages):
+        if len(p) == 0:
+            raise InvalidArgument(f"{field}[{i}].text", "has no tokens (only characters the tokenizer drops)")
