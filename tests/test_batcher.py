@@ -563,10 +563,17 @@ def test_queue_full_is_rejected_at_once_without_enqueuing():
             await wait_until(lambda: b.queue_depth == 6, "first call queued")
             rejected = [seq(6) for _ in range(3)]
             # Raises while the forward is still held: nothing has to drain first.
-            with pytest.raises(Overloaded):
+            with pytest.raises(Overloaded) as ei:
                 await asyncio.wait_for(b.submit(rejected), 5.0)
             assert b.queue_depth == 6
             assert b.stats.rejected_calls == 1
+            assert ei.value.retry_after_s == 0.05  # no batch timed yet: the floor
+            # the hint: time for the queue to make room, at the measured seconds per row (was a
+            # flat 50 ms however much was queued)
+            b._seconds_per_seq = 0.5
+            with pytest.raises(Overloaded) as ei:
+                await asyncio.wait_for(b.submit(rejected + [seq(6)] * 3), 5.0)
+            assert ei.value.retry_after_s == pytest.approx((6 + 6 - 8) * 0.5)
             fits = [seq(4) for _ in range(2)]  # 6 + 2 == max_queue: still admitted
             t2 = asyncio.create_task(b.submit(fits))
             await wait_until(lambda: b.queue_depth == 8, "second call queued")
@@ -576,6 +583,7 @@ def test_queue_full_is_rejected_at_once_without_enqueuing():
             assert [int(r) for r in r1] == expected(first)
             assert [int(r) for r in r2] == expected(fits)
             assert not {tag(s) for s in rejected} & fake.seen_tags
+            assert b.stats.rejected_calls == 2 and b._seconds_per_seq < 0.5  # moved by the batches run since
         finally:
             await finish(b, fake)
 

@@ -119,6 +119,7 @@ class Batcher:
             raise ValueError(f"max_batch_tokens={config.max_batch_tokens} is below max_length={max_length}")
         self._queue: deque[_Item] = deque()
         self._queued = 0
+        self._seconds_per_seq = 0.0  # EWMA of batch time per row (the queue-full retry hint)
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Queue[Prepared] | None = None
@@ -210,7 +211,11 @@ class Batcher:
         n = len(seqs)
         if self._queued + n > self.config.max_queue:
             self.stats.rejected_calls += 1
-            raise Overloaded(f"{self.name} queue full ({self._queued} queued, limit {self.config.max_queue}); retry later")
+            # Retry once enough of the queue has run to make room (was a flat 50 ms, whatever
+            # was queued: clients following the hint retried far too often; found by a review).
+            wait = (self._queued + n - self.config.max_queue) * self._seconds_per_seq
+            raise Overloaded(f"{self.name} queue full ({self._queued} queued, limit {self.config.max_queue}); retry later",
+                             retry_after_s=max(0.05, wait))
         loop = asyncio.get_running_loop()
         now = loop.time()
         call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now, queued=n)
@@ -392,6 +397,8 @@ class Batcher:
                 self._slots.release()
 
     def _record(self, p: Prepared, seconds: float) -> None:
+        per_seq = seconds / max(1, len(p.items))
+        self._seconds_per_seq = per_seq if self.stats.batches == 0 else 0.8 * self._seconds_per_seq + 0.2 * per_seq
         s = self.stats
         s.batches += 1
         s.sequences += len(p.items)
