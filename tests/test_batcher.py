@@ -380,15 +380,21 @@ def test_length_sorting_across_calls():
     run(body)
 
 
-def test_length_order_gives_the_oldest_call_a_share_so_short_work_is_not_starved():
-    """Length order took the longest rows of the window: a short call (a Search's query, 5
-    tokens) queued behind a stream of long ones (an ingest's documents) ran only once no longer
-    work was left (found by a review: a Search hit its deadline during a bulk Upsert). The oldest
-    call now gets up to half of each batch's rows, never raising its padded length."""
+def test_length_order_serves_an_overdue_oldest_call_next_without_padding_it():
+    """Length order took the longest rows of the window: a short call (a Search's query) queued
+    behind a stream of long ones (an ingest's documents) ran only once no longer work was left
+    (found by a review: a Search hit its deadline during a bulk Upsert). A call that stays the
+    oldest while OVERDUE_AFTER_SKIPS batches take none of its rows now goes next, in batches of
+    its own length bucket (a share of every batch, tried first, padded short rows to long ones:
+    a third more padded tokens on a mixed load, found by a second review)."""
+    from rerankd.batcher import OVERDUE_AFTER_SKIPS
+
+    assert OVERDUE_AFTER_SKIPS == 2  # the batch indices below follow from it
     fake = FakeForward()
     short_old = [seq(5) for _ in range(4)]
     query = [seq(6)]
     longs = [[seq(100) for _ in range(8)] for _ in range(4)]
+    arrivals = (short_old, longs[0], query, *longs[1:])
 
     async def body():
         b = make(fake, batch_sizes=(1, 2, 4, 8))
@@ -396,26 +402,46 @@ def test_length_order_gives_the_oldest_call_a_share_so_short_work_is_not_starved
         try:
             plugs = await plug(b, fake)
             calls = []
-            for work in (short_old, longs[0], query, *longs[1:]):  # in this order of arrival
+            for k, work in enumerate(arrivals):  # in this order of arrival
                 calls.append(asyncio.create_task(b.submit(work)))
-                want = sum(len(w) for w in (short_old, longs[0], query, *longs[1:])[: len(calls)])
+                want = sum(len(w) for w in arrivals[: k + 1])
                 await wait_until(lambda: b.queue_depth == want, "call queued")
             fake.release()
             results = await asyncio.gather(*calls)
             await asyncio.gather(*plugs)
-            for work, (rows, _) in zip((short_old, longs[0], query, *longs[1:]), results):
+            for work, (rows, _) in zip(arrivals, results):
                 assert [int(r) for r in rows] == expected(work)
         finally:
             await finish(b, fake)
 
     run(body)
     batches = fake.batch_tags()[2:]  # after the plugs
-    # the oldest call (4 short rows) rides in the first batch, beside the 4 longest of the rest
-    assert batches[0] == {tag(s) for s in short_old} | {tag(s) for s in longs[0][:4]}
-    # the query, the oldest once the first long call is done, rides before the later long calls run
-    at = next(i for i, bt in enumerate(batches) if tag(query[0]) in bt)
-    assert at == 2 and not any(tag(s) in bt for s in longs[3] for bt in batches[: at + 1])
-    assert all(t == 104 for _, t in fake.shapes[2:6]) and not fake.problems  # padded to the long rows only
+    assert batches[:2] == [{tag(s) for s in longs[0]}, {tag(s) for s in longs[1]}]  # longest first, twice
+    # then the overdue oldest call, with the query that fits its bucket, before the later long calls
+    assert batches[2] == {tag(s) for s in short_old + query} and fake.shapes[2 + 2] == (5, 8)
+    assert not fake.problems
+
+
+def test_length_order_never_pads_an_overdue_call_to_longer_rows():
+    """The padding the first fix cost: a short call ahead of a long one on a static backend."""
+    fake = FakeForward()
+    short, long_ = [seq(20) for _ in range(64)], [seq(250) for _ in range(64)]
+
+    async def body():
+        b = make(fake, static=True, max_length=256, seq_buckets=(32, 64, 128, 256), batch_sizes=(1, 2, 4, 8, 16, 32),
+                 max_batch_tokens=8192)
+        await b.start()
+        try:
+            await _two_calls(b, fake, short, long_, in_turn=True)
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    shapes = fake.shapes[2:]
+    short_tags = {tag(s) for s in short}
+    for rows, shape in zip(fake.batch_tags()[2:], shapes):
+        assert not (rows & short_tags) or shape[1] == 32, shape  # short rows only ever in 32-token batches
+    assert sum(r * t for r, t in shapes) == 64 * 32 + 64 * 256  # no padded token beyond the buckets
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+# Length order: a call that stayed the oldest while this many batches took none of its rows goes next.
+OVERDUE_AFTER_SKIPS = 2
+
+
 @dataclass(eq=False)
 class _Call:
     future: asyncio.Future
@@ -50,6 +54,7 @@ class _Call:
     started: float | None = None
     queued: int = 0  # this call's sequences still in the queue (counted in Batcher._queued)
     released: bool = False  # its queued sequences no longer count against max_queue
+    skipped: int = 0  # length order: batches formed while it was the oldest call and took none of its rows
 
 
 @dataclass(eq=False)
@@ -287,10 +292,7 @@ class Batcher:
                 n, longest = n + 1, longest_if
             n = self.batch_bucket(max(n, 1))
         else:
-            window.sort(key=lambda it: len(it.seq), reverse=True)
-            padded = self.seq_bucket(len(window[0].seq))
-            n = self.batch_bucket(min(len(window), self.max_rows(padded)))
-            window = self._oldest_rides(window, n)
+            window, n = self._length_order(window)
         batch, rest = window[:n], window[n:]
         # Put the rest back at the head, in arrival order, so older work goes first next time.
         rest.sort(key=lambda it: (it.call.submitted, it.index))
@@ -300,25 +302,32 @@ class Batcher:
             it.call.queued -= 1
         return batch
 
-    @staticmethod
-    def _oldest_rides(window: list[_Item], n: int) -> list[_Item]:
-        """Length order, with a share for the oldest call: the longest ``n`` rows, except that up
-        to half of them (at least one) go to the oldest call's rows. Taking only the longest rows
-        starved short ones for as long as longer work kept arriving: a 12-token Search query
-        waited out its deadline behind a bulk Upsert's 200-token documents (found by a review).
-        The oldest call's rows that were left out are no longer than any row taken, so the swap
-        never raises the batch's padded length; the rows it displaces are the shortest of the
-        others. Returns the window reordered: the batch's rows first."""
+    def _length_order(self, window: list[_Item]) -> tuple[list[_Item], int]:
+        """Longest rows first (least padding), unless the oldest call is overdue. Returns the
+        window reordered (the batch's rows first) and the batch's row count.
+
+        Taking only the longest rows starved short ones for as long as longer work kept arriving:
+        a 12-token Search query waited out its deadline behind a bulk Upsert's 200-token documents
+        (found by a review). So a call that stayed the oldest while ``OVERDUE_AFTER_SKIPS``
+        batches took none of its rows goes next: its rows longest first, the batch filled with
+        other rows that fit its own length bucket. Its rows are never padded to longer ones, and
+        no padding is added for it (giving it a share of every batch instead cost a third more
+        padded tokens on a mixed load; found by a second review)."""
         oldest = min(window, key=lambda it: (it.call.submitted, it.index)).call
-        share = max(1, n // 2) - sum(1 for it in window[:n] if it.call is oldest)
-        extra = [i for i in range(n, len(window)) if window[i].call is oldest][:max(0, share)]
-        if not extra:
-            return window
-        others = [i for i in range(n) if window[i].call is not oldest]  # longest first
-        out = set(others[len(others) - len(extra):])
-        taken = [it for i, it in enumerate(window[:n]) if i not in out] + [window[i] for i in extra]
-        left = set(extra)
-        return taken + [window[i] for i in sorted(out)] + [it for i, it in enumerate(window) if i >= n and i not in left]
+        if oldest.skipped >= OVERDUE_AFTER_SKIPS:
+            mine = sorted((it for it in window if it.call is oldest), key=lambda it: len(it.seq), reverse=True)
+            bucket = self.seq_bucket(len(mine[0].seq))
+            fits = sorted((it for it in window if it.call is not oldest and len(it.seq) <= bucket),
+                          key=lambda it: len(it.seq), reverse=True)
+            chosen = mine + fits
+            n = self.batch_bucket(min(len(chosen), self.max_rows(bucket)))
+            taken = {id(it) for it in chosen[:n]}
+            return chosen[:n] + [it for it in window if id(it) not in taken], n
+        window.sort(key=lambda it: len(it.seq), reverse=True)
+        n = self.batch_bucket(min(len(window), self.max_rows(self.seq_bucket(len(window[0].seq)))))
+        if not any(it.call is oldest for it in window[:n]):
+            oldest.skipped += 1
+        return window, n
 
     def _prepare(self, batch: list[_Item]) -> Prepared:
         t = self.seq_bucket(max(len(it.seq) for it in batch))

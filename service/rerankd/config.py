@@ -94,7 +94,7 @@ class BatchConfig:
     sort_window: int = _f(256, "Queued sequences considered together for length sorting")
     batch_order: str = _f(
         "length",
-        "Order inside the sort window: length = longest first across all queued calls (least padding), with up to half of each batch kept for the oldest call so short work is never starved; "
+        "Order inside the sort window: length = longest first across all queued calls (least padding), except that a call which stayed the oldest while 2 batches took none of its rows goes next, in batches of its own length (short work is never starved); "
         "arrival = oldest call first, longest first within a call (a running call is not slowed by newcomers)",
     )
     warmup: bool = _f(True, "Run every (batch, length) bucket once before reporting SERVING")
