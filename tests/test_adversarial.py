@@ -183,6 +183,8 @@ def test_passage_without_tokens_is_invalid_argument(server, stub, text):
     assert not {"tok-ok", "tok-blank"} & _live_ids(server)  # the call is refused whole
     stub.Upsert(pb.UpsertRequest(documents=[pb.Document(id="tok-title", title="Aspirin", text=text)]), timeout=60)
     assert "tok-title" in _live_ids(server)  # the title gives it tokens
+    title_only = [pb.Document(id="tok-t2", title="A title only."), pb.Document(id="tok-t3", title=text)]
+    assert_invalid(lambda: stub.Upsert(pb.UpsertRequest(documents=title_only), timeout=60), "documents[1].title")
 
 
 @pytest.mark.parametrize("field", ["top_n", "candidates"])

@@ -645,7 +645,7 @@ def test_snapshot_interrupted_save_torn_and_foreign(tmp_path, caplog):
     store.close()
 
 
-@pytest.mark.parametrize("content", ["null", "[]", "1", '"x"', '{"format": "rerankd-hnsw/1"}'])
+@pytest.mark.parametrize("content", ["null", "[]", "1", '"x"', "complete but its sequence"])
 @pytest.mark.parametrize("where", ["manifest.json", "manifest.json.tmp"])
 def test_snapshot_manifest_that_is_json_but_not_a_manifest_is_rebuilt(tmp_path, content, where):
     """A manifest (or the leftover manifest.json.tmp beside a damaged index) that parses but is no
@@ -666,6 +666,10 @@ def test_snapshot_manifest_that_is_json_but_not_a_manifest_is_rebuilt(tmp_path, 
         with open(d / "index.bin", "r+b") as f:
             f.seek(100)
             f.write(b"\xff\xff")
+    if content == "complete but its sequence":  # passes every other check: its sequence is read
+        mf = json.loads((d / "manifest.json").read_text())
+        del mf["sequence"]
+        content = json.dumps(mf)
     (d / where).write_text(content)
     assert snapshot.info(d) is None or where == "manifest.json.tmp"
     idx, info, how = snapshot.load_or_rebuild(store, d, dim, **kw)

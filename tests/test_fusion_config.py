@@ -315,6 +315,8 @@ def test_max_queue_below_the_largest_admitted_call_is_refused_at_start():
     ("index", "hybrid_depth", 0),
     ("index", "auto_compact_ratio", float("nan")),
     ("index", "first_stage", "Hybrid"),  # every Search without first_stage refused, naming a field it never sent
+    ("batch", "seq_buckets", (0, 64)),  # warmup: ZeroDivisionError
+    ("batch", "batch_sizes", ()),
 ])
 def test_settings_no_call_could_work_with_are_refused_at_start(section, name, value):
     """A review found settings that started a server which then failed every affected call:

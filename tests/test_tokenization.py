@@ -291,3 +291,36 @@ def test_long_texts_tokenized_from_their_head_give_the_whole_text_result(tok_pat
     cls_id, sep_id = special
     for enc, f in zip(tt.encode(texts), full):
         assert enc.input_ids.tolist() == [cls_id, *f[:254], sep_id]
+
+
+def test_head_tokenizing_matches_a_sentencepiece_style_tokenizer(tmp_path):
+    """A second review found a trailing whitespace run in the head giving a Metaspace tokenizer
+    (runs of spaces collapsed, as XLM-R rerankers ship) a "▁" token the whole text did not have,
+    at the last kept position. The head is now right-stripped and must yield more tokens than
+    are kept. A synthetic tokenizer of that shape, texts with double spaces at the cut."""
+    from tokenizers import Regex, models, normalizers, pre_tokenizers, processors
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(n)) for n in range(8, 24) for _ in range(5)]
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "\u2581": 3} | {"\u2581" + w: 4 + i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 1)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    pt, tt = PairTokenizer(path, 256, 0, 1, 64), TextTokenizer(path, 256)
+    assert pt.from_heads and tt.from_heads
+    texts = []
+    for _ in range(300):
+        longest = rng.randint(12, 17)
+        pool = [w for w in words if longest <= len(w) <= longest + 2]
+        parts: list[str] = []
+        while sum(map(len, parts)) < 252 * 16 + 200:
+            parts += [rng.choice(pool), rng.choice([" "] * 6 + ["  ", " \n "])]
+        texts.append("".join(parts))
+    for a, b in zip(pt._passage_ids(texts, True), pt._passage_ids(texts, False)):
+        assert a.tolist() == b.tolist()
+    for a, b in zip(tt._encode(texts, True), tt._encode(texts, False)):
+        assert a.input_ids.tolist() == b.input_ids.tolist()

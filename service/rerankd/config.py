@@ -191,6 +191,8 @@ def check_settings(settings: "Settings") -> None:
             low = MINIMUM.get(f.name)
             if low is not None and not v >= low:  # "not >=" also refuses NaN
                 raise ConfigError(f"{flag_name(f.name)} must be at least {low:g}, got {v!r}")
+            if isinstance(v, tuple) and not (v and all(x >= 1 for x in v)):  # --batch-sizes, --seq-buckets
+                raise ConfigError(f"{flag_name(f.name)} must be one or more numbers of at least 1, got {' '.join(map(str, v))!r}")
     if settings.index.first_stage not in FIRST_STAGES:
         raise ConfigError(f"--first-stage must be one of {', '.join(FIRST_STAGES)}, got {settings.index.first_stage!r}")
 

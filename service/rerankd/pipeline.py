@@ -461,12 +461,14 @@ class Pipeline:
 
     async def upsert(self, docs: list[Document], deadline: float | None = None) -> UpsertResult:
         self.validate_documents(docs)
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         texts = [join_title(d.title, d.text) for d in docs]
+        token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
+        # before the embedder's work; a title-only document's tokens are its title's
+        check_has_tokens(token_ids, [f"documents[{i}].{'text' if d.text.strip() else 'title'}" for i, d in enumerate(docs)])
+        t0 = time.perf_counter()
         vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
         t1 = time.perf_counter()
-        token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
-        check_has_tokens(token_ids, "documents")
         rows = [NewDocument(d.id, d.text, d.title, dict(d.metadata), v, tok) for d, v, tok in zip(docs, vecs, token_ids)]
         assert self._write_lock is not None
         async with self._write_lock:
@@ -475,7 +477,7 @@ class Pipeline:
         self._maybe_snapshot()
         if replaced:
             self._maybe_compact()  # a replaced document leaves its old entry marked deleted, as a Delete does
-        return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0)))
+        return UpsertResult(len(docs), replaced, seq, Timings(embed_us=_us(t1 - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - start)))
 
     async def _apply(self, fn, *args):
         """Run a write's commit-and-apply in a worker thread. Should the in-memory update fail

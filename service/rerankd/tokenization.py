@@ -55,12 +55,16 @@ def _head(text: str, tokens: int) -> str | None:
     if len(text) <= n:
         return None
     cut = max(text.rfind(c, 0, n) for c in " \n\t\r")
-    return text[:cut] if cut > 0 else None
+    # No whitespace left at the end: a tokenizer that marks word starts (SentencePiece's "▁")
+    # would give a trailing run of it a token the whole text does not have there.
+    head = text[:cut].rstrip() if cut > 0 else ""
+    return head or None
 
 
 def _encode_heads(tok: Tokenizer, texts: list[str], tokens: int, enough, add_special_tokens: bool) -> list:
     """``tok.encode_batch(texts)``, tokenizing long texts from their head: an encoding of a head
-    for which ``enough(encoding)`` is false is redone from the whole text."""
+    for which ``enough(encoding)`` is false is redone from the whole text. ``enough`` asks for
+    more tokens than are kept, so the head's last token, whatever the cut did to it, is dropped."""
     heads = [_head(t, tokens) for t in texts]
     out = tok.encode_batch([t if h is None else h for t, h in zip(texts, heads)], add_special_tokens=add_special_tokens)
     redo = [i for i, h in enumerate(heads) if h is not None and not enough(out[i])]
@@ -73,7 +77,8 @@ def _encode_heads(tok: Tokenizer, texts: list[str], tokens: int, enough, add_spe
 def _heads_agree(encode_whole, encode_heads) -> bool:
     """Load-time check that tokenizing from the head gives what tokenizing the whole text does."""
     words = "Regular aspirin use (81 mg/day) was associated with a lower incidence of colorectal adenomas; "
-    texts = [words * 200, ("naïve café résumé 東京 " + words) * 150, "x" * 9000 + " end", words[:40]]
+    texts = [words * 200, ("naïve café résumé 東京 " + words) * 150, "x" * 9000 + " end", words[:40],
+             (words + "  \n ") * 100, ("a  " * 2100) + words]  # whitespace runs at the cut
     return all(np.array_equal(a, b) for a, b in zip(encode_whole(texts), encode_heads(texts)))
 
 
@@ -99,8 +104,8 @@ class TextTokenizer:
         return self._encode(texts, self.from_heads)
 
     def _encode(self, texts: list[str], heads: bool) -> list[Encoded]:
-        if heads:  # a head that fills max_length was truncated: the whole text gives the same
-            enc = _encode_heads(self._tok, texts, self.max_length, lambda e: len(e.ids) >= self.max_length, True)
+        if heads:  # a head that was truncated gives what the whole text gives
+            enc = _encode_heads(self._tok, texts, self.max_length, lambda e: len(e.overflowing) > 0, True)
         else:
             enc = self._tok.encode_batch(texts)
         return [Encoded(np.asarray(e.ids, dtype=ID_DTYPE), np.asarray(e.type_ids, dtype=np.int8)) for e in enc]
@@ -131,7 +136,7 @@ class PairTokenizer:
     def _passage_ids(self, texts: list[str], heads: bool) -> list[np.ndarray]:
         limit = self.max_length - 3 - 1  # [CLS] q [SEP] p [SEP] with at least one query token
         if heads:
-            enc = _encode_heads(self._raw, texts, limit, lambda e: len(e.ids) >= limit, False)
+            enc = _encode_heads(self._raw, texts, limit, lambda e: len(e.ids) > limit, False)
         else:
             enc = self._raw.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids[:limit], dtype=ID_DTYPE) for e in enc]

@@ -77,14 +77,14 @@ class Reranker:
         """Scores for caller-supplied passages (tokenized here, off the event loop)."""
         q = self.query_ids(query)
         passages = await asyncio.to_thread(self.passage_ids, texts)
-        check_has_tokens(passages, field)
+        check_has_tokens(passages, [f"{field}[{i}].text" for i in range(len(texts))])
         return await self.score_cached(query, q, passages, texts, deadline)
 
 
-def check_has_tokens(passages: list[np.ndarray], field: str) -> None:
+def check_has_tokens(passages: list[np.ndarray], fields: list[str]) -> None:
     """A text of only characters the tokenizer drops (zero-width spaces, control characters) is
     not empty to ``str.strip`` but gives the reranker nothing to read: its pair scored like a real
     match (a review saw 4.7 against a relevant passage's 12.5). Refused as a query is."""
     for i, p in enumerate(passages):
         if len(p) == 0:
-            raise InvalidArgument(f"{field}[{i}].text", "has no tokens (only characters the tokenizer drops)")
+            raise InvalidArgument(fields[i], "has no tokens (only characters the tokenizer drops)")
