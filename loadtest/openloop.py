@@ -378,6 +378,11 @@ def judge_overload(phases: dict, outcomes: Sequence[Outcome], bounds: tuple[floa
         growth = (rss["end"] - rss["start"]) / 2**20
         rss["growth_mb"] = round(growth, 1)
         checks["rss_growth_bounded"] = growth <= args.max_rss_growth_mb
+    elif getattr(args, "metrics_url", None):
+        # asked for and not measured (a wrong URL, the endpoint down): a failed check, never a
+        # silently skipped one (found by a review: PASS with no memory check at all)
+        checks["rss_growth_bounded"] = False
+        rss["error"] = f"could not read process_resident_memory_bytes from {args.metrics_url}"
     return {
         "baseline_p99_ms": base_p99, "admitted_p99_ms": over_p99, "admitted_p99_ratio": ratio,
         "baseline_ok": base["ok"],
@@ -385,7 +390,7 @@ def judge_overload(phases: dict, outcomes: Sequence[Outcome], bounds: tuple[floa
         "rejected_p99_ms": rej["p99"], "recovery_s": rec_s, "unexpected_codes": unexpected,
         "limits": {"max_p99_ratio": args.max_p99_ratio, "max_reject_ms": args.max_reject_ms,
                    "recovery_grace_s": args.recovery_grace_s, "max_rss_growth_mb": args.max_rss_growth_mb},
-        "rss_mb": {k: (round(v / 2**20, 1) if k != "growth_mb" and v is not None else v) for k, v in rss.items()},
+        "rss_mb": {k: (round(v / 2**20, 1) if k not in ("growth_mb", "error") and v is not None else v) for k, v in rss.items()},
         "checks": checks, "passed": all(checks.values()),
     }
 
@@ -492,8 +497,11 @@ def format_overload(v: dict) -> str:
     ]
     if "rss_growth_bounded" in c:
         r = v["rss_mb"]
-        lines.append(f"  server RSS {r.get('start')} -> peak {r.get('peak')} -> {r.get('end')} MiB (growth {r.get('growth_mb')} MiB "
-                     f"<= {lim['max_rss_growth_mb']:g}): {mark(c['rss_growth_bounded'])}")
+        if r.get("error"):
+            lines.append(f"  server RSS: {r['error']}: {mark(c['rss_growth_bounded'])}")
+        else:
+            lines.append(f"  server RSS {r.get('start')} -> peak {r.get('peak')} -> {r.get('end')} MiB (growth {r.get('growth_mb')} MiB "
+                         f"<= {lim['max_rss_growth_mb']:g}): {mark(c['rss_growth_bounded'])}")
     lines.append(f"  overall: {'PASS' if v['passed'] else 'FAIL'}")
     return "\n".join(lines)
 
@@ -633,7 +641,8 @@ async def _amain(args, rpcs: list[str]) -> dict:
                 report["capacity"] = {k: v for k, v in cap.items() if k != "steps"}
                 report["runs"].extend(cap["steps"])
             if args.overload_test:
-                capacity = args.capacity_rps if args.capacity_rps is not None else report["capacity"]["max_rps"]
+                # the rate just found, when --find-capacity ran (README); else --capacity-rps
+                capacity = report["capacity"]["max_rps"] if args.find_capacity else args.capacity_rps
                 if capacity is None:
                     report["overload"] = {"rpc": rpc, "passed": False, "skipped": "no capacity found"}
                 else:

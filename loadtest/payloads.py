@@ -83,20 +83,24 @@ def load_dataset(path: str | os.PathLike[str] | None = None, *, max_queries: int
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: --dataset / RERANKD_DATASET must be a BEIR dataset directory")
     queries: list[str] = []
-    with open(qfile, encoding="utf-8") as fh:
+    with open(qfile, encoding="utf-8-sig") as fh:  # a BOM is not part of the first row
         for line in fh:
             if len(queries) >= max_queries:
                 break
+            if not line.strip():  # blank lines, as eval and `rerankd index` skip them
+                continue
             text = (json.loads(line).get("text") or "").strip()
             # ghz treats "{{" as a template action: keep payloads literal.
             if text and len(text) <= MAX_QUERY_CHARS and "{{" not in text:
                 queries.append(text)
     docs: list[tuple[str, str]] = []
     seen: set[str] = set()
-    with open(cfile, encoding="utf-8") as fh:
+    with open(cfile, encoding="utf-8-sig") as fh:
         for line in fh:
             if len(docs) >= max_docs:
                 break
+            if not line.strip():
+                continue
             d = json.loads(line)
             doc_id = str(d.get("_id", d.get("id", "")))
             title, text = (d.get("title") or "").strip(), (d.get("text") or "").strip()

@@ -329,3 +329,95 @@ def test_eval_rejects_bad_arguments(scifact, capsys):
     assert main(["eval", "--dataset", str(scifact), "--skip-index"]) == 2
     assert "--skip-index needs" in capsys.readouterr().err
     assert main(["eval", "--dataset", str(Path("/nonexistent"))]) == 2
+
+
+# -- datasets that `rerankd index` takes, and server answers eval must not turn into zeros -----------------
+def _tiny_beir(root: Path, corpus_lines: list[str], qrels: str) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(corpus_lines), encoding="utf-8")
+    queries = [{"_id": "q1", "text": "aspirin colon cancer"}, {"_id": "q2", "text": "statins and heart disease"}]
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
+    return root
+
+
+def test_eval_takes_the_datasets_index_takes(models_dir, tmp_path, capsys):
+    """A third review: a BOM on corpus.jsonl or the qrels, an id twice within one Upsert batch, a
+    row with a lone surrogate, a text the server refuses (no tokens) and rows keyed "id" each
+    crashed eval or silently dropped a query. They are now read, skipped and counted."""
+    from rerankd.cli import main
+
+    docs = [{"_id": "d1", "title": "Aspirin", "text": "Aspirin lowers the risk of colon cancer."},
+            {"id": "d2", "title": "Statins", "text": "Statins reduce heart disease events."},
+            {"_id": "d3", "title": "", "text": "Coffee and liver enzymes."},
+            {"_id": "d1", "title": "Aspirin", "text": "Aspirin lowers colon cancer risk (a later version)."},
+            {"_id": "dz", "title": "", "text": "\u200b\u200b"}]
+    lines = ["\ufeff" + json.dumps(docs[0]) + "\n", *(json.dumps(d) + "\n" for d in docs[1:]),
+             '{"_id": "ds", "title": "x", "text": "bad \\ud800 text"}\n']
+    ds = _tiny_beir(tmp_path / "ds", lines, "\ufeffq1\td1\t1\nq2\td2\t1\n")
+    out = tmp_path / "e.json"
+    rc = main(["eval", "--dataset", str(ds), "--split", "test", "--models-dir", str(models_dir), "--no-warmup",
+               "--stages", "bm25", "--ks", "--latency-queries", "0", "--no-progress", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["queries"] == 2  # q1 was lost to the qrels' BOM
+    idx = doc["meta"]["indexing"]
+    assert (idx["refused"], idx["skipped_unencodable"]) == (1, 1) and "dz" in idx["refused_examples"]
+    assert "has no tokens" in idx["refused_examples"]["dz"] and "the server refused" in err
+    assert doc["rows"][0]["metrics"]["recall@100"] == 1.0  # both relevant docs, d2 keyed "id", were indexed
+
+
+def test_eval_refuses_limits_its_rows_exceed_instead_of_scoring_zeros(models_dir, tmp_path, capsys):
+    """The first-stage rows ask for 100 hits (+1): with --max-candidates 60 every query was
+    refused with INVALID_ARGUMENT on candidates, counted as a rejected query, and the run printed
+    rows of zeros with exit 0 (found by a review)."""
+    from rerankd.cli import main
+
+    ds = _tiny_beir(tmp_path / "ds", [json.dumps({"_id": "d1", "text": "aspirin"}) + "\n"], "q1\td1\t1\n")
+    rc = main(["eval", "--dataset", str(ds), "--split", "test", "--models-dir", str(models_dir), "--no-warmup",
+               "--stages", "bm25", "--ks", "--max-candidates", "60", "--no-progress"])
+    assert rc == 2 and "--max-candidates 60" in capsys.readouterr().err
+
+
+def test_eval_retries_an_overloaded_search_and_counts_only_query_errors(monkeypatch):
+    """One RESOURCE_EXHAUSTED ended the whole eval and lost what was measured (found by a
+    review): it is retried after the server's retry-after-ms. An INVALID_ARGUMENT on another
+    field than the query ends the run rather than scoring the query 0."""
+    import grpc
+
+    from rerankd import evaluate
+
+    class Err(grpc.RpcError):
+        def __init__(self, code, details, retry_ms=None):
+            self._c, self._d, self._m = code, details, retry_ms
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+        def trailing_metadata(self):
+            return (("retry-after-ms", str(self._m)),) if self._m is not None else ()
+
+    slept: list[float] = []
+    monkeypatch.setattr(evaluate.time, "sleep", slept.append)
+    ev = evaluate.Evaluator.__new__(evaluate.Evaluator)
+    row = evaluate.Row("bm25", "bm25", False, 100)
+    answers = [Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 250), Err(grpc.StatusCode.UNAVAILABLE, "draining"), "ok"]
+
+    def fn():
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert ev._guarded(row, "q1", fn) == "ok" and slept == [0.25, 0.2] and not row.failed
+    assert ev._guarded(row, "q2", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.INVALID_ARGUMENT, "query: has no tokens"))) is None
+    assert row.failed == {"q2": "query: has no tokens"}
+    with pytest.raises(grpc.RpcError):
+        ev._guarded(row, "q3", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.INVALID_ARGUMENT, "candidates: 101 exceeds")))
+    # the latency loop does not retry (a wait would be timed): the call counts as failed
+    assert ev._guarded(row, "q4", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")), retry=False) is None
+    assert "q4" in row.failed and len(slept) == 2

@@ -358,6 +358,16 @@ def test_overload_verdict_checks_each_target():
     assert v["unexpected_codes"] == {"UNAVAILABLE": 3} and not v["passed"]
     leak = openloop.judge_overload(good, outs, (10.0, 10.0, 20.0), args, {"start": 100 * 2**20, "end": 300 * 2**20})
     assert not leak["checks"]["rss_growth_bounded"] and not leak["passed"]
+    # --metrics-url given but unreadable (a typo, the endpoint down): a failed check, not a skipped one
+    # (found by a review: PASS without any memory check)
+    probe = openloop.build_parser().parse_args(["--overload-test", "--capacity-rps", "1",
+                                                "--metrics-url", "http://127.0.0.1:9/metrics"])
+    blind = openloop.judge_overload(good, outs, (10.0, 10.0, 20.0), probe, {"start": None, "peak": None, "end": None})
+    assert blind["checks"]["rss_growth_bounded"] is False and not blind["passed"]
+    assert "could not read" in blind["rss_mb"]["error"]
+    shown = {"rpc": "search", "capacity_rps": 1.0, "baseline_rps": 0.25, "overload_rps": 4.0, **blind}
+    assert "server RSS: could not read" in openloop.format_overload(shown)
+    assert "rss_growth_bounded" not in openloop.judge_overload(good, outs, (10.0, 10.0, 20.0), args, {})["checks"]
 
 
 def test_overload_test_needs_a_capacity():
@@ -367,6 +377,34 @@ def test_overload_test_needs_a_capacity():
         openloop.main(["--overload-test", "--capacity-rps", "1", "--rpc", "search,score"])
     with pytest.raises(SystemExit):  # the RSS probe is held to loopback like the target
         openloop.main(["--overload-test", "--capacity-rps", "1", "--metrics-url", "http://10.0.0.1:9464/metrics"])
+
+
+def test_payloads_skip_blank_lines_and_a_bom(tmp_path):
+    """eval and `rerankd index` take these files; openloop and locust crashed on them (a review)."""
+    (tmp_path / "queries.jsonl").write_text('\ufeff{"_id": "q1", "text": "aspirin"}\n\n{"_id": "q2", "text": "statins"}\n',
+                                            encoding="utf-8")
+    (tmp_path / "corpus.jsonl").write_text('\ufeff{"_id": "d1", "text": "a"}\n  \n{"_id": "d2", "text": "b"}\n', encoding="utf-8")
+    ds = payloads.load_dataset(tmp_path)
+    assert ds.queries == ["aspirin", "statins"] and [d for d, _ in ds.docs] == ["d1", "d2"]
+
+
+def test_overload_test_after_find_capacity_runs_at_the_rate_found(server, dataset, monkeypatch):
+    """The README: with --find-capacity too, the overload test runs at the rate found. The code
+    preferred --capacity-rps when both were given (found by a review)."""
+    seen: list[float] = []
+
+    async def found(*a, **kw):
+        return {"rpc": "encode", "max_rps": 4.5, "limited_by": "p99", "p99_target_ms": 200.0, "max_error_rate": 0.01, "steps": []}
+
+    async def overload(tgt, pl, rpc, capacity, args, log):
+        seen.append(capacity)
+        return {"skipped": "not run in this test", "passed": True, "phases": []}
+
+    monkeypatch.setattr(openloop, "find_capacity", found)
+    monkeypatch.setattr(openloop, "overload_test", overload)
+    openloop.main(["--target", server.target, "--rpc", "encode", "--find-capacity", "--overload-test",
+                   "--capacity-rps", "10", "--warmup", "0", "--dataset", str(dataset)])
+    assert seen == [4.5]
 
 
 def test_payloads_first_stage_only_search():

@@ -175,12 +175,16 @@ class Bench:
             loop.close()
 
     def grpc_rows(self) -> None:
+        # a throwaway store (removed after: it holds the corpus's text and embeddings)
+        with tempfile.TemporaryDirectory(prefix="rerankd-bench-") as data:
+            settings = self.settings.replace(index={"data_dir": Path(data)}, server={"listen": "127.0.0.1:0"})
+            self._grpc_rows(settings)
+
+    def _grpc_rows(self, settings) -> None:
         from .client import Client
         from .embedded import EmbeddedServer
 
         args = self.args
-        data = tempfile.mkdtemp(prefix="rerankd-bench-")
-        settings = self.settings.replace(index={"data_dir": Path(data)}, server={"listen": "127.0.0.1:0"})
         with EmbeddedServer(settings) as srv, Client(srv.target, timeout=600) as c:
             st = c.stats()
             label = f"{st.backend}:{st.precision}"
@@ -199,7 +203,7 @@ class Bench:
                     qi = iter(range(10**9))
 
                     def run(q, ps, k=k):
-                        c.search(self.queries[next(qi) % len(self.queries)], top_n=10, candidates=k)
+                        c.search(self.queries[next(qi) % len(self.queries)], top_n=min(10, k), candidates=k)
 
                     self.add(f"gRPC Search hybrid k={k} rerank ({label})", self.timed(run))
             if args.concurrency:

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -91,18 +92,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cfg.add_arguments(parser)
 
 
+RETRIES = 8  # an overloaded server's RESOURCE_EXHAUSTED / UNAVAILABLE, per Search
+
+
+def retry_after(e: Any, attempt: int) -> float:
+    """Seconds to wait before retrying: the server's ``retry-after-ms`` trailer, else a backoff."""
+    try:
+        for k, v in e.trailing_metadata() or ():
+            if k == "retry-after-ms":
+                return min(30.0, max(0.0, float(v) / 1000))
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return min(5.0, 0.1 * 2 ** attempt)
+
+
 # -- dataset ----------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM is not part of the first row
+        for n, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+
+
+def row_id(d: dict, path: str = "corpus.jsonl") -> str:
+    """A BEIR row's id: ``_id`` (BEIR's name), else ``id``."""
+    v = d.get("_id", d.get("id"))
+    if v is None:
+        raise ValueError(f"{path}: a row has neither _id nor id: {json.dumps(d)[:120]}")
+    return str(v)
 
 
 def load_qrels(path: Path) -> dict[str, dict[str, int]]:
     """BEIR qrels TSV (query-id, corpus-id, score; header line optional)."""
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM would glue itself to the first query id
         for n, line in enumerate(f):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 3 or not parts[0]:
@@ -142,7 +168,7 @@ def load_dataset(path: Path, split: str, max_queries: int | None, max_docs: int 
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found (expected a BEIR dataset directory)")
     qrels = load_qrels(qrels_path)
-    texts = {str(q["_id"]): q["text"] for q in read_jsonl(path / "queries.jsonl")}
+    texts = {row_id(q, "queries.jsonl"): q.get("text") or "" for q in read_jsonl(path / "queries.jsonl")}
     judged = {q for q, j in qrels.items() if irmetrics.num_relevant(j) > 0}
     queries = [(q, t) for q, t in texts.items() if q in judged]
     missing = sum(1 for q in judged if q not in texts)
@@ -169,7 +195,7 @@ def select_docs(corpus: Path, qrels: dict[str, dict[str, int]], max_docs: int) -
     picked: list[dict] = []
     found = 0
     for d in read_jsonl(corpus):
-        if str(d["_id"]) in required:
+        if row_id(d) in required:
             picked.append(d)
             found += 1
         elif room > 0:
@@ -194,8 +220,12 @@ def prepare_doc(d: dict, limits: cfg.LimitsConfig) -> _Prepared:
     """A BEIR corpus row -> an Upsert document the server accepts (it rejects texts over
     --max-text-bytes): an empty text takes the title (the server would take the title alone the
     same way; moving it keeps eval's count of such rows), overlong fields are cut."""
-    doc_id, title, text = str(d["_id"]), d.get("title") or "", d.get("text") or ""
+    doc_id, title, text = row_id(d), d.get("title") or "", d.get("text") or ""
     fixed = None
+    try:
+        (doc_id + title + text).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no gRPC string can carry it
+        return _Prepared(None, "unencodable")
     if not text.strip():
         if not title.strip():
             return _Prepared(None, "empty")
@@ -326,24 +356,39 @@ class Evaluator:
         return self.client.search(query, first_stage=stage, rerank=rerank, candidates=candidates, top_n=top_n,
                                   raw=True, timeout=self.args.timeout)
 
-    def _guarded(self, row: Row, qid: str, fn):
-        """Run one Search; a query the server rejects (INVALID_ARGUMENT, e.g. over the reranker's
-        query-token limit) is recorded as failed and scores 0; any other error ends the run."""
+    def _guarded(self, row: Row, qid: str, fn, retry: bool = True):
+        """Run one Search. A query the server rejects (INVALID_ARGUMENT on ``query``, e.g. over
+        the reranker's query-token limit) is recorded as failed and scores 0. An overloaded or
+        briefly unavailable server (RESOURCE_EXHAUSTED, UNAVAILABLE) is retried after its
+        ``retry-after-ms`` hint, up to ``RETRIES`` times (``retry=False``, the latency loop: the
+        call counts as failed, as a wait would be timed). Any other error ends the run: an
+        INVALID_ARGUMENT on another field (``candidates``, ``top_n``) is a setting the eval
+        got wrong, never a property of the query, and zeroing every query would hide it."""
         import grpc
 
-        try:
-            return fn()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            row.failed[qid] = e.details() or str(e.code())
-            return None
+        for attempt in range(RETRIES + 1):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    if retry and attempt < RETRIES:
+                        time.sleep(retry_after(e, attempt))
+                        continue
+                    if not retry:
+                        row.failed[qid] = e.details() or code.name
+                        return None
+                if code != grpc.StatusCode.INVALID_ARGUMENT or not (e.details() or "").startswith("query"):
+                    raise
+                row.failed[qid] = e.details() or code.name
+                return None
 
     # -- indexing --------------------------------------------------------------------------------------
     def index(self) -> dict[str, Any]:
         ds, limits = self.ds, self.settings.limits
         docs: Iterable[dict] = ds.doc_slice if ds.doc_slice is not None else read_jsonl(ds.path / "corpus.jsonl")
-        fixed = {"empty": 0, "title_as_text": 0, "truncated": 0}
+        fixed = {"empty": 0, "title_as_text": 0, "truncated": 0, "unencodable": 0}
+        refused: dict[str, str] = {}  # documents the server refused (INVALID_ARGUMENT on the document)
         indexed_ids: set[str] = set()
         n = 0
         t0 = time.perf_counter()
@@ -352,11 +397,18 @@ class Evaluator:
 
             def flush() -> None:
                 nonlocal n
-                if batch:
-                    self.client.upsert(batch, timeout=self.args.timeout)
-                    n += len(batch)
-                    bar.update(len(batch))
-                    batch.clear()
+                while batch:
+                    bad = self._refused_doc(lambda: self.client.upsert(batch, timeout=self.args.timeout), len(batch))
+                    if bad is None:
+                        break
+                    i, why = bad  # that document is left out, the rest of the batch sent again
+                    refused[batch[i]["id"]] = why
+                    del batch[i]
+                    bar.update(1)
+                n += len(batch)
+                indexed_ids.update(d["id"] for d in batch)
+                bar.update(len(batch))
+                batch.clear()
 
             for d in docs:
                 p = prepare_doc(d, limits)
@@ -365,8 +417,9 @@ class Evaluator:
                 if p.doc is None:
                     bar.update(1)
                     continue
+                if any(b["id"] == p.doc["id"] for b in batch):
+                    flush()  # an id twice in one Upsert is refused: the later row goes in the next one
                 batch.append(p.doc)
-                indexed_ids.add(p.doc["id"])
                 if len(batch) >= UPSERT_BATCH:
                     flush()
             flush()
@@ -374,16 +427,35 @@ class Evaluator:
         self.self_ids = {q for q, _ in ds.queries if q in indexed_ids}
         out = {"documents": n, "seconds": seconds, "docs_per_s": n / seconds if seconds > 0 else None,
                "batch_size": UPSERT_BATCH, "skipped_empty": fixed["empty"], "title_used_as_text": fixed["title_as_text"],
-               "truncated": fixed["truncated"]}
+               "truncated": fixed["truncated"], "skipped_unencodable": fixed["unencodable"],
+               "refused": len(refused), "refused_examples": dict(list(refused.items())[:10])}
+        skipped = [f"{fixed['empty']} empty"] if fixed["empty"] else []
+        skipped += [f"{fixed['unencodable']} with text no gRPC string can carry"] if fixed["unencodable"] else []
+        skipped += [f"{len(refused)} the server refused (e.g. {next(iter(refused.values()))})"] if refused else []
         print(f"indexed {n} documents in {seconds:.1f} s ({out['docs_per_s'] or 0:.1f} docs/s, Upsert batches of "
-              f"{UPSERT_BATCH})" + (f"; skipped {fixed['empty']} empty" if fixed["empty"] else ""), file=sys.stderr)
+              f"{UPSERT_BATCH})" + (f"; skipped {', '.join(skipped)}" if skipped else ""), file=sys.stderr)
         return out
+
+    @staticmethod
+    def _refused_doc(fn, n: int) -> tuple[int, str] | None:
+        """Run an Upsert; when the server refuses one of its documents (INVALID_ARGUMENT naming
+        ``documents[i]``, e.g. a text with no tokens), (i, why) instead of an error."""
+        import grpc
+
+        try:
+            fn()
+            return None
+        except grpc.RpcError as e:
+            m = re.match(r"documents\[(\d+)\]", e.details() or "")
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT or not m or int(m.group(1)) >= n:
+                raise
+            return int(m.group(1)), e.details()
 
     def find_self_ids(self) -> None:
         """--skip-index: query ids that are also corpus ids (BEIR self-hit rule) from the corpus file."""
         qids = {q for q, _ in self.ds.queries}
         docs = self.ds.doc_slice if self.ds.doc_slice is not None else read_jsonl(self.ds.path / "corpus.jsonl")
-        self.self_ids = {str(d["_id"]) for d in docs if str(d["_id"]) in qids}
+        self.self_ids = {i for i in map(row_id, docs) if i in qids}
 
     # -- quality ---------------------------------------------------------------------------------------
     def first_stage_row(self, stage: str) -> Row:
@@ -438,7 +510,7 @@ class Evaluator:
         failed = 0
         for qid, text in self._bar(queries, desc=f"{row.name} latency", unit="q"):
             t0 = time.perf_counter()
-            resp = self._guarded(scratch, qid, lambda: self.search(text, **call))
+            resp = self._guarded(scratch, qid, lambda: self.search(text, **call), retry=False)
             dt = time.perf_counter() - t0
             if resp is None:
                 failed += 1
@@ -599,8 +671,13 @@ def _check_args(args: argparse.Namespace, settings: cfg.Settings) -> str | None:
     if any(k < 1 for k in args.ks):
         return "--ks: every k must be at least 1"
     lim = settings.limits
-    if args.ks and max(args.ks) + 1 > lim.max_candidates:
-        return f"--ks: {max(args.ks)} (+1 for the BEIR self-hit rule) exceeds --max-candidates {lim.max_candidates}"
+    for flag, limit in (("--max-candidates", lim.max_candidates), ("--max-top-n", lim.max_top_n)):
+        # a Search the limits refuse would end the run: say so before indexing anything
+        if args.ks and max(args.ks) + 1 > limit:
+            return f"--ks: {max(args.ks)} (+1 for the BEIR self-hit rule) exceeds {flag} {limit}"
+        if args.stages and FIRST_STAGE_DEPTH + 1 > limit:
+            return (f"--stages: the first-stage rows ask for {FIRST_STAGE_DEPTH} hits (+1 for the BEIR self-hit "
+                    f"rule, for Recall@{FIRST_STAGE_DEPTH}), above {flag} {limit}")
     if args.skip_index and not args.target and args.index__data_dir is None:
         return "--skip-index needs --target or --data-dir (the default embedded server starts empty)"
     if args.max_queries is not None and args.max_queries < 1:
@@ -659,7 +736,18 @@ def run(args: argparse.Namespace) -> int:
                 srv.start()
                 target = srv.target
             client = stack.enter_context(Client(target, timeout=args.timeout))
-            precision = client.stats().precision
+            st = client.stats()
+            # The server's own settings, not this command's defaults (they differ with --target):
+            # its candidate limit, and the depths that decide which k-rows one call can share.
+            # (0: a server too old to report it; the local value stands)
+            settings = settings.replace(
+                index={k: v for k, v in (("ef_search", st.ef_search), ("hybrid_depth", st.hybrid_depth)) if v},
+                limits={"max_candidates": st.max_candidates} if st.max_candidates else {})
+            err = _check_args(args, settings)
+            if err:
+                print(f"rerankd eval: {err} (the server at {target})", file=sys.stderr)
+                return 2
+            precision = st.precision
             if precision != "fp32" and not args.exact_k_rows:
                 # int8 models quantize activations per batch (DynamicQuantizeLinear), so a pair's
                 # score depends on what shares its batch: the shared-call shortcut is not exact.
@@ -695,7 +783,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         print(f"rerankd eval: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except (TimeoutError, OSError, RerankdError) as e:
+    except (TimeoutError, OSError, ValueError, RerankdError) as e:  # ValueError: a malformed dataset row
         print(f"rerankd eval: {e}", file=sys.stderr)
         return 1
 
