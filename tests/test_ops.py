@@ -393,3 +393,34 @@ def test_shutdown_during_warmup_closes_the_half_started_pipeline(models_dir, tmp
             gate.set()
 
     asyncio.run(run())
+
+
+def test_command_line_tools_reach_a_tls_server_with_a_token(models_dir, tmp_path, certs, monkeypatch, capsys):
+    """`rerankd index` / `eval --target` took --auth-token and --tls-* (serve's flags) and ignored
+    them, always connecting in plaintext without a token; `rerankd health` had no TLS at all, so
+    a Docker HEALTHCHECK failed for good once TLS was on (found by a review)."""
+    import json
+
+    from rerankd.cli import main
+
+    d = certs
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"aspirin study {i}"}) + "\n" for i in range(5)))
+    tls = ["--tls-ca", str(d / "ca.pem"), "--tls-client-cert", str(d / "client.pem"), "--tls-client-key", str(d / "client.key")]
+    with _serve(models_dir, tmp_path, tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
+                tls_client_ca=str(d / "ca.pem"), auth_token="s3cret") as srv:
+        target = f"localhost:{srv.port}"
+        assert main(["health", "--target", target, *tls]) == 0  # health: TLS, no token needed
+        assert main(["health", "--target", target]) == 1  # plaintext against TLS
+        assert main(["index", str(corpus), "--target", target, "--no-progress", *tls, "--auth-token", "s3cret"]) == 0
+        assert main(["index", str(corpus), "--target", target, "--no-progress", *tls, "--auth-token", "wrong"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        with Client(target, timeout=60, credentials=grpc.ssl_channel_credentials(
+                (d / "ca.pem").read_bytes(), (d / "client.key").read_bytes(), (d / "client.pem").read_bytes()),
+                metadata=[("authorization", "Bearer s3cret")]) as c:
+            assert c.stats().documents == 5
+    assert main(["health", "--target", "localhost:1", "--tls-client-cert", "x.pem"]) == 2  # needs its key and a CA
+    # the embedded server of `rerankd index` is its own: a token meant for a real server (env) does not lock it out
+    monkeypatch.setenv("RERANKD_AUTH_TOKEN", "s3cret")
+    assert main(["index", str(corpus), "--models-dir", str(models_dir), "--data-dir", str(tmp_path / "emb"),
+                 "--no-progress", "--no-warmup"]) == 0

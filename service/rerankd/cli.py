@@ -55,12 +55,17 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from .client import connection, open_channel
+
     try:
-        with grpc.insecure_channel(args.target) as ch:
+        with open_channel(args.target, **connection(args)) as ch:  # TLS with --tls-ca; health needs no token
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
         print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:  # an unreadable --tls-ca, a flag missing its pair
+        print(f"rerankd health: {e}", file=sys.stderr)
+        return 2
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(name)
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -119,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--target", default=os.environ.get("RERANKD_TARGET", "localhost:50051"))
     h.add_argument("--service", default="")
     h.add_argument("--timeout", type=float, default=3.0)
+    from .client import add_connection_arguments
+
+    add_connection_arguments(h)
     h.set_defaults(func=_cmd_health)
 
     c = sub.add_parser("config", help="print the configuration table (flags, env vars, defaults)")

@@ -15,6 +15,8 @@ port with a keyword.
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -46,11 +48,85 @@ def _doc(d: Mapping[str, Any]) -> pb.Document:
     )
 
 
+DEFAULT_OPTIONS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20),
+                                          ("grpc.max_send_message_length", 64 << 20)]
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the command line tools (``rerankd index``/``eval --target``, ``health``) reach a server
+    run with TLS; the bearer token is ``--auth-token`` / ``RERANKD_AUTH_TOKEN``, as for ``serve``."""
+    g = parser.add_argument_group("connecting to a TLS server (--target)")
+    env = os.environ.get
+    g.add_argument("--tls-ca", default=env("RERANKD_TLS_CA", ""),
+                   help="PEM CA bundle that signed the server's certificate: connect with TLS (env RERANKD_TLS_CA)")
+    g.add_argument("--tls-client-cert", default=env("RERANKD_TLS_CLIENT_CERT", ""),
+                   help="PEM client certificate for a server that requires one (mTLS; env RERANKD_TLS_CLIENT_CERT)")
+    g.add_argument("--tls-client-key", default=env("RERANKD_TLS_CLIENT_KEY", ""),
+                   help="PEM key of --tls-client-cert (env RERANKD_TLS_CLIENT_KEY)")
+    g.add_argument("--tls-server-name", default=env("RERANKD_TLS_SERVER_NAME", ""),
+                   help="name the server's certificate must carry when it is not the target's host")
+
+
+def connection(args: argparse.Namespace, token: str = "") -> dict[str, Any]:
+    """``Client``/``open_channel`` keyword arguments from ``add_connection_arguments`` flags."""
+    ca, cert, key, name = (getattr(args, a, "") or "" for a in ("tls_ca", "tls_client_cert", "tls_client_key", "tls_server_name"))
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-client-cert and --tls-client-key go together")
+    if (cert or name) and not ca:
+        raise ValueError("--tls-client-cert / --tls-server-name need --tls-ca (they only apply to TLS)")
+    creds = None
+    if ca:
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        creds = grpc.ssl_channel_credentials(read(ca), read(key) if key else None, read(cert) if cert else None)
+    options = DEFAULT_OPTIONS + ([("grpc.ssl_target_name_override", name)] if name else [])
+    return {"credentials": creds, "metadata": [("authorization", f"Bearer {token}")] if token else None,
+            "options": options}
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, Any]] | None = None, **_: Any) -> grpc.Channel:
+    opts = options or DEFAULT_OPTIONS
+    return grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
+
+
+def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, options: list[tuple[str, Any]] | None = None,
+                 **_: Any) -> None:
+    """Block until the server's health check says SERVING. A server that answers NOT_SERVING
+    (loading and warming its models) is waited for up to ``timeout``; one that cannot be reached
+    within ``connect_timeout`` raises TimeoutError at once (the health check needs no token)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with open_channel(target, credentials, options) as ch:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise TimeoutError(f"{target}: not reachable within {connect_timeout:.0f} s") from None
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+                state = "NOT_SERVING"
+            except grpc.RpcError as e:
+                state = e.code().name
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target}: not SERVING after {timeout:.0f} s ({state})")
+            time.sleep(0.5)
+
+
 class Client:
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
                  options: list[tuple[str, Any]] | None = None) -> None:
-        opts = options or [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        opts = options or DEFAULT_OPTIONS
         self._channel = grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.RetrievalStub(self._channel)
         self.timeout = timeout

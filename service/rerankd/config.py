@@ -161,6 +161,15 @@ class Settings:
         return dataclasses.replace(self, **out)
 
 
+def embedded_settings(settings: "Settings") -> "Settings":
+    """The settings of an embedded server (``rerankd index`` / ``eval`` without ``--target``): its
+    only client is the command itself, over loopback, so it listens on 127.0.0.1 (a free port)
+    without TLS or a token. ``--tls-*`` / ``--auth-token`` / ``RERANKD_AUTH_TOKEN`` set for a
+    real server would otherwise lock the command out of its own server."""
+    return settings.replace(server={"listen": "127.0.0.1:0", "tls_cert": "", "tls_key": "", "tls_client_ca": "",
+                                    "auth_token": ""})
+
+
 # Smallest value each numeric setting takes. A value below it used to start a server that then
 # failed every affected call (a review found --rrf-k -1: INTERNAL on every hybrid Search;
 # --max-concurrent-search 0: RESOURCE_EXHAUSTED forever; --max-candidates 0: every default Search

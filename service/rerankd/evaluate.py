@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=300.0, help="per-call gRPC timeout in seconds [default 300]")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     cfg.add_arguments(parser)
+    from .client import add_connection_arguments
+
+    add_connection_arguments(parser)
 
 
 RETRIES = 8  # an overloaded server's RESOURCE_EXHAUSTED / UNAVAILABLE, per Search
@@ -647,26 +650,6 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _wait_serving(target: str, timeout: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as e:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{target}: not reachable ({e.code().name})") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target}: not SERVING after {timeout:.0f} s")
-            time.sleep(0.5)
-
-
 def _check_args(args: argparse.Namespace, settings: cfg.Settings) -> str | None:
     if any(k < 1 for k in args.ks):
         return "--ks: every k must be at least 1"
@@ -707,16 +690,18 @@ def run(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from .client import Client
+    from .client import Client, connection, wait_serving
     from .errors import RerankdError
 
     t_start = time.time()
     try:
         with contextlib.ExitStack() as stack:
             srv = None
+            conn: dict = {}
             if args.target:
                 target = args.target
-                _wait_serving(target, args.timeout)
+                conn = connection(args, settings.server.auth_token)  # TLS with --tls-ca, the bearer token
+                wait_serving(target, args.timeout, **conn)
             else:
                 from .embedded import EmbeddedServer  # imports bm25s, which sets its logger to DEBUG
 
@@ -727,7 +712,7 @@ def run(args: argparse.Namespace) -> int:
                 if data_dir is None:  # never the configured (env) data dir: eval upserts into it
                     data_dir = Path(tempfile.mkdtemp(prefix="rerankd-eval-"))
                     stack.callback(shutil.rmtree, data_dir, ignore_errors=True)
-                settings = settings.replace(index={"data_dir": Path(data_dir)})
+                settings = cfg.embedded_settings(settings).replace(index={"data_dir": Path(data_dir)})
                 print(f"starting an embedded server (models {settings.model.models_dir}, data {data_dir}) ...", file=sys.stderr)
                 srv = EmbeddedServer(settings)
                 # Not `with srv`: when the models fail to load, start() raises after the gRPC server
@@ -735,7 +720,7 @@ def run(args: argparse.Namespace) -> int:
                 stack.callback(srv.stop)
                 srv.start()
                 target = srv.target
-            client = stack.enter_context(Client(target, timeout=args.timeout))
+            client = stack.enter_context(Client(target, timeout=args.timeout, **conn))
             st = client.stats()
             # The server's own settings, not this command's defaults (they differ with --target):
             # its candidate limit, and the depths that decide which k-rows one call can share.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfg
+from .client import add_connection_arguments, connection, open_channel, wait_serving
 
 log = logging.getLogger("rerankd.ingest")
 
@@ -39,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="documents per UpsertStream message (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole stream in seconds (default none)")
+    parser.add_argument("--wait-ready", type=float, default=600.0,
+                        help="with --target: seconds to wait for a server still loading its models (default 600)")
     cfg.add_arguments(parser)
+    add_connection_arguments(parser)
 
 
 class LineError(Exception):
@@ -193,7 +197,7 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def _stream(target: str, feeder: Feeder, timeout: float | None, bar):
+def _stream(target: str, feeder: Feeder, timeout: float | None, bar, conn: dict | None = None):
     """Run the stream. gRPC flow control lets the reader run megabytes ahead of the server, so
     the progress bar follows the server's committed sequence (polled with Stats) instead of the
     lines sent; with other writers on the same server it is approximate."""
@@ -204,17 +208,18 @@ def _stream(target: str, feeder: Feeder, timeout: float | None, bar):
     from .v1 import rerankd_pb2 as pb
     from .v1 import rerankd_pb2_grpc as pb_grpc
 
-    opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    with grpc.insecure_channel(target, opts) as ch:
+    conn = conn or {}
+    md = conn.get("metadata")
+    with open_channel(target, **conn) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = pb_grpc.RetrievalStub(ch)
-        seq0 = stub.Stats(pb.StatsRequest(), timeout=30).sequence
+        seq0 = stub.Stats(pb.StatsRequest(), timeout=30, metadata=md).sequence
         stop = threading.Event()
 
         def poll() -> None:
             while not stop.wait(1.0):
                 try:
-                    seq = stub.Stats(pb.StatsRequest(), timeout=10).sequence
+                    seq = stub.Stats(pb.StatsRequest(), timeout=10, metadata=md).sequence
                 except grpc.RpcError:
                     continue
                 bar.n = min(max(seq - seq0, 0), feeder.sent_docs)
@@ -225,14 +230,14 @@ def _stream(target: str, feeder: Feeder, timeout: float | None, bar):
         if not bar.disable:
             poller.start()
         try:
-            return stub.UpsertStream(iter(feeder), timeout=timeout)
+            return stub.UpsertStream(iter(feeder), timeout=timeout, metadata=md)
         finally:
             stop.set()
             if poller.is_alive():
                 poller.join(15)
 
 
-def _ingest(target: str, args: argparse.Namespace, limits: cfg.LimitsConfig) -> int:
+def _ingest(target: str, args: argparse.Namespace, limits: cfg.LimitsConfig, conn: dict | None = None) -> int:
     import grpc
     from tqdm import tqdm
 
@@ -242,7 +247,7 @@ def _ingest(target: str, args: argparse.Namespace, limits: cfg.LimitsConfig) -> 
     feeder = Feeder(path, args.batch_size, limits)
     t0 = time.perf_counter()
     try:
-        resp = _stream(target, feeder, args.timeout, bar)
+        resp = _stream(target, feeder, args.timeout, bar, conn)
     except grpc.RpcError as e:
         bar.close()
         return _report_rpc_error(e, feeder, path)
@@ -310,12 +315,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --batch-size must be 1..{settings.limits.max_items} (--max-items)", file=sys.stderr)
         return 2
     if args.target:
-        return _ingest(args.target, args, settings.limits)
+        try:
+            conn = connection(args, settings.server.auth_token)
+            wait_serving(args.target, args.wait_ready, **conn)  # a server still warming up answers NOT_SERVING
+        except (OSError, ValueError, TimeoutError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return _ingest(args.target, args, settings.limits, conn)
 
     from .embedded import EmbeddedServer
 
     t0 = time.perf_counter()
-    srv = EmbeddedServer(settings)
+    srv = EmbeddedServer(cfg.embedded_settings(settings))
     try:
         srv.start()
     except BaseException as e:
