@@ -419,5 +419,30 @@ def test_eval_retries_an_overloaded_search_and_counts_only_query_errors(monkeypa
     with pytest.raises(grpc.RpcError):
         ev._guarded(row, "q3", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.INVALID_ARGUMENT, "candidates: 101 exceeds")))
     # the latency loop does not retry (a wait would be timed): the call counts as failed
-    assert ev._guarded(row, "q4", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")), retry=False) is None
+    assert ev._guarded(row, "q4", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 100)), retry=False) is None
     assert "q4" in row.failed and len(slept) == 2
+    # RESOURCE_EXHAUSTED without the server's hint is gRPC's own (a message over the size limit): no retry helps
+    with pytest.raises(grpc.RpcError):
+        ev._guarded(row, "q5", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max")))
+    assert len(slept) == 2
+    # a query no request can carry (a lone surrogate) scores 0, as a refused one does
+    assert ev._guarded(row, "q6", lambda: "statins \ud800".encode("utf-8")) is None and "q6" in row.failed
+
+
+def test_eval_runs_at_limits_of_exactly_its_depth_with_a_self_hit(models_dir, tmp_path, capsys):
+    """The first check asked for room for the BEIR self-hit's extra hit on every query: a server
+    limited to 100 candidates or top_n could not be evaluated at all (a review). The extra hit is
+    asked for only by a query whose id is a document, and only where the limits leave room."""
+    from rerankd.cli import main
+
+    docs = [{"_id": "q1", "text": "aspirin and colon cancer, the query's own row"},
+            {"_id": "d1", "text": "Aspirin lowers the risk of colon cancer."},
+            {"_id": "d2", "text": "Statins reduce heart disease events."}]
+    ds = _tiny_beir(tmp_path / "ds", [json.dumps(d) + "\n" for d in docs], "q1\td1\t1\nq2\td2\t1\n")
+    out = tmp_path / "e.json"
+    rc = main(["eval", "--dataset", str(ds), "--split", "test", "--models-dir", str(models_dir), "--no-warmup",
+               "--stages", "bm25", "--ks", "--latency-queries", "0", "--max-candidates", "100", "--max-top-n", "100",
+               "--no-progress", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["metrics"]["recall@100"] == 1.0 and not row.get("failed")

@@ -424,3 +424,17 @@ def test_command_line_tools_reach_a_tls_server_with_a_token(models_dir, tmp_path
     monkeypatch.setenv("RERANKD_AUTH_TOKEN", "s3cret")
     assert main(["index", str(corpus), "--models-dir", str(models_dir), "--data-dir", str(tmp_path / "emb"),
                  "--no-progress", "--no-warmup"]) == 0
+
+
+def test_wait_serving_reports_why_a_server_cannot_be_reached(models_dir, tmp_path, certs):
+    """wait_serving waited on channel_ready_future, which never resolves on a failed TLS
+    handshake: 30 s, then "not reachable" without the reason (found by a review)."""
+    from rerankd.client import wait_serving
+
+    d = certs
+    with _serve(models_dir, tmp_path, tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key")) as srv:
+        target = f"localhost:{srv.port}"
+        wait_serving(target, 30, credentials=grpc.ssl_channel_credentials((d / "ca.pem").read_bytes()))
+        with pytest.raises(TimeoutError, match="UNAVAILABLE") as ei:  # plaintext against TLS: the handshake fails
+            wait_serving(target, 30, connect_timeout=2)
+        assert "no answer for 2 s" in str(ei.value)

@@ -177,7 +177,7 @@ class Bench:
     def grpc_rows(self) -> None:
         # a throwaway store (removed after: it holds the corpus's text and embeddings)
         with tempfile.TemporaryDirectory(prefix="rerankd-bench-") as data:
-            settings = self.settings.replace(index={"data_dir": Path(data)}, server={"listen": "127.0.0.1:0"})
+            settings = cfg.embedded_settings(self.settings).replace(index={"data_dir": Path(data)})
             self._grpc_rows(settings)
 
     def _grpc_rows(self, settings) -> None:

@@ -58,7 +58,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     from .client import connection, open_channel
 
     try:
-        with open_channel(args.target, **connection(args)) as ch:  # TLS with --tls-ca; health needs no token
+        with open_channel(args.target, **connection(args, target=args.target)) as ch:  # TLS with --tls-ca; health needs no token
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
         print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -124,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--target", default=os.environ.get("RERANKD_TARGET", "localhost:50051"))
     h.add_argument("--service", default="")
     h.add_argument("--timeout", type=float, default=3.0)
-    from .client import add_connection_arguments
-
-    add_connection_arguments(h)
+    cfg.add_connection_arguments(h)
     h.set_defaults(func=_cmd_health)
 
     c = sub.add_parser("config", help="print the configuration table (flags, env vars, defaults)")

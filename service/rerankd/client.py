@@ -16,7 +16,6 @@ port with a keyword.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -52,24 +51,12 @@ DEFAULT_OPTIONS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64
                                           ("grpc.max_send_message_length", 64 << 20)]
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the command line tools (``rerankd index``/``eval --target``, ``health``) reach a server
-    run with TLS; the bearer token is ``--auth-token`` / ``RERANKD_AUTH_TOKEN``, as for ``serve``."""
-    g = parser.add_argument_group("connecting to a TLS server (--target)")
-    env = os.environ.get
-    g.add_argument("--tls-ca", default=env("RERANKD_TLS_CA", ""),
-                   help="PEM CA bundle that signed the server's certificate: connect with TLS (env RERANKD_TLS_CA)")
-    g.add_argument("--tls-client-cert", default=env("RERANKD_TLS_CLIENT_CERT", ""),
-                   help="PEM client certificate for a server that requires one (mTLS; env RERANKD_TLS_CLIENT_CERT)")
-    g.add_argument("--tls-client-key", default=env("RERANKD_TLS_CLIENT_KEY", ""),
-                   help="PEM key of --tls-client-cert (env RERANKD_TLS_CLIENT_KEY)")
-    g.add_argument("--tls-server-name", default=env("RERANKD_TLS_SERVER_NAME", ""),
-                   help="name the server's certificate must carry when it is not the target's host")
-
-
-def connection(args: argparse.Namespace, token: str = "") -> dict[str, Any]:
-    """``Client``/``open_channel`` keyword arguments from ``add_connection_arguments`` flags."""
+def connection(args: argparse.Namespace, token: str = "", target: str = "") -> dict[str, Any]:
+    """``Client``/``open_channel`` keyword arguments from ``config.add_connection_arguments`` flags.
+    A ``unix:`` target is plaintext whatever they say (the server never serves TLS there)."""
     ca, cert, key, name = (getattr(args, a, "") or "" for a in ("tls_ca", "tls_client_cert", "tls_client_key", "tls_server_name"))
+    if target.startswith("unix:"):
+        ca = cert = key = name = ""
     if bool(cert) != bool(key):
         raise ValueError("--tls-client-cert and --tls-client-key go together")
     if (cert or name) and not ca:
@@ -95,28 +82,35 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None
 def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, options: list[tuple[str, Any]] | None = None,
                  **_: Any) -> None:
-    """Block until the server's health check says SERVING. A server that answers NOT_SERVING
-    (loading and warming its models) is waited for up to ``timeout``; one that cannot be reached
-    within ``connect_timeout`` raises TimeoutError at once (the health check needs no token)."""
+    """Block until the server's health check says SERVING (it needs no token). A server that
+    answers NOT_SERVING (loading and warming its models) is waited for up to ``timeout``; one
+    that has not answered for ``min(connect_timeout, timeout)`` raises TimeoutError with gRPC's
+    last reason (connection refused, a failed TLS handshake), as does one that stops answering."""
+    import logging
     import time
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, silent_limit = start + timeout, min(connect_timeout, timeout)
+    last_answer, said = start, False
     with open_channel(target, credentials, options) as ch:
-        try:
-            grpc.channel_ready_future(ch).result(timeout=connect_timeout)
-        except grpc.FutureTimeoutError:
-            raise TimeoutError(f"{target}: not reachable within {connect_timeout:.0f} s") from None
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return
+                last_answer = time.monotonic()
+                if not said:
+                    logging.getLogger(__name__).warning("%s is NOT_SERVING (loading its models?): waiting up to %.0f s",
+                                                        target, timeout)
+                    said = True
                 state = "NOT_SERVING"
             except grpc.RpcError as e:
-                state = e.code().name
+                state = f"{e.code().name}: {e.details()}"
+                if time.monotonic() - last_answer > silent_limit:
+                    raise TimeoutError(f"{target}: no answer for {silent_limit:.0f} s ({state})") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{target}: not SERVING after {timeout:.0f} s ({state})")
             time.sleep(0.5)

@@ -161,13 +161,28 @@ class Settings:
         return dataclasses.replace(self, **out)
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the command line tools (``rerankd index``/``eval --target``, ``health``) reach a server
+    run with TLS; the bearer token is ``--auth-token`` / ``RERANKD_AUTH_TOKEN``, as for ``serve``."""
+    g = parser.add_argument_group("connecting to a TLS server (--target)")
+    env = os.environ.get
+    g.add_argument("--tls-ca", default=env("RERANKD_TLS_CA", ""),
+                   help="PEM CA bundle that signed the server's certificate: connect with TLS (env RERANKD_TLS_CA)")
+    g.add_argument("--tls-client-cert", default=env("RERANKD_TLS_CLIENT_CERT", ""),
+                   help="PEM client certificate for a server that requires one (mTLS; env RERANKD_TLS_CLIENT_CERT)")
+    g.add_argument("--tls-client-key", default=env("RERANKD_TLS_CLIENT_KEY", ""),
+                   help="PEM key of --tls-client-cert (env RERANKD_TLS_CLIENT_KEY)")
+    g.add_argument("--tls-server-name", default=env("RERANKD_TLS_SERVER_NAME", ""),
+                   help="name the server's certificate must carry when it is not the target's host")
+
+
 def embedded_settings(settings: "Settings") -> "Settings":
     """The settings of an embedded server (``rerankd index`` / ``eval`` without ``--target``): its
     only client is the command itself, over loopback, so it listens on 127.0.0.1 (a free port)
-    without TLS or a token. ``--tls-*`` / ``--auth-token`` / ``RERANKD_AUTH_TOKEN`` set for a
+    without TLS, a token or a metrics endpoint (the real server's address would be taken). ``--tls-*`` / ``--auth-token`` / ``RERANKD_AUTH_TOKEN`` set for a
     real server would otherwise lock the command out of its own server."""
     return settings.replace(server={"listen": "127.0.0.1:0", "tls_cert": "", "tls_key": "", "tls_client_ca": "",
-                                    "auth_token": ""})
+                                    "auth_token": "", "metrics_listen": ""})
 
 
 # Smallest value each numeric setting takes. A value below it used to start a server that then

@@ -80,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="untimed Search calls per row before the timed ones [default 3]")
     g.add_argument("--exact-k-rows", action="store_true",
                    help="one real Search(candidates=k) per query and k instead of sharing one candidates=max(ks) call "
-                        "(shared only up to --ef-search for dense, --hybrid-depth for hybrid; with --target pass the "
-                        "server's values of those if they are not the defaults)")
+                        "(shared only up to --ef-search for dense, --hybrid-depth for hybrid; with --target the server's "
+                        "values, from its Stats)")
     g.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure and run metadata as JSON")
     g.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
                    help="write a PNG: NDCG@10 and rerank latency vs k, first stages as baselines")
@@ -90,12 +90,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=300.0, help="per-call gRPC timeout in seconds [default 300]")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     cfg.add_arguments(parser)
-    from .client import add_connection_arguments
-
-    add_connection_arguments(parser)
+    cfg.add_connection_arguments(parser)
 
 
 RETRIES = 8  # an overloaded server's RESOURCE_EXHAUSTED / UNAVAILABLE, per Search
+
+
+def _hinted(e: Any) -> bool:
+    try:
+        return any(k == "retry-after-ms" for k, _ in e.trailing_metadata() or ())
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def retry_after(e: Any, attempt: int) -> float:
@@ -372,9 +377,14 @@ class Evaluator:
         for attempt in range(RETRIES + 1):
             try:
                 return fn()
+            except UnicodeEncodeError:  # a lone surrogate in the query: no request can carry it
+                row.failed[qid] = "query: not encodable as UTF-8 (a lone surrogate)"
+                return None
             except grpc.RpcError as e:
                 code = e.code()
-                if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                # RESOURCE_EXHAUSTED is shedding only with the server's retry hint (gRPC's own
+                # "message larger than max" is RESOURCE_EXHAUSTED too, and no retry changes it)
+                if code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hinted(e)):
                     if retry and attempt < RETRIES:
                         time.sleep(retry_after(e, attempt))
                         continue
@@ -385,6 +395,14 @@ class Evaluator:
                     raise
                 row.failed[qid] = e.details() or code.name
                 return None
+
+    def _depth(self, k: int, qid: str) -> int:
+        """Hits to ask for: k, plus one when the query's own id is in the corpus (BEIR: it is
+        dropped, so k real ones remain). Where the server's limits leave no room for that one,
+        k: the query's own id then takes one of the k places (documented; rare: limits at k)."""
+        extra = 1 if qid in self.self_ids else 0
+        lim = self.settings.limits
+        return min(k + extra, max(k, min(lim.max_candidates, lim.max_top_n)))
 
     # -- indexing --------------------------------------------------------------------------------------
     def index(self) -> dict[str, Any]:
@@ -408,8 +426,8 @@ class Evaluator:
                     refused[batch[i]["id"]] = why
                     del batch[i]
                     bar.update(1)
-                n += len(batch)
                 indexed_ids.update(d["id"] for d in batch)
+                n = len(indexed_ids)  # a row whose id came before replaced it: one document
                 bar.update(len(batch))
                 batch.clear()
 
@@ -465,8 +483,7 @@ class Evaluator:
         row = Row(stage, stage, False, FIRST_STAGE_DEPTH)
         for qid, text in self._bar(self.ds.queries, desc=f"{stage:>6} quality", unit="q"):
             # Ask for one extra hit when the query's own id is in the corpus (it is dropped below).
-            extra = 1 if qid in self.self_ids else 0
-            n = FIRST_STAGE_DEPTH + extra
+            n = self._depth(FIRST_STAGE_DEPTH, qid)
             resp = self._guarded(row, qid, lambda: self.search(text, stage=stage, rerank=False, candidates=n, top_n=n))
             if resp is not None:
                 row.run[qid] = [h.id for h in drop_self(hits_of(resp), qid)][:FIRST_STAGE_DEPTH]
@@ -488,7 +505,7 @@ class Evaluator:
                 rows[k].k_rows_from = label
             desc = f"rerank@{big}" + (f" (k={','.join(map(str, group))})" if len(group) > 1 else "")
             for qid, text in self._bar(self.ds.queries, desc=desc, unit="q"):
-                n = big + (1 if qid in self.self_ids else 0)
+                n = self._depth(big, qid)
                 probe = rows[big]
                 resp = self._guarded(probe, qid, lambda: self.search(text, stage=stage, rerank=True, candidates=n, top_n=n))
                 if resp is None:
@@ -590,6 +607,10 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         notes.append(f"Rerank rows ({', '.join(direct)}): one real Search(candidates=k, top_n=k, rerank=True) per query.")
     if shared or direct:
         notes.append("Recall@100 of a rerank@k row is the first stage's recall@k (the reranker's ceiling).")
+    lat_failed = {r.name: r.latency["failed"] for r in rows if r.latency and r.latency.get("failed")}
+    if lat_failed:
+        notes.append(f"Latency calls the server shed or refused (left out of the percentiles, which read low under "
+                     f"load): {lat_failed}.")
     lat = next((r.latency for r in rows if r.latency), None)
     if lat:
         notes.append(
@@ -650,17 +671,19 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _check_args(args: argparse.Namespace, settings: cfg.Settings) -> str | None:
+def _check_args(args: argparse.Namespace, settings: cfg.Settings, check_limits: bool = True) -> str | None:
     if any(k < 1 for k in args.ks):
         return "--ks: every k must be at least 1"
     lim = settings.limits
     for flag, limit in (("--max-candidates", lim.max_candidates), ("--max-top-n", lim.max_top_n)):
-        # a Search the limits refuse would end the run: say so before indexing anything
-        if args.ks and max(args.ks) + 1 > limit:
-            return f"--ks: {max(args.ks)} (+1 for the BEIR self-hit rule) exceeds {flag} {limit}"
-        if args.stages and FIRST_STAGE_DEPTH + 1 > limit:
-            return (f"--stages: the first-stage rows ask for {FIRST_STAGE_DEPTH} hits (+1 for the BEIR self-hit "
-                    f"rule, for Recall@{FIRST_STAGE_DEPTH}), above {flag} {limit}")
+        # a Search the limits refuse would end the run: say so before indexing anything (with
+        # --target, against the server's limits, once Stats has told them)
+        if not check_limits:
+            break
+        if args.ks and max(args.ks) > limit:
+            return f"--ks: {max(args.ks)} exceeds {flag} {limit}"
+        if args.stages and FIRST_STAGE_DEPTH > limit:
+            return f"--stages: the first-stage rows ask for {FIRST_STAGE_DEPTH} hits (Recall@{FIRST_STAGE_DEPTH}), above {flag} {limit}"
     if args.skip_index and not args.target and args.index__data_dir is None:
         return "--skip-index needs --target or --data-dir (the default embedded server starts empty)"
     if args.max_queries is not None and args.max_queries < 1:
@@ -675,7 +698,7 @@ def run(args: argparse.Namespace) -> int:
     level = args.server__log_level or "WARNING"  # the embedded server's INFO lines would drown the bars
     logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    err = _check_args(args, settings)
+    err = _check_args(args, settings, check_limits=not args.target)  # a target's limits: from its Stats
     if err:
         print(f"rerankd eval: {err}", file=sys.stderr)
         return 2
@@ -700,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
             conn: dict = {}
             if args.target:
                 target = args.target
-                conn = connection(args, settings.server.auth_token)  # TLS with --tls-ca, the bearer token
+                conn = connection(args, settings.server.auth_token, target)  # TLS with --tls-ca, the bearer token
                 wait_serving(target, args.timeout, **conn)
             else:
                 from .embedded import EmbeddedServer  # imports bm25s, which sets its logger to DEBUG
@@ -727,7 +750,7 @@ def run(args: argparse.Namespace) -> int:
             # (0: a server too old to report it; the local value stands)
             settings = settings.replace(
                 index={k: v for k, v in (("ef_search", st.ef_search), ("hybrid_depth", st.hybrid_depth)) if v},
-                limits={"max_candidates": st.max_candidates} if st.max_candidates else {})
+                limits={k: v for k, v in (("max_candidates", st.max_candidates), ("max_top_n", st.max_top_n)) if v})
             err = _check_args(args, settings)
             if err:
                 print(f"rerankd eval: {err} (the server at {target})", file=sys.stderr)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfg
-from .client import add_connection_arguments, connection, open_channel, wait_serving
 
 log = logging.getLogger("rerankd.ingest")
 
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait-ready", type=float, default=600.0,
                         help="with --target: seconds to wait for a server still loading its models (default 600)")
     cfg.add_arguments(parser)
-    add_connection_arguments(parser)
+    cfg.add_connection_arguments(parser)
 
 
 class LineError(Exception):
@@ -208,6 +207,8 @@ def _stream(target: str, feeder: Feeder, timeout: float | None, bar, conn: dict 
     from .v1 import rerankd_pb2 as pb
     from .v1 import rerankd_pb2_grpc as pb_grpc
 
+    from .client import open_channel
+
     conn = conn or {}
     md = conn.get("metadata")
     with open_channel(target, **conn) as ch:
@@ -315,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --batch-size must be 1..{settings.limits.max_items} (--max-items)", file=sys.stderr)
         return 2
     if args.target:
+        from .client import connection, wait_serving
+
         try:
-            conn = connection(args, settings.server.auth_token)
+            conn = connection(args, settings.server.auth_token, args.target)
             wait_serving(args.target, args.wait_ready, **conn)  # a server still warming up answers NOT_SERVING
         except (OSError, ValueError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)

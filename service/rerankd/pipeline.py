@@ -794,5 +794,6 @@ class Pipeline:
             "rrf_k": self.settings.index.rrf_k,
             "rerank_fusion_weight": self.settings.index.rerank_fusion_weight,
             "max_candidates": self.settings.limits.max_candidates,
+            "max_top_n": self.settings.limits.max_top_n,
         }
 
