@@ -177,10 +177,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def embedded_settings(settings: "Settings") -> "Settings":
-    """The settings of an embedded server (``rerankd index`` / ``eval`` without ``--target``): its
-    only client is the command itself, over loopback, so it listens on 127.0.0.1 (a free port)
-    without TLS, a token or a metrics endpoint (the real server's address would be taken). ``--tls-*`` / ``--auth-token`` / ``RERANKD_AUTH_TOKEN`` set for a
-    real server would otherwise lock the command out of its own server."""
+    """The settings of an embedded server (``rerankd index`` / ``eval`` / ``bench`` without
+    ``--target``): its only client is the command itself, over loopback, so it listens on
+    127.0.0.1 (a free port) without TLS, a token or a metrics endpoint. ``--tls-*`` /
+    ``--auth-token`` / ``RERANKD_AUTH_TOKEN`` set for a real server would otherwise lock the
+    command out of its own server, and the real server's metrics address would be taken."""
     return settings.replace(server={"listen": "127.0.0.1:0", "tls_cert": "", "tls_key": "", "tls_client_ca": "",
                                     "auth_token": "", "metrics_listen": ""})
 

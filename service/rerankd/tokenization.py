@@ -96,7 +96,6 @@ class TextTokenizer:
         self.max_length = max_length
         self._tok = _load(path)
         self._tok.enable_truncation(max_length=max_length)
-        self.from_heads = True
         self.from_heads = _heads_agree(lambda t: [x.input_ids for x in self._encode(t, False)],
                                        lambda t: [x.input_ids for x in self._encode(t, True)])
 
@@ -124,7 +123,6 @@ class PairTokenizer:
         self._raw = _load(path)  # no special tokens, no truncation: ids of a text alone
         self._ref = _load(path)  # reference pair encoder (truncate only the second sequence)
         self._ref.enable_truncation(max_length=max_length, strategy="only_second")
-        self.from_heads = True
         self.from_heads = _heads_agree(lambda t: self._passage_ids(t, False), lambda t: self._passage_ids(t, True))
         self.fast_assembly = self._check_assembly()
 
