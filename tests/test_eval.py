@@ -364,6 +364,7 @@ def test_eval_takes_the_datasets_index_takes(models_dir, tmp_path, capsys):
     assert doc["meta"]["queries"] == 2  # q1 was lost to the qrels' BOM
     idx = doc["meta"]["indexing"]
     assert (idx["refused"], idx["skipped_unencodable"]) == (1, 1) and "dz" in idx["refused_examples"]
+    assert idx["documents"] == 3  # d1 twice is one document
     assert "has no tokens" in idx["refused_examples"]["dz"] and "the server refused" in err
     assert doc["rows"][0]["metrics"]["recall@100"] == 1.0  # both relevant docs, d2 keyed "id", were indexed
 
@@ -384,6 +385,8 @@ def test_eval_retries_an_overloaded_search_and_counts_only_query_errors(monkeypa
     """One RESOURCE_EXHAUSTED ended the whole eval and lost what was measured (found by a
     review): it is retried after the server's retry-after-ms. An INVALID_ARGUMENT on another
     field than the query ends the run rather than scoring the query 0."""
+    import types
+
     import grpc
 
     from rerankd import evaluate
@@ -404,6 +407,7 @@ def test_eval_retries_an_overloaded_search_and_counts_only_query_errors(monkeypa
     slept: list[float] = []
     monkeypatch.setattr(evaluate.time, "sleep", slept.append)
     ev = evaluate.Evaluator.__new__(evaluate.Evaluator)
+    ev.ds = types.SimpleNamespace(queries=[("q6", "statins \ud800"), ("q7", "fine")])
     row = evaluate.Row("bm25", "bm25", False, 100)
     answers = [Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 250), Err(grpc.StatusCode.UNAVAILABLE, "draining"), "ok"]
 
@@ -425,8 +429,11 @@ def test_eval_retries_an_overloaded_search_and_counts_only_query_errors(monkeypa
     with pytest.raises(grpc.RpcError):
         ev._guarded(row, "q5", lambda: (_ for _ in ()).throw(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max")))
     assert len(slept) == 2
-    # a query no request can carry (a lone surrogate) scores 0, as a refused one does
-    assert ev._guarded(row, "q6", lambda: "statins \ud800".encode("utf-8")) is None and "q6" in row.failed
+    # a query no request can carry (a lone surrogate) scores 0, as a refused one does; another
+    # encoding error (e.g. in a token) is not blamed on the query
+    assert ev._guarded(row, "q6", lambda: pytest.fail("never sent")) is None and "q6" in row.failed
+    with pytest.raises(UnicodeEncodeError):
+        ev._guarded(row, "q7", lambda: "token \ud800".encode("utf-8"))
 
 
 def test_eval_runs_at_limits_of_exactly_its_depth_with_a_self_hit(models_dir, tmp_path, capsys):
@@ -446,3 +453,32 @@ def test_eval_runs_at_limits_of_exactly_its_depth_with_a_self_hit(models_dir, tm
     assert rc == 0, capsys.readouterr().err
     row = json.loads(out.read_text())["rows"][0]
     assert row["metrics"]["recall@100"] == 1.0 and not row.get("failed")
+
+
+def test_shared_k_rows_account_for_the_self_hit_extra_candidate():
+    """A query whose own id is a document asks for k + 1: with the largest k at --ef-search, the
+    shared call searched at ef = k + 1 and its k-rows were labelled exact (a review)."""
+    import argparse
+    import types
+
+    from rerankd import config as cfg
+    from rerankd import evaluate
+
+    ev = evaluate.Evaluator.__new__(evaluate.Evaluator)
+    ev.args = argparse.Namespace(rerank_stage="dense", ks=[10, 100], exact_k_rows=False, timeout=1)
+    ev.settings = cfg.Settings().replace(index={"ef_search": 100})
+    ev.ds = types.SimpleNamespace(queries=[("q1", "aspirin")])
+    ev.progress, ev.fusion_weight = False, 0.0
+    calls: list[int] = []
+
+    def search(text, *, stage, rerank, candidates, top_n):
+        calls.append(candidates)
+        return types.SimpleNamespace(hits=[])
+
+    ev.search = search
+    for self_ids, want in ((set(), [100]), ({"q1"}, [11, 101])):
+        calls.clear()
+        ev.self_ids = self_ids
+        rows = ev.rerank_rows()
+        assert calls == want, (self_ids, calls)
+        assert [r.k_rows_from for r in rows] == (["shared candidates=100 call"] * 2 if not self_ids else ["direct", "direct"])

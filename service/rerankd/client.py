@@ -97,8 +97,10 @@ def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float 
     with open_channel(target, credentials, options) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
+            now = time.monotonic()
+            wait = max(0.1, min(5.0, deadline - now, last_answer + silent_limit - now))  # never past either limit
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=wait).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return
                 last_answer = time.monotonic()

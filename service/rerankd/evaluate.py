@@ -374,12 +374,12 @@ class Evaluator:
         got wrong, never a property of the query, and zeroing every query would hide it."""
         import grpc
 
+        if qid in self._unencodable():  # a lone surrogate in the query: no request can carry it
+            row.failed[qid] = "query: not encodable as UTF-8 (a lone surrogate)"
+            return None
         for attempt in range(RETRIES + 1):
             try:
                 return fn()
-            except UnicodeEncodeError:  # a lone surrogate in the query: no request can carry it
-                row.failed[qid] = "query: not encodable as UTF-8 (a lone surrogate)"
-                return None
             except grpc.RpcError as e:
                 code = e.code()
                 # RESOURCE_EXHAUSTED is shedding only with the server's retry hint (gRPC's own
@@ -395,6 +395,18 @@ class Evaluator:
                     raise
                 row.failed[qid] = e.details() or code.name
                 return None
+
+    def _unencodable(self) -> set[str]:
+        """Ids of the queries whose text no gRPC string can carry (computed once)."""
+        if getattr(self, "_bad_queries", None) is None:
+            bad = set()
+            for qid, text in self.ds.queries:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    bad.add(qid)
+            self._bad_queries = bad
+        return self._bad_queries
 
     def _depth(self, k: int, qid: str) -> int:
         """Hits to ask for: k, plus one when the query's own id is in the corpus (BEIR: it is
@@ -492,7 +504,10 @@ class Evaluator:
     def rerank_rows(self) -> list[Row]:
         stage, ks = self.args.rerank_stage, sorted(set(self.args.ks))
         depth = 0 if self.args.exact_k_rows else prefix_depth(stage, self.settings)
-        shared = [k for k in ks if k <= depth]
+        # a query whose own id is a document asks for k + 1 (see _depth): that call too must
+        # search exactly as Search(candidates=k) does for the rows it shares
+        extra = 1 if self.self_ids else 0
+        shared = [k for k in ks if k + extra <= depth]
         rows = {k: Row(f"{stage}+rerank@{k}", stage, True, k) for k in ks}
         groups: list[list[int]] = ([shared] if shared else []) + [[k] for k in ks if k not in shared]
         for group in groups:
@@ -750,7 +765,9 @@ def run(args: argparse.Namespace) -> int:
             # (0: a server too old to report it; the local value stands)
             settings = settings.replace(
                 index={k: v for k, v in (("ef_search", st.ef_search), ("hybrid_depth", st.hybrid_depth)) if v},
-                limits={k: v for k, v in (("max_candidates", st.max_candidates), ("max_top_n", st.max_top_n)) if v})
+                # (a server too old to report max_top_n: its max_candidates stands in; both default to 1000)
+                limits={k: v for k, v in (("max_candidates", st.max_candidates),
+                                          ("max_top_n", st.max_top_n or st.max_candidates)) if v})
             err = _check_args(args, settings)
             if err:
                 print(f"rerankd eval: {err} (the server at {target})", file=sys.stderr)
