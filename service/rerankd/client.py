@@ -16,6 +16,8 @@ port with a keyword.
 from __future__ import annotations
 
 import argparse
+import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -86,9 +88,6 @@ def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float 
     answers NOT_SERVING (loading and warming its models) is waited for up to ``timeout``; one
     that has not answered for ``min(connect_timeout, timeout)`` raises TimeoutError with gRPC's
     last reason (connection refused, a failed TLS handshake), as does one that stops answering."""
-    import logging
-    import time
-
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     start = time.monotonic()

@@ -96,22 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 RETRIES = 8  # an overloaded server's RESOURCE_EXHAUSTED / UNAVAILABLE, per Search
 
 
-def _hinted(e: Any) -> bool:
-    try:
-        return any(k == "retry-after-ms" for k, _ in e.trailing_metadata() or ())
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-def retry_after(e: Any, attempt: int) -> float:
-    """Seconds to wait before retrying: the server's ``retry-after-ms`` trailer, else a backoff."""
+def _retry_hint(e: Any) -> float | None:
+    """The server's ``retry-after-ms`` trailer in seconds (capped at 30), None without one."""
     try:
         for k, v in e.trailing_metadata() or ():
             if k == "retry-after-ms":
                 return min(30.0, max(0.0, float(v) / 1000))
     except (AttributeError, TypeError, ValueError):
         pass
-    return min(5.0, 0.1 * 2 ** attempt)
+    return None
+
+
+def retry_after(e: Any, attempt: int) -> float:
+    """Seconds to wait before retrying: the server's hint, else a backoff."""
+    hint = _retry_hint(e)
+    return min(5.0, 0.1 * 2 ** attempt) if hint is None else hint
 
 
 # -- dataset ----------------------------------------------------------------------------------------
@@ -384,7 +383,7 @@ class Evaluator:
                 code = e.code()
                 # RESOURCE_EXHAUSTED is shedding only with the server's retry hint (gRPC's own
                 # "message larger than max" is RESOURCE_EXHAUSTED too, and no retry changes it)
-                if code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hinted(e)):
+                if code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _retry_hint(e) is not None):
                     if retry and attempt < RETRIES:
                         time.sleep(retry_after(e, attempt))
                         continue
@@ -690,11 +689,10 @@ def _check_args(args: argparse.Namespace, settings: cfg.Settings, check_limits: 
     if any(k < 1 for k in args.ks):
         return "--ks: every k must be at least 1"
     lim = settings.limits
-    for flag, limit in (("--max-candidates", lim.max_candidates), ("--max-top-n", lim.max_top_n)):
-        # a Search the limits refuse would end the run: say so before indexing anything (with
-        # --target, against the server's limits, once Stats has told them)
-        if not check_limits:
-            break
+    # a Search the limits refuse would end the run: say so before indexing anything (with
+    # --target, against the server's limits, once Stats has told them)
+    limits = (("--max-candidates", lim.max_candidates), ("--max-top-n", lim.max_top_n)) if check_limits else ()
+    for flag, limit in limits:
         if args.ks and max(args.ks) > limit:
             return f"--ks: {max(args.ks)} exceeds {flag} {limit}"
         if args.stages and FIRST_STAGE_DEPTH > limit:
