@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rerankd.embedded import EmbeddedServer
 from rerankd.v1 import rerankd_pb2 as pb
@@ -75,6 +76,52 @@ def test_malformed_request_is_invalid_argument(channel, stub, method, raw):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (ei.value.code(), ei.value.details())
     assert ei.value.details().startswith(f"request: malformed {method}Request"), ei.value.details()
     assert stub.Stats(pb.StatsRequest(), timeout=30).documents >= len(DOCS)  # still serving
+
+
+def test_malformed_health_and_reflection_requests_are_invalid_argument(channel, stub):
+    # Were UNKNOWN ("Unexpected DecodeError") with an ERROR traceback: the interceptor only parsed
+    # Retrieval requests itself.
+    check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as ei:
+        check(b"\xff\xff\xff", timeout=30)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (ei.value.code(), ei.value.details())
+    assert ei.value.details().startswith("request: malformed HealthCheckRequest"), ei.value.details()
+    info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as ei:
+        list(info(iter([b"\xff\xff\xff"]), timeout=30))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (ei.value.code(), ei.value.details())
+    assert "malformed ServerReflectionRequest" in ei.value.details(), ei.value.details()
+    # A well-formed health Watch (server streaming, through the same wrapper) still answers.
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    assert stub.Stats(pb.StatsRequest(), timeout=30).documents >= len(DOCS)
+
+
+def test_abort_on_a_call_that_already_ended_is_a_cancel_not_an_error():
+    """A client deadline that lands while the server answers made grpc's status send fail with
+    ExecuteBatchError, logged by grpc as an ERROR with two tracebacks (about 1 in 300 short-deadline
+    calls under load). ``server.abort`` turns that into a cancel; a real abort is untouched."""
+    import asyncio
+
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    from rerankd import server as srv
+
+    class Ended:
+        async def abort(self, code, details):
+            raise ExecuteBatchError("Failed execute_batch")
+
+    class Live:
+        async def abort(self, code, details):
+            raise grpc.aio.AbortError()
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(srv.abort(Ended(), grpc.StatusCode.DEADLINE_EXCEEDED, "late"))
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(srv.abort(Live(), grpc.StatusCode.INVALID_ARGUMENT, "x"))
 
 
 def test_upsert_stream_malformed_batch_midway_says_what_was_committed(server, channel, stub):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import hmac
+import inspect
 import logging
 import signal
 import time
@@ -22,6 +23,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+try:  # what a send on a call that already ended raises (grpc's Cython layer; private)
+    from grpc._cython.cygrpc import ExecuteBatchError as _EXECUTE_BATCH_ERROR
+except ImportError:  # pragma: no cover - another grpc build: no special case
+    _EXECUTE_BATCH_ERROR = ()
 
 from . import errors
 from .config import Settings, check_settings
@@ -236,7 +242,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s %s failed: %s", request_id, method, e)
-            await context.abort(code, str(e))
+            await abort(context, code, str(e))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -245,7 +251,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         except Exception as e:  # a bug: log it with the request id, never crash the server
             code = grpc.StatusCode.INTERNAL
             log.exception("request %s %s: unexpected error", request_id, method)
-            await context.abort(code, f"internal error (request id {request_id}): {type(e).__name__}")
+            await abort(context, code, f"internal error (request id {request_id}): {type(e).__name__}")
         finally:
             if admitted:
                 self._inflight[lane] -= 1
@@ -439,43 +445,90 @@ async def _next_batch(requests, idle_s: float):
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """A Retrieval request that does not parse (corrupt wire format, a string field that is not
-    UTF-8) is the caller's error: INVALID_ARGUMENT, not grpc's UNKNOWN with a logged traceback.
+    """A request that does not parse (corrupt wire format, a string field that is not UTF-8) is
+    the caller's error: INVALID_ARGUMENT, not grpc's UNKNOWN with a logged traceback -- for every
+    service on the port (Retrieval, health, reflection).
 
-    The handler gets raw bytes and parses them itself. In a client stream, a malformed message
-    raises ``InvalidArgument`` from the request iterator, so the servicer can say which message it
-    was and what had been committed before it."""
+    The handler gets raw bytes and parses them itself. In a Retrieval client stream, a malformed
+    message raises ``InvalidArgument`` from the request iterator, so the servicer can say which
+    message it was and what had been committed before it; in another service's stream the wrapper
+    answers INVALID_ARGUMENT itself."""
 
     PREFIX = f"/{SERVICE_NAME}/"
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.PREFIX) or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        ours = details.method.startswith(self.PREFIX)
         parse = handler.request_deserializer
         kw = {"response_serializer": handler.response_serializer}
-        if handler.request_streaming and not handler.response_streaming:
-            async def stream_unary(raw_iterator, context):
-                async def requests():
-                    async for raw in raw_iterator:
-                        try:
-                            yield parse(raw)
-                        except DecodeError as e:
-                            raise errors.InvalidArgument("request", _malformed(e)) from None
 
-                return await handler.stream_unary(requests(), context)
+        async def requests(raw_iterator):
+            async for raw in raw_iterator:
+                try:
+                    yield parse(raw)
+                except DecodeError as e:
+                    raise errors.InvalidArgument("request", _malformed(e)) from None
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        async def parsed(raw, context):
+            try:
+                return parse(raw)
+            except DecodeError as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: {_malformed(e)}")
+
         if not handler.request_streaming and not handler.response_streaming:
             async def unary_unary(raw, context):
-                try:
-                    request = parse(raw)
-                except DecodeError as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {_malformed(e)}")
+                request = await parsed(raw, context)
                 return await handler.unary_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-        return handler  # the service has no server-streaming methods
+        if handler.request_streaming and not handler.response_streaming:
+            async def stream_unary(raw_iterator, context):
+                if ours:  # the servicer reports which message failed and what was committed
+                    return await handler.stream_unary(requests(raw_iterator), context)
+                try:
+                    return await handler.stream_unary(requests(raw_iterator), context)
+                except errors.InvalidArgument as e:
+                    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        # Server streaming (health Watch, reflection): answer through context.write, whichever
+        # style (async generator or reader-writer coroutine) the wrapped handler uses.
+        async def forward(result, context):
+            if inspect.isasyncgen(result):
+                async for message in result:
+                    await context.write(message)
+            else:
+                await result
+
+        if not handler.request_streaming:
+            async def unary_stream(raw, context):
+                request = await parsed(raw, context)
+                await forward(handler.unary_stream(request, context), context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+
+        async def stream_stream(raw_iterator, context):
+            try:
+                await forward(handler.stream_stream(requests(raw_iterator), context), context)
+            except errors.InvalidArgument as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """``context.abort``, except when the call has already ended: a client deadline or cancel that
+    lands while the server answers makes grpc's send fail (ExecuteBatchError), which grpc logs as
+    an ERROR with two tracebacks although the client already has its status. Such a call ends as
+    cancelled instead (grpc logs that at debug)."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError:
+        raise
+    except _EXECUTE_BATCH_ERROR:
+        raise asyncio.CancelledError(f"call ended before its status ({code.name}) was sent") from None
 
 
 def _malformed(e: DecodeError) -> str:
