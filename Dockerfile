@@ -6,7 +6,7 @@
 #   runtime  python + those wheels + /models. No torch, no compiler, runs as a non-root user.
 #
 #   docker build -t rerankd:0.1.0 .
-#   docker build --build-arg EXPORT_ARGS='--int8' -t rerankd:0.1.0 .   # + int8 model variants
+#   docker build --build-arg EXPORT_ARGS='--no-int8 --no-openvino' -t rerankd:0.1.0 .   # fp32 only (smaller; int8 is default)
 #   docker run --rm -p 127.0.0.1:50051:50051 -v rerankd-data:/data -e RERANKD_THREADS=2 rerankd:0.1.0
 #
 # GPU image (same base; the CUDA 13 runtime and cuDNN 9 come as pip wheels with onnxruntime-gpu,

@@ -111,7 +111,7 @@ def test_unknown_backend_lists_valid_ones(models_dir):
 
 def test_missing_dependency_names_install_command(models_dir, monkeypatch):
     bundle = ModelBundle.load(models_dir, "rerankd-ce-MiniLM-L6", "rerank")
-    monkeypatch.setitem(backends.REGISTRY, "fancy", ("rerankd.backends.does_not_exist", "X", "fancy-runtime"))
+    monkeypatch.setitem(backends.REGISTRY, "fancy", ("rerankd.backends.does_not_exist", "X", "pip install 'fancy-runtime'"))
     with pytest.raises(ConfigError) as ei:
         create_backend("fancy", bundle, BackendOptions())
     assert "pip install 'fancy-runtime'" in str(ei.value)

@@ -24,7 +24,7 @@ from rerankd.config import (
     markdown_table,
     settings_from_args,
 )
-from rerankd.errors import InvalidArgument
+from rerankd.errors import ConfigError, InvalidArgument
 from rerankd.stages.fusion import rrf
 from rerankd.validation import resolve_search
 
@@ -142,7 +142,7 @@ def test_bool_env(raw, want):
 
 
 def test_bool_env_invalid():
-    with pytest.raises(ValueError, match="RERANKD_WARMUP"):
+    with pytest.raises(ConfigError, match="RERANKD_WARMUP"):
         _settings([], {"RERANKD_WARMUP": "maybe"})
 
 
@@ -174,7 +174,7 @@ def test_path_float_int_str_parsing(tmp_path):
     assert s.server.grace_period_s == 2.5
     assert s.model.threads == 3
     assert s.server.listen == "unix:///tmp/x.sock"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="RERANKD_THREADS"):
         _settings([], {"RERANKD_THREADS": "many"})
 
 
@@ -348,5 +348,49 @@ def test_serve_with_a_bad_flag_exits_at_once_naming_it(tmp_path, capsys):
 
     rc = main(["serve", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "data"),
                "--listen", "127.0.0.1:0", "--rrf-k", "-1"])
-    assert rc == 2 and "--rrf-k must be at least 0, got -1" in capsys.readouterr().err
+    assert rc == 2 and "--rrf-k (RERANKD_RRF_K) must be at least 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--batch-order", "longest"), ("--score-activation", "softmax"), ("--openvino-compile", "per_shape"),
+    ("--log-level", "chatty"), ("--backend", "tensorrt"), ("--precision", "int4"), ("--gpu-provider", "rocm"),
+    ("--first-stage", "Hybrid"),
+])
+def test_serve_with_a_word_outside_its_choices_exits_at_once(tmp_path, capsys, flag, value):
+    """A review found --batch-order/--score-activation/--openvino-compile typos binding the port and
+    loading the models before failing with exit 1 and the field's name (and --log-level typos
+    served at INFO)."""
+    from rerankd.cli import main
+
+    rc = main(["serve", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "data"),
+               "--listen", "127.0.0.1:0", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{flag} (" in err and f"got {value!r}" in err, err
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_choice_names_a_string_setting_and_defaults_are_choices():
+    from rerankd.config import CHOICES, SECTIONS, check_settings
+
+    fields = {f.name: getattr(cls(), f.name) for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    for name, words in CHOICES.items():
+        assert isinstance(fields[name], str) and fields[name] in words, name
+    check_settings(Settings().replace(server={"log_level": "debug"}))  # levels are case-insensitive
+
+
+@pytest.mark.parametrize("var,raw,says", [
+    ("RERANKD_MAX_CANDIDATES", "abc", "as a whole number"),
+    ("RERANKD_WARMUP", "maybe", "as a boolean"),
+    ("RERANKD_SEQ_BUCKETS", "64,x", "as whole numbers"),
+    ("RERANKD_EF_SEARCH", "", "as a whole number"),
+])
+def test_serve_with_an_unreadable_environment_value_names_the_variable(tmp_path, capsys, monkeypatch, var, raw, says):
+    """Was a traceback ending in "invalid literal for int()", naming no variable."""
+    from rerankd.cli import main
+
+    monkeypatch.setenv(var, raw)
+    rc = main(["serve", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "data"),
+               "--listen", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"rerankd serve: {var}: cannot read {raw!r} {says}"), err

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run(["bash", str(REPO / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=env, cwd=REPO)
     for name in ("rerankd_pb2.py", "rerankd_pb2.pyi", "rerankd_pb2_grpc.py"):
         fresh = (tmp_path / "rerankd" / "v1" / name).read_text()

@@ -138,6 +138,9 @@ def test_upsert_replace_delete_stats(client):
     assert hits[0]["id"] == "zz-1" and "heart" in hits[0]["text"]
     assert hits[0]["metadata"] == {}  # the replacement carried no metadata
     assert client.stats().documents == before.documents + 1
+    # A title-only document, as the server and `rerankd index` take it (the client raised KeyError).
+    assert client.upsert([{"id": "zz-title", "title": "Zebrafish retina regeneration by Muller glia"}]).upserted == 1
+    assert client.delete(["zz-title"]).deleted == 1
     d = client.delete(["zz-1", "never-existed"])
     assert d.deleted == 1 and list(d.not_found) == ["never-existed"]
     for stage in ("dense", "bm25", "hybrid"):
@@ -181,6 +184,8 @@ LONG = "word " * 20000
         (lambda c: c.encode([]), "items"),
         (lambda c: c.encode([{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]), "items[1].id"),
         (lambda c: c.upsert([{"id": "d", "text": ""}]), "documents[0].text"),
+        (lambda c: c.upsert([{"id": "d"}]), "documents[0].text"),  # no text, no title (was a client KeyError)
+        (lambda c: c.score("q", [{"id": "a"}]), "items[0].text"),
         (lambda c: c.upsert([{"id": "", "text": "t"}]), "documents[0].id"),
         (lambda c: c.upsert([{"id": "d", "text": "t"}, {"id": "d", "text": "t"}]), "documents[1].id"),
         (lambda c: c.upsert([{"id": "d", "text": LONG}]), "documents[0].text"),

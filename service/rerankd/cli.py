@@ -21,15 +21,10 @@ def _setup_logging(level: str = "INFO") -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    from .errors import ConfigError
-
     settings = cfg.settings_from_args(args)
+    cfg.check_settings(settings)  # before logging is set up from --log-level
     _setup_logging(settings.server.log_level)
-    try:
-        return asyncio.run(serve(settings))
-    except ConfigError as e:  # a bad flag or TLS file: one line naming it, not a traceback
-        print(f"rerankd serve: {e}", file=sys.stderr)
-        return 2
+    return asyncio.run(serve(settings))
 
 
 def _offline_tool(command: str, module: str, func: str):
@@ -79,8 +74,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_backends(args: argparse.Namespace) -> int:
     from .backends import REGISTRY
 
-    for name, (_, _, extra) in sorted(REGISTRY.items()):
-        print(f"{name}\t(pip install '{extra}')")
+    for name, (_, _, install) in sorted(REGISTRY.items()):
+        print(f"{name}\t({install})")
     return 0
 
 
@@ -135,8 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # a bad flag, environment variable or TLS file: one line naming it
+        print(f"rerankd {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

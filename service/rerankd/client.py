@@ -38,13 +38,15 @@ def _items(items: Iterable[ItemLike]) -> list[pb.Item]:
         if isinstance(it, str):
             out.append(pb.Item(id=str(i), text=it))
         else:
-            out.append(pb.Item(id=str(it.get("id", it.get("item_id", i))), text=it["text"]))
+            # A missing text is the server's to refuse, naming items[i].text (was a KeyError here).
+            out.append(pb.Item(id=str(it.get("id", it.get("item_id", i))), text=it.get("text", "") or ""))
     return out
 
 
 def _doc(d: Mapping[str, Any]) -> pb.Document:
     return pb.Document(
-        id=str(d.get("id", d.get("_id", ""))), text=d["text"], title=d.get("title", "") or "",
+        # Title-only documents are valid (the server and `rerankd index` take them).
+        id=str(d.get("id", d.get("_id", ""))), text=d.get("text", "") or "", title=d.get("title", "") or "",
         metadata={str(k): str(v) for k, v in (d.get("metadata") or {}).items()},
     )
 

@@ -202,24 +202,66 @@ MINIMUM: dict[str, float] = {
     "max_id_bytes": 1, "max_metadata_bytes": 0,
 }
 
+# The words each string setting takes. A typo used to start the server, bind the port, load the
+# models and only then fail (--batch-order, --score-activation, --openvino-compile) or was read as
+# a default without a word (an unknown --log-level served at INFO).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "backend": ("auto", "onnxruntime", "openvino", "cuda"),
+    "precision": ("auto", "fp32", "int8", "bf16", "fp16"),
+    "openvino_compile": ("shared", "per-shape"),
+    "gpu_provider": ("auto", "tensorrt", "cuda"),
+    "score_activation": ("none", "sigmoid"),
+    "batch_order": ("length", "arrival"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+
+
+def setting_name(name: str) -> str:
+    """How an error names a setting: its flag and its environment variable, either of which the
+    user may have set."""
+    return f"{flag_name(name)} ({env_name(name)})"
+
 
 def check_settings(settings: "Settings") -> None:
-    """Refuse, naming the flag, a setting no call could work with (ConfigError). The backend,
-    batcher and reranker check their own choices (precision, batch order, activation) as they
-    are built; the default first stage is only read by a Search, so it is checked here."""
-    from .errors import ConfigError
-    from .validation import FIRST_STAGES
+    """Refuse, naming the flag, a setting no call could work with (ConfigError): a number below
+    its ``MINIMUM``, a word outside its ``CHOICES``. Combinations (a precision a backend lacks)
+    are checked by the backends as they are built."""
+    from .errors import ConfigError, InvalidArgument
+    from .validation import check_fusion_weight
 
     for section in SECTIONS:
         for f in dataclasses.fields(SECTIONS[section]):
             v = getattr(getattr(settings, section), f.name)
             low = MINIMUM.get(f.name)
             if low is not None and not v >= low:  # "not >=" also refuses NaN
-                raise ConfigError(f"{flag_name(f.name)} must be at least {low:g}, got {v!r}")
+                raise ConfigError(f"{setting_name(f.name)} must be at least {low:g}, got {v!r}")
             if isinstance(v, tuple) and not (v and all(x >= 1 for x in v)):  # --batch-sizes, --seq-buckets
-                raise ConfigError(f"{flag_name(f.name)} must be one or more numbers of at least 1, got {' '.join(map(str, v))!r}")
-    if settings.index.first_stage not in FIRST_STAGES:
-        raise ConfigError(f"--first-stage must be one of {', '.join(FIRST_STAGES)}, got {settings.index.first_stage!r}")
+                raise ConfigError(f"{setting_name(f.name)} must be one or more numbers of at least 1, got {' '.join(map(str, v))!r}")
+            allowed = choices(f.name)
+            if allowed and (v.upper() if f.name == "log_level" else v) not in allowed:
+                raise ConfigError(f"{setting_name(f.name)} must be one of {', '.join(allowed)}, got {v!r}")
+    try:
+        check_fusion_weight(settings.index.rerank_fusion_weight, "rerank_fusion_weight")
+    except InvalidArgument as e:
+        raise ConfigError(f"{setting_name('rerank_fusion_weight')}: {e}") from None
+    # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
+    # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
+    # items, an Upsert's documents) must fit an empty queue.
+    lim = settings.limits
+    biggest = max(lim.max_candidates, lim.max_items)
+    if settings.batch.max_queue < biggest:
+        raise ConfigError(f"--max-queue {settings.batch.max_queue} is below the largest call the limits admit "
+                          f"({biggest}: --max-candidates {lim.max_candidates}, --max-items "
+                          f"{lim.max_items}): such calls could never be queued")
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The words a string setting takes (empty: free text)."""
+    if name == "first_stage":
+        from .validation import FIRST_STAGES
+
+        return tuple(FIRST_STAGES)
+    return CHOICES.get(name, ())
 
 
 SECTIONS: dict[str, type] = {
@@ -249,12 +291,21 @@ def _parse_value(f: dataclasses.Field, raw: str) -> Any:
             return True
         if v in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{env_name(f.name)}: expected a boolean, got {raw!r}")
+        raise ValueError("not a boolean")
     if isinstance(default, tuple):
         return tuple(int(x) for x in raw.replace(",", " ").split())
     if isinstance(default, Path):
         return Path(raw)
     return type(default)(raw)
+
+
+def _kind(f: dataclasses.Field) -> str:
+    default = _default(f)
+    if isinstance(default, bool):
+        return "a boolean (1/0, true/false, yes/no, on/off)"
+    if isinstance(default, tuple):
+        return "whole numbers separated by spaces or commas"
+    return {int: "a whole number", float: "a number"}.get(type(default), "text")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -285,6 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = t
 
 
 def settings_from_args(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+    from .errors import ConfigError
+
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
@@ -294,7 +347,12 @@ def settings_from_args(args: argparse.Namespace | None = None, env: dict[str, st
             if given is not None:
                 kwargs[f.name] = tuple(given) if isinstance(given, list) else given
             elif env_name(f.name) in env:
-                kwargs[f.name] = _parse_value(f, env[env_name(f.name)])
+                try:
+                    kwargs[f.name] = _parse_value(f, env[env_name(f.name)])
+                except ValueError as e:
+                    why = "" if isinstance(_default(f), bool) else f" ({e})"
+                    raise ConfigError(f"{env_name(f.name)}: cannot read {env[env_name(f.name)]!r} "
+                                      f"as {_kind(f)}{why}") from None
         values[section] = cls(**kwargs)
     return Settings(**values)
 

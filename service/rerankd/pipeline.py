@@ -163,18 +163,6 @@ class Pipeline:
         self.settings = settings
         s = settings
         check_settings(s)
-        try:
-            check_fusion_weight(s.index.rerank_fusion_weight, "rerank_fusion_weight")
-        except InvalidArgument as e:
-            raise ConfigError(f"--rerank-fusion-weight: {e}") from None
-        # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
-        # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
-        # items, an Upsert's documents) must fit an empty queue.
-        biggest = max(s.limits.max_candidates, s.limits.max_items)
-        if s.batch.max_queue < biggest:
-            raise ConfigError(f"--max-queue {s.batch.max_queue} is below the largest call the limits admit "
-                              f"({biggest}: --max-candidates {s.limits.max_candidates}, --max-items "
-                              f"{s.limits.max_items}): such calls could never be queued")
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may

@@ -65,11 +65,12 @@ class Backend(Protocol):
         ...
 
 
-# name -> (module, class, pip extra that provides it)
+# name -> (module, class, the command that installs what it needs; README "GPU" for cuda)
 REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": ("rerankd.backends.onnxruntime_cpu", "OnnxRuntimeBackend", "onnxruntime"),
-    "openvino": ("rerankd.backends.openvino_cpu", "OpenVinoBackend", "openvino"),
-    "cuda": ("rerankd.backends.onnxruntime_gpu", "OnnxRuntimeGpuBackend", "onnxruntime-gpu"),
+    "onnxruntime": ("rerankd.backends.onnxruntime_cpu", "OnnxRuntimeBackend", "pip install onnxruntime"),
+    "openvino": ("rerankd.backends.openvino_cpu", "OpenVinoBackend", "pip install openvino"),
+    "cuda": ("rerankd.backends.onnxruntime_gpu", "OnnxRuntimeGpuBackend",
+             "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]==1.31.1'"),
 }
 
 
@@ -147,9 +148,9 @@ def available() -> list[str]:
 def create_backend(name: str, bundle: ModelBundle, options: BackendOptions) -> Backend:
     if name not in REGISTRY:
         raise ConfigError(f"unknown backend {name!r}; valid backends: {', '.join(available())}")
-    module_name, cls_name, extra = REGISTRY[name]
+    module_name, cls_name, install = REGISTRY[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"backend {name!r} needs a missing dependency ({e}); install it with: pip install '{extra}'") from e
+        raise ConfigError(f"backend {name!r} needs a missing dependency ({e}); install it with: {install}") from e
     return getattr(module, cls_name)(bundle, options)
