@@ -453,3 +453,37 @@ def test_snapshot_graph_holds_exactly_its_sequence(models_dir, tmp_path, monkeyp
             await p.close()
 
     asyncio.run(run())
+
+
+def test_embedder_key_includes_max_length_and_legacy_stores_are_rekeyed(models_dir, tmp_path):
+    """Vectors cut at another --max-length are other vectors: an embedder re-exported with a new
+    length must not be mixed into an index built with the old one (the key was name:sha only).
+    A store keyed the old way is taken as matching and re-keyed, so upgrades keep their data."""
+    from rerankd.errors import NotReady
+    from rerankd.pipeline import Document, Pipeline
+
+    s = settings_for(models_dir, tmp_path / "data")
+
+    async def run() -> None:
+        p = Pipeline(s)
+        await p.start()
+        try:
+            await p.upsert([Document("d1", "Zebrafish regenerate heart tissue after injury.")])
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+    store = DocumentStore(tmp_path / "data" / "documents.sqlite3")
+    key = store.get_meta("embedder")
+    assert key.endswith(":max_length=256"), key
+    legacy = key.rsplit(":max_length=", 1)[0]
+    store.set_meta("embedder", legacy)
+    store.close()
+    p = Pipeline(s)  # a legacy key opens ...
+    p.store.close()
+    store = DocumentStore(tmp_path / "data" / "documents.sqlite3")
+    assert store.get_meta("embedder") == key  # ... and is re-keyed
+    store.set_meta("embedder", f"{legacy}:max_length=128")  # indexed by the same model cut at 128
+    store.close()
+    with pytest.raises(NotReady, match="was indexed with embedder"):
+        Pipeline(s)

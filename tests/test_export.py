@@ -450,6 +450,60 @@ def test_int8_gate_refuses(tiny_dirs, tmp_path, monkeypatch):
     assert _no_staging_left(out.parent)
 
 
+def test_int8_gate_refuses_a_nan_in_any_case(tiny_dirs, tmp_path, monkeypatch):
+    """Python's min()/max() skipped a NaN that was not the first case: a variant answering NaN for
+    one case passed the ONNX Runtime int8 gate (a review). Any non-finite case now refuses it."""
+    out = tmp_path / "models"
+    for task, export in (("embed", export_embedder), ("rerank", export_reranker)):
+        src = tiny_dirs["plain" if task == "embed" else "trained"]
+        m = export(src, out / task, task, max_length=64)  # fp32 only: gives the cases and references
+        tok = parity.load_bundle_tokenizer(out / task / "tokenizer.json")
+        cases = parity.build_cases(task, tok, m["inputs"], 64)
+        session = parity.onnx_session(out / task / "model.onnx")
+        refs = [parity.run_onnx(session, c.encoding, m["output"]) for c in cases]
+        real, calls = parity.run_onnx, []
+
+        def nan_in_second_case(sess, encoding, output):
+            got = real(sess, encoding, output)
+            calls.append(1)
+            if len(calls) == 2:
+                got = got.copy()
+                got[0] = np.nan
+            return got
+
+        monkeypatch.setattr(parity, "run_onnx", nan_in_second_case)
+        with pytest.raises(parity.Int8GateError):
+            parity.check_int8_gate(task, out / task / "model.onnx", cases, refs, m["output"])
+        monkeypatch.setattr(parity, "run_onnx", real)
+        parity.check_int8_gate(task, out / task / "model.onnx", cases, refs, m["output"])  # itself: passes
+
+
+def test_killed_export_leftovers_are_swept_and_a_bundle_caught_mid_swap_is_restored(tiny_dirs, tmp_path):
+    """SIGKILL skips the cleanup: the staging dir (hundreds of MB for real models) stayed forever,
+    and a kill between _publish's two renames left no bundle at all, only .old-/.staging- dirs."""
+    out = tmp_path / "models" / "tiny"
+    m = export_embedder(tiny_dirs["plain"], out, "tiny", max_length=64)
+    old = out.parent / ".tiny.old-deadbeef"
+    os.rename(out, old)  # killed after the first rename
+    (out.parent / ".tiny.staging-abc123").mkdir()  # and a staging dir of a killed export
+    (out.parent / ".tiny.staging-abc123" / "model.onnx").write_bytes(b"partial")
+    again = export_embedder(tiny_dirs["plain"], out, "tiny", max_length=64)
+    assert again["created_at"] == m["created_at"]  # the previous bundle came back and was up to date
+    assert _no_staging_left(out.parent)
+
+
+def test_missing_reranker_checkpoint_is_an_error_unless_untrained_is_allowed(tmp_path, monkeypatch):
+    """A mistyped --reranker-source exported an untrained head and exited 0 (a review)."""
+    from rerankd_export.export import SourceError, export_defaults
+
+    monkeypatch.setenv("RERANKD_RERANKER_SOURCE", str(tmp_path / "no-such-checkpoint"))
+    with pytest.raises(SourceError, match="RERANKD_RERANKER_SOURCE.*--allow-untrained"):
+        export_defaults(tmp_path / "models")
+    with pytest.raises(SourceError, match="from --reranker-source"):
+        export_defaults(tmp_path / "models", reranker_source=tmp_path / "typo")
+    assert not (tmp_path / "models").exists()  # refused before anything was written
+
+
 def test_refuses_to_replace_a_non_bundle_dir(tiny_dirs, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()

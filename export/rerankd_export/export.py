@@ -38,9 +38,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from rerankd.bundle import variant_problems
+
 from . import parity
 from .parity import Int8GateError, ParityError
 from .sources import (
+    DEFAULT_RERANKER_CHECKPOINT,
     SourceError,
     default_embedder_dir,
     default_reranker_dir,
@@ -437,9 +440,9 @@ def _up_to_date(out_dir: Path, want: dict, int8: bool) -> dict | None:
         logger.info("%s: re-exporting (changed: %s)", out_dir, ", ".join(stale))
         return None
     for variant in (manifest.get("variants") or {}).values():
-        f = out_dir / variant.get("file", "")
-        if not f.is_file() or _sha256_file(f) != variant.get("sha256"):
-            logger.warning("%s: %s missing or modified, re-exporting", out_dir, f.name)
+        bad = variant_problems(out_dir, variant)  # the model, and an OpenVINO IR's .bin weights
+        if bad:
+            logger.warning("%s: %s, re-exporting", out_dir, "; ".join(bad))
             return None
     if not (out_dir / TOKENIZER_FILE).is_file():
         return None
@@ -462,6 +465,23 @@ def _publish(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _recover_and_sweep(out_dir: Path) -> None:
+    """Under the bundle's lock, clean up after an export that was killed (SIGKILL, power loss):
+    its staging directory (hundreds of MB, never removed before) and, when it died between
+    ``_publish``'s two renames, the previous bundle, renamed aside with no bundle left in its
+    place -- put back, so the server can start and the export can decide what is stale."""
+    if not out_dir.exists():
+        olds = [d for d in out_dir.parent.glob(f".{out_dir.name}.old-*") if (d / MANIFEST_FILE).is_file()]
+        if olds:
+            newest = max(olds, key=lambda d: (d / MANIFEST_FILE).stat().st_mtime)
+            os.rename(newest, out_dir)
+            logger.warning("%s was missing (an export died while replacing it): restored the previous bundle", out_dir)
+    for pattern in (f".{out_dir.name}.staging-*", f".{out_dir.name}.old-*"):
+        for d in out_dir.parent.glob(pattern):
+            logger.info("removing %s, left by an interrupted export", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _export_bundle(
     *, task: str, src: Path, out_dir: Path, name: str, max_length: int, force: bool, int8: bool,
     extra_texts: Sequence[str] | None, load_model, describe,
@@ -471,6 +491,7 @@ def _export_bundle(
     want = {"name": name, "task": task, "max_length": int(max_length),
             "sha256": source_checksum(src), "versions": exporter_versions()}
     with _bundle_lock(out_dir):
+        _recover_and_sweep(out_dir)
         if not force:
             cached = _up_to_date(out_dir, want, int8)
             if cached is not None:
@@ -662,11 +683,24 @@ def export_defaults(
     int8: bool = False,
     reranker_source: str | os.PathLike[str] | None = None,
     extra_texts: Sequence[str] | None = None,
+    allow_untrained: bool = False,
 ) -> dict[str, dict]:
-    """Export the default embedder and reranker into ``models_dir``; returns {name: manifest}."""
+    """Export the default embedder and reranker into ``models_dir``; returns {name: manifest}.
+
+    A reranker source that does not exist is an error (SourceError) before anything is written,
+    unless ``allow_untrained``: then the reranker gets a fresh, untrained head on the embedder
+    (scores meaningless; the manifest says ``"trained": false``). A mistyped
+    ``--reranker-source`` used to export that untrained head and exit 0."""
     models_dir = Path(models_dir).expanduser()
     embedder = default_embedder_dir()
     reranker = Path(reranker_source).expanduser() if reranker_source else default_reranker_dir()
+    if not reranker.is_dir() and not allow_untrained:
+        raise SourceError(
+            f"reranker checkpoint {reranker} does not exist (from "
+            f"{'--reranker-source' if reranker_source else 'RERANKD_RERANKER_SOURCE' if os.environ.get('RERANKD_RERANKER_SOURCE') else 'the repo default'}); "
+            f"the trained reranker is committed at checkpoints/{DEFAULT_RERANKER_CHECKPOINT} (a clone without it, "
+            f"e.g. a git-lfs pointer, cannot serve it). Pass --allow-untrained to export a fresh, untrained head instead"
+        )
     out = {}
     out[DEFAULT_EMBEDDER_NAME] = export_embedder(
         embedder, models_dir / DEFAULT_EMBEDDER_NAME, DEFAULT_EMBEDDER_NAME,
@@ -691,8 +725,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              f"({DEFAULT_RERANKER_NAME})")
     parser.add_argument("--reranker-source", default=None,
                         help="trained cross-encoder checkpoint for --defaults (default: "
-                             "$RERANKD_RERANKER_SOURCE or <repo>/checkpoints/rerankd-ce-MiniLM-L6; a "
-                             "missing dir falls back to an untrained fresh head)")
+                             "$RERANKD_RERANKER_SOURCE or <repo>/checkpoints/rerankd-ce-MiniLM-L6); a "
+                             "missing dir is an error unless --allow-untrained")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="with --defaults or --task rerank: when the reranker checkpoint is missing, "
+                             "export a fresh, untrained head (scores meaningless, manifest trained=false) "
+                             "instead of failing")
     parser.add_argument("--task", choices=("embed", "rerank"), help="export a single model of this task")
     parser.add_argument("--source", default=None,
                         help="Hugging Face model dir for --task (default: the bundled all-MiniLM-L6-v2 "
@@ -759,7 +797,7 @@ def run_export(args: argparse.Namespace) -> int:
                 return 2
             manifests = export_defaults(models_dir, max_length=args.max_length, force=args.force,
                                         int8=args.int8, reranker_source=args.reranker_source,
-                                        extra_texts=extra)
+                                        extra_texts=extra, allow_untrained=args.allow_untrained)
         elif args.task:
             kwargs = dict(max_length=args.max_length, force=args.force, int8=args.int8, extra_texts=extra)
             if args.task == "embed":
@@ -772,8 +810,9 @@ def run_export(args: argparse.Namespace) -> int:
                     manifests = {name: export_reranker(args.source, models_dir / name, name, **kwargs)}
                 else:
                     src = Path(args.reranker_source) if args.reranker_source else default_reranker_dir()
-                    manifests = {name: export_reranker(src, models_dir / name, name,
-                                                       init_from=default_embedder_dir(), **kwargs)}
+                    manifests = {name: export_reranker(
+                        src, models_dir / name, name,
+                        init_from=default_embedder_dir() if args.allow_untrained else None, **kwargs)}
         else:
             logger.error("nothing to export: pass --defaults or --task embed|rerank [--source DIR --name NAME]")
             return 2

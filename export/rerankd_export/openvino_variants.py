@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from rerankd.bundle import variant_problems
 
 from . import parity
 from .gates import GateError, check_gate
@@ -98,7 +99,7 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
     refused = manifest.get("refused_variants", {})
     want_bf16 = bf16 and has_bf16() and "openvino-bf16" not in variants and "openvino-bf16" not in refused
     want_int8 = int8 and "openvino-int8" not in refused and not (
-        variants.get("openvino-int8") and (bundle / variants["openvino-int8"]["file"]).is_file())
+        variants.get("openvino-int8") and not variant_problems(bundle, variants["openvino-int8"]))
     if not (want_bf16 or want_int8):
         return manifest
     tok = parity.load_bundle_tokenizer(bundle / "tokenizer.json")
@@ -142,6 +143,7 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
             log.error("%s: %s", manifest["name"], exc)
             out_xml.unlink(missing_ok=True)
             out_xml.with_suffix(".bin").unlink(missing_ok=True)
+            variants.pop("openvino-int8", None)  # a rebuild the gate refused must not stay listed as usable
             manifest.setdefault("refused_variants", {})["openvino-int8"] = {"parity": exc.record}
             rec = None
     if want_int8 and rec is not None:

@@ -55,8 +55,10 @@ EMBED_TOLERANCE = 1e-4
 RERANK_TOLERANCE = 1e-3
 #: int8 ONNX vs fp32 ONNX, minimum cosine similarity between pooled normalized vectors.
 INT8_EMBED_MIN_COSINE = 0.98
-#: int8 ONNX vs fp32 ONNX, max |diff| over the raw logits (Spearman is recorded, not gated).
+#: int8 ONNX vs fp32 ONNX, max |diff| over the raw logits ...
 INT8_RERANK_MAX_ABS_DIFF = 0.25
+#: ... and the Spearman correlation of all the gate's logits (as the OpenVINO int8 gate asks).
+INT8_RERANK_MIN_SPEARMAN = 0.99
 
 BATCH_SIZES = (1, 4, 16)
 LENGTH_KINDS = ("short", "medium", "long", "mixed")
@@ -438,23 +440,25 @@ def check_int8_gate(
             all_ref.append(ref.ravel())
             all_got.append(got.ravel())
     if task == "embed":
-        worst = min(r["min_cosine"] for r in records)
-        worst = worst if np.isfinite(worst) else float("-inf")
+        # A non-finite case is the worst case: Python's min() skips a NaN that is not first.
+        worst = min(r["min_cosine"] if np.isfinite(r["min_cosine"]) else float("-inf") for r in records)
         record = {"reference": "onnx fp32", "metric": "min_cosine", "gate": min_cosine,
                   "min_cosine": worst, "cases": records}
         ok = worst >= min_cosine
         summary = f"min cosine {worst:.5f} (gate >= {min_cosine})"
     else:
         ref, got = np.concatenate(all_ref), np.concatenate(all_got)
-        worst = max(r["max_abs_diff"] for r in records)
-        worst = worst if np.isfinite(worst) else float("inf")
+        worst = max(r["max_abs_diff"] if np.isfinite(r["max_abs_diff"]) else float("inf") for r in records)
         rho = spearman(ref, got)
         record = {"reference": "onnx fp32", "metric": "max_abs_diff", "gate": max_abs_diff,
                   "max_abs_diff": worst, "spearman": rho, "pairs": int(ref.size),
                   "logit_std_fp32": float(np.std(ref)), "cases": records}
-        ok = worst <= max_abs_diff
-        summary = (f"max_abs_diff {worst:.4f} (gate <= {max_abs_diff}), Spearman {rho:.4f} over "
-                   f"{ref.size} pairs")
+        # The absolute budget alone passed a reranker whose logits span less than it (a review:
+        # Spearman 0.45 on a model with logit sd 0.08): the ranking must hold too.
+        record["min_spearman"] = INT8_RERANK_MIN_SPEARMAN
+        ok = worst <= max_abs_diff and bool(rho >= INT8_RERANK_MIN_SPEARMAN)
+        summary = (f"max_abs_diff {worst:.4f} (gate <= {max_abs_diff}), Spearman {rho:.4f} (gate >= "
+                   f"{INT8_RERANK_MIN_SPEARMAN}) over {ref.size} pairs")
     if not ok:
         raise Int8GateError(f"{task} int8 variant REFUSED: {summary}", record)
     logger.info("int8 gate ok (%s): %s", task, summary)

@@ -246,8 +246,14 @@ class Pipeline:
 
     def _check_store_models(self, emb: ModelBundle, rr: ModelBundle) -> None:
         """Stored vectors belong to one embedder; cached token ids to one reranker tokenizer."""
-        emb_key = f"{emb.name}:{emb.manifest['source']['sha256']}"
+        # The truncation length is part of what a vector means: an embedder re-exported with another
+        # --max-length would mix vectors of differently cut documents in one index. Stores written
+        # before the length was part of the key (name:sha) are taken as matching and re-keyed.
+        legacy = f"{emb.name}:{emb.manifest['source']['sha256']}"
+        emb_key = f"{legacy}:max_length={emb.max_length}"
         have = self.store.get_meta("embedder")
+        if have == legacy:
+            have = emb_key
         if have is not None and have != emb_key and self.store.count() > 0:
             raise NotReady(
                 f"data dir {self.settings.index.data_dir} was indexed with embedder {have!r}, "

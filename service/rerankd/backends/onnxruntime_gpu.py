@@ -220,8 +220,9 @@ class OnnxRuntimeGpuBackend:
         probe = (fp16 or {}).get("probe")
         if not probe:
             return {"checked": False, "why": "bundle has no GPU probe (exported without --fp16)"}
+        path = bundle.verified_file(probe["file"], probe.get("sha256"))  # ConfigError: auto falls back
         try:
-            data = np.load(bundle.path / probe["file"])
+            data = np.load(path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"bundle {bundle.name!r}: unreadable GPU probe {probe['file']}: {e}") from e
         # The embed probe holds pooled vectors: pool exactly as the embed stage serves them.

@@ -10,6 +10,7 @@ from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
 from ..config import BatchConfig
+from ..errors import BackendError
 from ..tokenization import TextTokenizer
 
 
@@ -45,8 +46,11 @@ class Embedder:
         )
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
-        hidden = self.backend.run(ids, mask, types)
-        return mean_pool(hidden, mask, self.normalize)
+        vecs = mean_pool(self.backend.run(ids, mask, types), mask, self.normalize)
+        if not np.isfinite(vecs).all():  # a NaN vector would be stored in the index and break search
+            raise BackendError(f"embedder produced non-finite vectors in a batch of shape {ids.shape}: "
+                               f"the model is broken; re-export it")
+        return vecs
 
     async def encode(self, texts: list[str], *, is_query: bool, deadline: float | None = None) -> tuple[np.ndarray, float]:
         """Returns ([n, dim] float32, seconds spent queued)."""

@@ -14,7 +14,7 @@ from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
 from ..config import BatchConfig
-from ..errors import InvalidArgument
+from ..errors import BackendError, InvalidArgument
 from ..tokenization import PairTokenizer
 
 
@@ -51,6 +51,9 @@ class Reranker:
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         logits = np.asarray(self.backend.run(ids, mask, types), dtype=np.float32).reshape(ids.shape[0], -1)[:, 0]
+        if not np.isfinite(logits).all():  # a NaN would sort anywhere and reach the caller as a score
+            raise BackendError(f"reranker produced {int((~np.isfinite(logits)).sum())} non-finite scores in a "
+                               f"batch of shape {ids.shape}: the model is broken; re-export it")
         if self.activation == "sigmoid":
             logits = 1.0 / (1.0 + np.exp(-logits))
         return logits

@@ -1,0 +1,103 @@
+"""A model bundle the server loads is the bytes the export wrote and gated, and a broken model
+never reaches a caller as a score (a review served NaN scores from a model.onnx with 64 KiB
+overwritten, and int8 scores from a corrupted OpenVINO .bin)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rerankd.bundle import ModelBundle, variant_problems
+from rerankd.errors import BackendError, ConfigError
+from rerankd.stages.embedder import Embedder
+from rerankd.stages.reranker import Reranker
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path):
+    d = tmp_path / "models" / "ce"
+    d.mkdir(parents=True)
+    files = {"model.onnx": b"fp32 graph", "model.ov-int8.xml": b"<net/>", "model.ov-int8.bin": b"int8 weights",
+             "gpu-probe.npz": b"probe"}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    manifest = {
+        "format": "rerankd-bundle/1", "name": "ce", "task": "rerank",
+        "variants": {
+            "fp32": {"file": "model.onnx", "sha256": _sha(files["model.onnx"])},
+            "openvino-int8": {"file": "model.ov-int8.xml", "sha256": _sha(files["model.ov-int8.xml"]),
+                              "weights_sha256": _sha(files["model.ov-int8.bin"])},
+        },
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_intact_variants_load(bundle_dir):
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    assert b.variant_file("fp32") == bundle_dir / "model.onnx"
+    assert b.variant_file("openvino-int8") == bundle_dir / "model.ov-int8.xml"
+    assert b.verified_file("gpu-probe.npz", _sha(b"probe")) == bundle_dir / "gpu-probe.npz"
+
+
+@pytest.mark.parametrize("name,variant,damage", [
+    ("model.onnx", "fp32", "overwrite"),
+    ("model.onnx", "fp32", "delete"),
+    ("model.ov-int8.bin", "openvino-int8", "overwrite"),  # the .xml alone was checked before
+    ("model.ov-int8.bin", "openvino-int8", "delete"),
+])
+def test_a_damaged_variant_is_refused_naming_the_file(bundle_dir, name, variant, damage):
+    f = bundle_dir / name
+    if damage == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(b"X" + f.read_bytes()[1:])  # same size: only the checksum can tell
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    with pytest.raises(ConfigError, match=f"{variant} variant.*{name}.*re-export"):
+        b.variant_file(variant)
+    assert variant_problems(bundle_dir, b.manifest["variants"][variant])
+    other = "openvino-int8" if variant == "fp32" else "fp32"
+    b.variant_file(other)  # the intact variant still loads
+
+
+def test_a_damaged_gpu_probe_is_a_config_error(bundle_dir):
+    (bundle_dir / "gpu-probe.npz").write_bytes(b"tampered")
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    with pytest.raises(ConfigError, match="gpu-probe.npz does not match"):
+        b.verified_file("gpu-probe.npz", _sha(b"probe"))
+
+
+class _Backend:
+    def __init__(self, out):
+        self.out = out
+
+    def run(self, ids, mask, types):
+        return self.out
+
+
+def test_non_finite_reranker_scores_fail_the_batch_instead_of_reaching_callers():
+    ids = np.ones((3, 8), dtype=np.int64)
+    good = SimpleNamespace(backend=_Backend(np.array([[1.0], [2.0], [3.0]], dtype=np.float32)), activation="none")
+    assert Reranker._forward(good, ids, ids, ids * 0).tolist() == [1.0, 2.0, 3.0]
+    bad = SimpleNamespace(backend=_Backend(np.array([[1.0], [np.nan], [np.inf]], dtype=np.float32)), activation="none")
+    with pytest.raises(BackendError, match="2 non-finite scores"):
+        Reranker._forward(bad, ids, ids, ids * 0)
+
+
+def test_non_finite_embeddings_fail_the_batch_instead_of_entering_the_index():
+    ids = np.ones((2, 4), dtype=np.int64)
+    hidden = np.ones((2, 4, 3), dtype=np.float32)
+    ok = SimpleNamespace(backend=_Backend(hidden), normalize=True)
+    v = Embedder._forward(ok, ids, ids, ids * 0)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0)
+    hidden[1, 2, 0] = np.nan
+    with pytest.raises(BackendError, match="non-finite vectors"):
+        Embedder._forward(SimpleNamespace(backend=_Backend(hidden), normalize=True), ids, ids, ids * 0)
