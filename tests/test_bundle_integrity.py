@@ -30,7 +30,8 @@ def bundle_dir(tmp_path):
     for name, data in files.items():
         (d / name).write_bytes(data)
     manifest = {
-        "format": "rerankd-bundle/1", "name": "ce", "task": "rerank",
+        "format": "rerankd-bundle/1", "name": "ce", "task": "rerank", "max_length": 256,
+        "inputs": ["input_ids", "attention_mask", "token_type_ids"], "special_tokens": {"pad_id": 0},
         "variants": {
             "fp32": {"file": "model.onnx", "sha256": _sha(files["model.onnx"])},
             "openvino-int8": {"file": "model.ov-int8.xml", "sha256": _sha(files["model.ov-int8.xml"]),
@@ -66,6 +67,19 @@ def test_a_damaged_variant_is_refused_naming_the_file(bundle_dir, name, variant,
     assert variant_problems(bundle_dir, b.manifest["variants"][variant])
     other = "openvino-int8" if variant == "fp32" else "fp32"
     b.variant_file(other)  # the intact variant still loads
+
+
+def test_a_manifest_missing_keys_or_a_refused_variant_is_a_clear_config_error(bundle_dir):
+    mf = bundle_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["refused_variants"] = {"int8": {"parity": {"passed": False}}}
+    mf.write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="'int8' variant was refused by its accuracy gate"):
+        ModelBundle.load(bundle_dir.parent, "ce", "rerank").variant_file("int8")
+    del m["special_tokens"]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="manifest lacks special_tokens"):  # was a KeyError later
+        ModelBundle.load(bundle_dir.parent, "ce", "rerank")
 
 
 def test_a_damaged_gpu_probe_is_a_config_error(bundle_dir):

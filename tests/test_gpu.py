@@ -18,7 +18,7 @@ import pytest
 
 from rerankd import backends
 from rerankd.backends import BackendOptions, create_backend, onnxruntime_gpu, resolve
-from rerankd.bundle import ModelBundle
+from rerankd.bundle import ModelBundle, file_sha256
 from rerankd.errors import ConfigError
 from rerankd.tokenization import PairTokenizer
 
@@ -38,6 +38,14 @@ def _copy_bundle(src: Path, dest: Path) -> Path:
         elif f.is_file() and not f.name.startswith("model.fp16") and f.name != gpu_variants.PROBE_FILE:
             (dest / f.name).symlink_to(f.resolve())
     return dest
+
+
+def _vouch_for_probe(bundle_dir: Path) -> None:
+    """Record a test-made probe's checksum in the manifest (the backend checks it first: a probe
+    that does not match is refused as damaged before its cases are read)."""
+    mf = json.loads((bundle_dir / "manifest.json").read_text())
+    mf["variants"]["fp16"]["probe"]["sha256"] = file_sha256(bundle_dir / gpu_variants.PROBE_FILE)
+    (bundle_dir / "manifest.json").write_text(json.dumps(mf))
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +222,7 @@ def test_cuda_backend_refuses_to_start_when_the_probe_drifts(fp16_models, tmp_pa
     (bundle_dir / gpu_variants.FP16_FILE).symlink_to(fp16_models / MODELS["rerank"] / gpu_variants.FP16_FILE)
     with open(probe_path, "wb") as f:
         np.savez(f, **probe)
+    _vouch_for_probe(bundle_dir)
     bundle = ModelBundle.load(tmp_path, "b", "rerank")
     with pytest.raises(ConfigError, match="drifted past its gate"):
         create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
@@ -241,6 +250,7 @@ def test_cuda_backend_refuses_an_empty_probe_with_a_config_error(fp16_models, tm
     (bundle_dir / gpu_variants.FP16_FILE).symlink_to(fp16_models / MODELS["rerank"] / gpu_variants.FP16_FILE)
     with open(bundle_dir / gpu_variants.PROBE_FILE, "wb") as f:
         np.savez(f, nothing=np.zeros(1))
+    _vouch_for_probe(bundle_dir)
     bundle = ModelBundle.load(tmp_path, "b", "rerank")
     with pytest.raises(ConfigError, match="has no cases"):  # not a ValueError: auto falls back on it
         create_backend("cuda", bundle, BackendOptions(precision="fp16", gpu_provider="cuda"))
@@ -312,7 +322,7 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_backend_cannot_start(models_dir
 
 def test_cuda_is_a_registered_backend():
     assert "cuda" in backends.available()
-    assert backends.REGISTRY["cuda"][2] == "onnxruntime-gpu"
+    assert "pip install 'onnxruntime-gpu[cuda,cudnn]==" in backends.REGISTRY["cuda"][2]  # as README "GPU" says
 
 
 def test_gpu_check_script_runs_its_checks(fp16_models, scifact, on_cpu):

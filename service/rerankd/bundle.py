@@ -12,6 +12,7 @@ from typing import Any
 from .errors import ConfigError
 
 BUNDLE_FORMAT = "rerankd-bundle/1"
+REQUIRED_KEYS = ("name", "max_length", "inputs", "special_tokens", "variants")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ModelBundle:
             raise ConfigError(f"{mf}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
         if manifest.get("task") != task:
             raise ConfigError(f"{mf}: bundle {name!r} is a {manifest.get('task')!r} model, expected {task!r}")
+        missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        if missing:  # was a bare KeyError at the first property that read one
+            raise ConfigError(f"{mf}: manifest lacks {', '.join(missing)}; re-export the bundle")
         return cls(path=path, manifest=manifest)
 
     @property
@@ -60,6 +64,13 @@ class ModelBundle:
 
     def variant_file(self, precision: str) -> Path:
         variants = self.manifest.get("variants", {})
+        refused = (self.manifest.get("refused_variants") or {}).get(precision)
+        if precision not in variants and refused is not None:
+            raise ConfigError(
+                f"bundle {self.name!r}: the {precision!r} variant was refused by its accuracy gate at export "
+                f"(figures under refused_variants in {self.path / 'manifest.json'}); serve another precision "
+                f"(has: {', '.join(sorted(variants))})"
+            )
         if precision not in variants:
             raise ConfigError(
                 f"bundle {self.name!r} has no {precision!r} variant (has: {', '.join(sorted(variants))}); "
