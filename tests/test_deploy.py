@@ -81,6 +81,15 @@ def test_env_names_are_real_settings(env):
     assert not unknown, f"env sets variables the server does not read: {unknown}"
 
 
+def test_metrics_are_served_on_a_declared_port(rerankd, env):
+    """The reference deployment exported no metrics (a review)."""
+    listen = env.get("RERANKD_METRICS_LISTEN", "")
+    assert listen, "set RERANKD_METRICS_LISTEN so Prometheus can scrape rerankd"
+    port = int(listen.rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in rerankd.get("ports", [])}
+    assert ports.get("metrics") == port and ports.get("grpc") != port
+
+
 def test_probes_hit_the_grpc_port_the_server_listens_on(rerankd, env):
     tcp_ports = {int(a.rsplit(":", 1)[1]) for a in _listen(env) if not a.startswith("unix:")}
     assert tcp_ports, "the kubelet's gRPC probes need a TCP listener"

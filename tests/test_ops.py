@@ -108,6 +108,9 @@ def test_metrics_endpoint_changes_after_calls(models_dir, tmp_path):
     assert 'rerankd_calls_total{code="OK",method="Search"} 1.0' in after
     assert 'rerankd_calls_total{code="INVALID_ARGUMENT",method="Search"} 1.0' in after
     assert 'rerankd_stage_seconds_count{stage="rerank"} 1.0' in after
+    # Every call that ran is timed, failed ones too, split by whether it ran the cross-encoder.
+    assert 'rerankd_call_seconds_count{method="Search",rerank="true"} 2.0' in after  # the OK one and the refused ""
+    assert 'rerankd_call_seconds_bucket{le="1.25",method="Search",rerank="true"}' in after
     assert 'rerankd_stage_seconds_count{stage="embed"}' in after
     assert 'rerankd_batch_size_count{model="reranker"}' in after
     assert "rerankd_index_documents 8.0" in after
@@ -187,6 +190,55 @@ def test_bearer_token(models_dir, tmp_path):
         with grpc.insecure_channel(srv.target) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+        # Refusals were in no metric and no log line (a review): counted by method and reason.
+        assert srv.app.metrics.rejected.labels("Stats", "auth")._value.get() == 3
+        assert srv.app.metrics.rejected.labels("UpsertStream", "auth")._value.get() == 3
+
+
+def test_refused_calls_are_summed_up_in_one_log_line_at_most_a_minute(caplog):
+    import logging
+    import types
+
+    from rerankd.config import Settings
+    from rerankd.metrics import Metrics
+    from rerankd.server import App
+
+    app = App(settings=Settings(), health=types.SimpleNamespace())
+    app.metrics = Metrics()
+    with caplog.at_level(logging.WARNING, logger="rerankd.server"):
+        for _ in range(50):
+            app.shed("Search", "concurrency")
+        app.shed("Score", "queue_full")
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines == ["refused 1 calls since start (method/reason=count): Search/concurrency=1"]  # then quiet
+    app.shed_logged_at -= 61  # a minute later, the next refusal sums up the ones in between
+    with caplog.at_level(logging.WARNING, logger="rerankd.server"):
+        app.shed("Score", "queue_full")
+    assert "refused 51 calls in the last 61 s (method/reason=count): Score/queue_full=2, Search/concurrency=49" in caplog.text
+    assert app.metrics.rejected.labels("Search", "concurrency")._value.get() == 50
+
+
+def test_a_signal_before_the_loop_handlers_still_stops_the_server(models_dir, tmp_path):
+    """As PID 1 in a container a signal with no handler is dropped: SIGTERM during the imports was
+    lost and the pod waited out its grace period (a review). ``rerankd serve`` catches it from its
+    first line and the server stops as soon as it can."""
+    import asyncio
+
+    from rerankd import cli
+    from rerankd.server import serve
+
+    previous = cli._catch_early_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cli._EARLY_SIGNALS == [signal.SIGTERM]  # caught, not fatal
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        cli._EARLY_SIGNALS.clear()
+    s = settings_for(models_dir, tmp_path / "data")
+    t0 = time.monotonic()
+    assert asyncio.run(asyncio.wait_for(serve(s, early_signal=lambda: True), 120)) == 0
+    assert time.monotonic() - t0 < 60  # stopped without waiting for any other signal
 
 
 def _free_port() -> int:
@@ -233,10 +285,12 @@ def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
             proc.wait()
 
 
-def test_only_reranked_searches_count_against_the_search_limit(models_dir, tmp_path, monkeypatch):
-    """--max-concurrent-search holds reranked Searches; first-stage-only ones (~100x cheaper) are in
-    their own lane under --max-concurrent-calls. A limit of 0 makes it deterministic (patched in:
-    the flag refuses 0 at start, as no reranked Search could ever run)."""
+def test_reranked_searches_and_scores_count_against_the_search_limit(models_dir, tmp_path, monkeypatch):
+    """--max-concurrent-search holds the calls that run the cross-encoder, reranked Searches and
+    Scores; first-stage-only Searches (~100x cheaper) are in their own lane under
+    --max-concurrent-calls. A limit of 0 makes it deterministic (patched in: the flag refuses 0 at
+    start, as no reranked call could ever run). Score had the generic 64-call lane: a review's
+    Score flood queued ~45 s of reranking ahead of a reranked Search."""
     from rerankd.server import RERANKED_SEARCH, RetrievalServicer
 
     real_limit = RetrievalServicer._limit
@@ -248,8 +302,11 @@ def test_only_reranked_searches_count_against_the_search_limit(models_dir, tmp_p
             with pytest.raises(grpc.RpcError) as ei:
                 c.search("aspirin colorectal cancer", top_n=3, candidates=8)
             assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "Search (reranked): 0 calls already in flight" in ei.value.details()
-            assert c.score("aspirin", ["Aspirin lowers colorectal cancer risk."])  # Score: its own lane
+            assert "reranking (Search with rerank, Score): 0 calls already in flight" in ei.value.details()
+            with pytest.raises(grpc.RpcError) as ei:
+                c.score("aspirin", ["Aspirin lowers colorectal cancer risk."])
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.encode(["aspirin"]).shape == (1, 384)  # other methods: their own lanes
 
 
 def test_estimated_wait_is_the_remaining_solo_time_of_calls_in_flight():
@@ -438,3 +495,22 @@ def test_wait_serving_reports_why_a_server_cannot_be_reached(models_dir, tmp_pat
         with pytest.raises(TimeoutError, match="UNAVAILABLE") as ei:  # plaintext against TLS: the handshake fails
             wait_serving(target, 30, connect_timeout=2)
         assert "no answer for 2 s" in str(ei.value)
+
+
+def test_compact_leaves_every_commit_in_the_main_database_file(models_dir, tmp_path):
+    """README "Backup": after Compact a copy of documents.sqlite3 alone holds every write (the
+    write-ahead log was left holding them: a copy without the -wal file lost them)."""
+    import sqlite3
+
+    with _serve(models_dir, tmp_path) as srv:
+        with Client(srv.target, timeout=300) as c:
+            c.upsert(DOCS[:6])
+            c.delete([DOCS[0]["id"]])
+            c.compact()
+            wal = tmp_path / "data" / "documents.sqlite3-wal"
+            assert not wal.exists() or wal.stat().st_size == 0
+            shutil.copy(tmp_path / "data" / "documents.sqlite3", tmp_path / "copy.sqlite3")
+    con = sqlite3.connect(tmp_path / "copy.sqlite3")
+    ids = {r[0] for r in con.execute("SELECT id FROM documents")}
+    con.close()
+    assert ids == {d["id"] for d in DOCS[1:6]}

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from . import config as cfg
@@ -18,13 +19,23 @@ def _setup_logging(level: str = "INFO") -> None:
     )
 
 
+_EARLY_SIGNALS: list[int] = []
+
+
+def _catch_early_signals() -> dict:
+    """Record SIGTERM/SIGINT until the server installs its own handlers (see ``server.serve``);
+    returns the handlers they replaced."""
+    return {sig: signal.signal(sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+            for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     settings = cfg.settings_from_args(args)
     cfg.check_settings(settings)  # before logging is set up from --log-level
     _setup_logging(settings.server.log_level)
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, early_signal=lambda: bool(_EARLY_SIGNALS)))
 
 
 def _offline_tool(command: str, module: str, func: str):
@@ -132,12 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .errors import ConfigError
 
-    args = build_parser().parse_args(argv)
+    previous = {}
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["serve"]:
+        previous = _catch_early_signals()  # before the heavy imports below and in serve
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as e:  # a bad flag, environment variable or TLS file: one line naming it
         print(f"rerankd {args.command}: {e}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():  # main() called in-process (tests) leaves them as found
+            signal.signal(sig, handler)
+        _EARLY_SIGNALS.clear()
 
 
 if __name__ == "__main__":

@@ -37,15 +37,15 @@ class ServerConfig:
     max_message_bytes: int = _f(16 * 1024 * 1024, "Max gRPC message size (receive and send)")
     max_queue_wait_ratio: float = _f(
         0.0,
-        "Reranked Search: also refuse (RESOURCE_EXHAUSTED) when the estimated wait behind the calls already in "
+        "Reranked Search and Score: also refuse (RESOURCE_EXHAUSTED) when the estimated wait behind the calls already in "
         "flight (their typical solo latency minus elapsed time) exceeds this fraction of one call; 0 = off, only "
         "--max-concurrent-search (measured at 0.5: admitted p99 unchanged, see loadtest/README.md)",
     )
-    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (reranked Searches excepted: see --max-concurrent-search); beyond it RESOURCE_EXHAUSTED")
+    max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (reranked Searches and Scores excepted: see --max-concurrent-search); beyond it RESOURCE_EXHAUSTED")
     max_concurrent_search: int = _f(
         2,
-        "Reranked Search calls admitted at once; beyond it RESOURCE_EXHAUSTED with a retry hint (first-stage-only "
-        "Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
+        "Calls that run the cross-encoder -- reranked Searches and Scores, together -- admitted at once; beyond it "
+        "RESOURCE_EXHAUSTED with a retry hint (first-stage-only Searches count under --max-concurrent-calls). 2 keeps the reranker busy (one batch running, one prepared) "
         "while admitted calls wait at most about one call's time; raise it where reranking is cheap (GPU)",
     )
     early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the recent average latency of its method's calls of about its size (same power of two of items, documents, ids or candidates; after 20 of them); never a stream or Compact. Only successes move that average, so when it has had no news for a second the next call it would refuse goes through as a probe: after a slow spell the check follows the server back down")

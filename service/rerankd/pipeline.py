@@ -701,6 +701,10 @@ class Pipeline:
         async with self._write_lock:  # writes wait; searches keep using the old graph
             await asyncio.to_thread(self._rebuild_dense)
             info = await asyncio.to_thread(self._save_snapshot, True, False)
+            # The main database file then holds every commit the snapshot covers (README "Backup").
+            busy, _ = await asyncio.to_thread(self.store.checkpoint)
+            if busy:
+                log.info("Compact: a reader held the write-ahead log; it is copied into the main file at a later checkpoint")
         await asyncio.to_thread(self._save_bm25)  # after the write lock: writes need not wait for it
         if info is None:  # skipped: a failed write's index rebuild is still running
             raise NotReady("the in-memory indexes are being rebuilt after a failed write; retry Compact shortly")

@@ -42,7 +42,12 @@ log = logging.getLogger("rerankd.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 # Admission lane of a Search that reranks (held to --max-concurrent-search); a first-stage-only
 # Search is the "Search" lane, held to --max-concurrent-calls like the other methods.
-RERANKED_SEARCH = "Search (reranked)"
+# The lane of every call that runs the cross-encoder: reranked Searches and Scores share one
+# admission limit (--max-concurrent-search) and one latency estimate. Score had the generic
+# 64-call limit: a review's Score flood queued 2,700 sequences (~45 s of reranking) ahead of a
+# reranked Search, and a dozen big Scores took the RSS past the k8s example's memory limit.
+RERANKED_SEARCH = "reranking (Search with rerank, Score)"
+SHED_LOG_S = 60.0
 
 # One mapping table, domain error -> gRPC status. Anything else is a bug -> INTERNAL (logged).
 STATUS_FOR: dict[type[errors.RerankdError], grpc.StatusCode] = {
@@ -89,8 +94,29 @@ class App:
     draining: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     metrics_port: int = 0
+    # Calls refused since the last summary line, by (method, reason): shedding is counted in
+    # rerankd_rejected_calls_total and summed up in one WARNING line at most every SHED_LOG_S
+    # (a review saw 158 RESOURCE_EXHAUSTED and 2 UNAUTHENTICATED calls leave no log line at all;
+    # one line per call would flood the logs under overload instead).
+    shed_counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    shed_logged_at: float = 0.0
+    cancelled_while_draining: int = 0  # calls the end of the grace period cut off (logged once)
 
     loader: asyncio.Task | None = None
+
+    def shed(self, method: str, reason: str) -> None:
+        """Count a refused call (metric at once, log line summed over SHED_LOG_S)."""
+        self.metrics.rejected.labels(method, reason).inc()
+        key = (method, reason)
+        self.shed_counts[key] = self.shed_counts.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self.shed_logged_at >= SHED_LOG_S:
+            total = sum(self.shed_counts.values())
+            what = ", ".join(f"{m}/{r}={n}" for (m, r), n in sorted(self.shed_counts.items()))
+            since = "since start" if self.shed_logged_at == 0.0 else f"in the last {now - self.shed_logged_at:.0f} s"
+            log.warning("refused %d calls %s (method/reason=count): %s", total, since, what)
+            self.shed_counts.clear()
+            self.shed_logged_at = now
 
     def start_loading(self) -> None:
         if self.loader is None:
@@ -189,7 +215,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         limit = self._limit(lane)
-        admitted = False
+        admitted = ran = False
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
                 if app.draining:
@@ -198,7 +224,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     raise errors.NotReady(f"models failed to load: {app.load_error}")
                 raise errors.NotReady("models are loading and warming up; retry shortly")
             if self._inflight.get(lane, 0) >= limit:
-                app.metrics.rejected.labels(method, "concurrency").inc()
+                app.shed(method, "concurrency")
                 est, _ = self._ewma.get(lane, (0.05, 0))
                 raise errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
             ratio = app.settings.server.max_queue_wait_ratio
@@ -206,7 +232,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 wait = self.estimated_wait(lane, t0)
                 solo = self._solo.get(lane, (0.0, 0))[0]
                 if wait is not None and wait > ratio * solo:
-                    app.metrics.rejected.labels(method, "queue_wait").inc()
+                    app.shed(method, "queue_wait")
                     raise errors.Overloaded(
                         f"{lane}: estimated wait {wait * 1e3:.0f} ms behind the calls in flight exceeds "
                         f"{ratio:g} x one call ({solo * 1e3:.0f} ms); retry later", retry_after_s=max(wait, 0.01))
@@ -223,12 +249,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
                 typical = self._too_short(lane, size, remaining, t0)
                 if typical is not None:
-                    app.metrics.rejected.labels(method, "deadline").inc()
+                    app.shed(method, "deadline")
                     raise errors.DeadlineExceeded(
                         f"deadline of {remaining * 1e3:.0f} ms cannot be met: {method} of this size takes "
                         f"~{typical * 1e3:.0f} ms now"
                     )
                 deadline = asyncio.get_running_loop().time() + remaining
+            ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
             self._observe(lane, size, took)
@@ -239,12 +266,19 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         except errors.RerankdError as e:
             code = status_for(e)
             if isinstance(e, errors.Overloaded):
+                if ran:  # admitted, then refused by a full batcher queue (--max-queue)
+                    app.shed(method, "queue_full")
                 context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s %s failed: %s", request_id, method, e)
             await abort(context, code, str(e))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # grpc cancels the handler both when the client cancels and when its deadline passes:
+            # count the latter as what the client saw (it was all CANCELLED, a review found).
+            left = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+            if app.draining and code == grpc.StatusCode.CANCELLED:
+                app.cancelled_while_draining += 1
             raise
         except grpc.aio.AbortError:
             raise
@@ -258,7 +292,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 self._starts[lane].pop(token, None)
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
-            app.metrics.on_call(method, code, seconds)
+            app.metrics.on_call(method, code, seconds, ran=ran, rerank=lane == RERANKED_SEARCH)
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -319,7 +353,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 model=p.reranker.name, timings=_timings(t),
             )
 
-        return await self._run("Score", context, fn, size=len(request.items))
+        return await self._run("Score", context, fn, lane=RERANKED_SEARCH, size=len(request.items))
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
@@ -543,8 +577,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     EXEMPT = ("/grpc.health.v1.Health/",)
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_denied=None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._on_denied = on_denied  # (method) -> None: App.shed, so refusals are counted and logged
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -555,6 +590,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             got = got.encode()
         if hmac.compare_digest(got, self._expected):
             return handler
+        if self._on_denied is not None:  # a known method (handler is not None): bounded label values
+            self._on_denied(details.method.rsplit("/", 1)[-1])
         return _deny(handler)
 
 
@@ -606,7 +643,7 @@ async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.
     app = App(settings=settings, health=health_servicer)
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
     if settings.server.auth_token:  # outermost: an unauthenticated call is refused before it is parsed
-        interceptors.insert(0, BearerTokenInterceptor(settings.server.auth_token))
+        interceptors.insert(0, BearerTokenInterceptor(settings.server.auth_token, lambda m: app.shed(m, "auth")))
     creds = server_credentials(settings)
     server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(app), server)
@@ -675,6 +712,10 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
     app.draining = True
     await app.set_serving(False)
     await server.stop(app.settings.server.grace_period_s if grace is None else grace)
+    await asyncio.sleep(0)  # let the handlers the stop cancelled run their accounting
+    if app.cancelled_while_draining:
+        log.warning("shutdown: %d calls still running when the %.0f s grace period ended were cancelled",
+                    app.cancelled_while_draining, app.settings.server.grace_period_s if grace is None else grace)
     loader = app.loader
     if loader is not None and not loader.done():
         loader.cancel()
@@ -685,13 +726,19 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
     app.metrics.close()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, early_signal=None) -> int:
+    """Run until SIGTERM/SIGINT. ``early_signal()`` says whether one arrived before the loop's
+    handlers were installed (``rerankd serve`` catches them from its first line: as PID 1 in a
+    container, a signal with no handler is dropped, and a pod deleted during the ~0.5 s of
+    imports waited out its whole grace period, a review found)."""
     server, port, app = await create_server(settings)
     log.info("listening on %s (health NOT_SERVING until models are warm)", settings.server.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if early_signal is not None and early_signal():
+        stop.set()
     waiter = asyncio.create_task(stop.wait())
     assert app.loader is not None
     await asyncio.wait({waiter, app.loader}, return_when=asyncio.FIRST_COMPLETED)
