@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -514,3 +515,35 @@ def test_compact_leaves_every_commit_in_the_main_database_file(models_dir, tmp_p
     ids = {r[0] for r in con.execute("SELECT id FROM documents")}
     con.close()
     assert ids == {d["id"] for d in DOCS[1:6]}
+
+
+def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir, tmp_path, monkeypatch):
+    """Every refusal carries grpc-retry-pushback-ms, which gRPC's own retry policy waits for:
+    ``Client(retries=N)`` (or any gRPC client given ``retry_service_config``) rides out a
+    transient overload; without it the first refusal is the answer."""
+    from rerankd.client import retry_service_config
+    from rerankd.server import RERANKED_SEARCH, RetrievalServicer
+
+    real_limit, refused = RetrievalServicer._limit, []
+
+    def limit(sv, lane):
+        if lane == RERANKED_SEARCH and len(refused) < 2:
+            refused.append(time.monotonic())
+            return 0
+        return real_limit(sv, lane)
+
+    monkeypatch.setattr(RetrievalServicer, "_limit", limit)
+    with _serve(models_dir, tmp_path) as srv:
+        with Client(srv.target, timeout=300) as c:
+            c.upsert(DOCS[:8])
+            with pytest.raises(grpc.RpcError) as ei:
+                c.search("aspirin colorectal cancer", top_n=3, candidates=8)
+            trailers = dict(ei.value.trailing_metadata())
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert trailers["grpc-retry-pushback-ms"] == trailers["retry-after-ms"]
+        with Client(srv.target, timeout=300, retries=3) as c:
+            hits = c.search("aspirin colorectal cancer", top_n=3, candidates=8)  # refused once, then served
+            assert len(hits) == 3 and len(refused) == 2
+    with pytest.raises(ValueError):
+        retry_service_config(1)
+    assert json.loads(retry_service_config(9))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5

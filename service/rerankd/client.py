@@ -16,6 +16,7 @@ port with a keyword.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -119,11 +120,39 @@ def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float 
             time.sleep(0.5)
 
 
+RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+
+
+def retry_service_config(attempts: int, *, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> str:
+    """gRPC service config (JSON) that retries rerankd's unary calls on RESOURCE_EXHAUSTED and
+    UNAVAILABLE, up to ``attempts`` tries in all, within the call's deadline. The server sends
+    ``grpc-retry-pushback-ms`` with every overload refusal, which gRPC's retry waits for instead of
+    its own backoff. Every unary rerankd call is safe to repeat (Upsert replaces by id, Delete of a
+    deleted id is a no-op); UpsertStream is not retried. Any gRPC client can use the same config
+    (channel option ``grpc.service_config``)."""
+    if attempts < 2:
+        raise ValueError("attempts must be at least 2 (1 = no retries: leave the config out)")
+    unary = ["Search", "Encode", "Score", "Upsert", "Delete", "Stats", "Compact"]
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": "rerankd.v1.Retrieval", "method": m} for m in unary],
+        "retryPolicy": {
+            "maxAttempts": min(int(attempts), 5),  # gRPC caps it at 5
+            "initialBackoff": f"{initial_backoff_s}s", "maxBackoff": f"{max_backoff_s}s", "backoffMultiplier": 2,
+            "retryableStatusCodes": list(RETRYABLE),
+        },
+    }]})
+
+
 class Client:
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
-        opts = options or DEFAULT_OPTIONS
+                 options: list[tuple[str, Any]] | None = None, retries: int = 0) -> None:
+        """``retries``: extra tries of a unary call refused with RESOURCE_EXHAUSTED or UNAVAILABLE
+        (0 = none, the default; at most 4), after the server's retry-after hint, within the call's
+        deadline (see ``retry_service_config``)."""
+        opts = list(options or DEFAULT_OPTIONS)
+        if retries:
+            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(retries + 1))]
         self._channel = grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.RetrievalStub(self._channel)
         self.timeout = timeout

@@ -268,7 +268,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if isinstance(e, errors.Overloaded):
                 if ran:  # admitted, then refused by a full batcher queue (--max-queue)
                     app.shed(method, "queue_full")
-                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+                ms = str(int(e.retry_after_s * 1000))
+                # retry-after-ms for our tools; grpc-retry-pushback-ms is what gRPC's own retry
+                # policy (any language, service config retryPolicy) waits for before the next try.
+                context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s %s failed: %s", request_id, method, e)
             await abort(context, code, str(e))
