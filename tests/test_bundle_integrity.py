@@ -82,6 +82,23 @@ def test_a_manifest_missing_keys_or_a_refused_variant_is_a_clear_config_error(bu
         ModelBundle.load(bundle_dir.parent, "ce", "rerank")
 
 
+def test_older_manifests_still_load(bundle_dir, caplog):
+    """Exports before the .xml got its own hash put the OpenVINO weights' hash in sha256; an entry
+    with no checksum (the old bf16 entry) loads with a warning rather than being called damaged."""
+    mf = bundle_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    ov = m["variants"]["openvino-int8"]
+    ov["sha256"] = ov["weights_sha256"]
+    del m["variants"]["fp32"]["sha256"]
+    mf.write_text(json.dumps(m))
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    assert b.variant_file("openvino-int8").name == "model.ov-int8.xml"
+    assert b.variant_file("fp32").name == "model.onnx" and "no checksum" in caplog.text
+    (bundle_dir / "model.ov-int8.bin").write_bytes(b"tampered!!!!")  # the weights are still checked
+    with pytest.raises(ConfigError, match="model.ov-int8.bin does not match"):
+        b.variant_file("openvino-int8")
+
+
 def test_a_damaged_gpu_probe_is_a_config_error(bundle_dir):
     (bundle_dir / "gpu-probe.npz").write_bytes(b"tampered")
     b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")

@@ -455,10 +455,11 @@ def test_snapshot_graph_holds_exactly_its_sequence(models_dir, tmp_path, monkeyp
     asyncio.run(run())
 
 
-def test_embedder_key_includes_max_length_and_legacy_stores_are_rekeyed(models_dir, tmp_path):
+def test_embedder_max_length_is_recorded_and_a_store_cut_at_another_length_is_refused(models_dir, tmp_path):
     """Vectors cut at another --max-length are other vectors: an embedder re-exported with a new
-    length must not be mixed into an index built with the old one (the key was name:sha only).
-    A store keyed the old way is taken as matching and re-keyed, so upgrades keep their data."""
+    length must not be mixed into an index built with the old one (only name:sha was checked).
+    The length has its own meta key, so the "embedder" value older versions check is unchanged
+    (a rollback still opens the store), and a store without it is taken as the current length."""
     from rerankd.errors import NotReady
     from rerankd.pipeline import Document, Pipeline
 
@@ -475,15 +476,8 @@ def test_embedder_key_includes_max_length_and_legacy_stores_are_rekeyed(models_d
     asyncio.run(run())
     store = DocumentStore(tmp_path / "data" / "documents.sqlite3")
     key = store.get_meta("embedder")
-    assert key.endswith(":max_length=256"), key
-    legacy = key.rsplit(":max_length=", 1)[0]
-    store.set_meta("embedder", legacy)
+    assert ":max_length" not in key and store.get_meta("embedder_max_length") == "256"
+    store.set_meta("embedder_max_length", "128")  # indexed by the same model cut at 128 tokens
     store.close()
-    p = Pipeline(s)  # a legacy key opens ...
-    p.store.close()
-    store = DocumentStore(tmp_path / "data" / "documents.sqlite3")
-    assert store.get_meta("embedder") == key  # ... and is re-keyed
-    store.set_meta("embedder", f"{legacy}:max_length=128")  # indexed by the same model cut at 128
-    store.close()
-    with pytest.raises(NotReady, match="was indexed with embedder"):
+    with pytest.raises(NotReady, match="cutting documents at 128 tokens, not 256"):
         Pipeline(s)

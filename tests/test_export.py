@@ -529,7 +529,10 @@ def test_trained_fp16_checkpoint_exported_as_trained(tiny_dirs, tmp_path):
     assert "meaningless" not in m["source"]["description"]
     assert m["dimension"] == 32
     assert m["variants"]["fp32"]["parity"]["max_abs_diff"] <= parity.RERANK_TOLERANCE
-    assert "spearman" in m["variants"]["int8"]["parity"]
+    # The tiny random reranker's int8 logits keep the 0.25 budget but not the order (Spearman ~0.3):
+    # refused since the gate also asks Spearman >= 0.99; the figures are recorded either way.
+    int8 = m["variants"].get("int8") or m["refused_variants"]["int8"]
+    assert "spearman" in int8["parity"] and int8["parity"]["min_spearman"] == parity.INT8_RERANK_MIN_SPEARMAN
     graph = onnx.load(str(out / "model.onnx"))
     float_inits = [i for i in graph.graph.initializer if i.data_type in (1, 10)]
     assert float_inits and all(i.data_type == 1 for i in float_inits)  # fp32, not fp16

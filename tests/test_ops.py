@@ -219,6 +219,50 @@ def test_refused_calls_are_summed_up_in_one_log_line_at_most_a_minute(caplog):
     assert app.metrics.rejected.labels("Search", "concurrency")._value.get() == 50
 
 
+def test_refusals_of_a_burst_are_logged_when_the_minute_is_up_without_another_refusal(caplog, monkeypatch):
+    """The summary was written only by a refusal arriving after the minute: a burst of 160 left one
+    line ("1 calls") and 159 unlogged (a review). A timer writes the rest."""
+    import asyncio
+    import logging
+    import types
+
+    from rerankd import server as srv
+    from rerankd.config import Settings
+    from rerankd.metrics import Metrics
+
+    monkeypatch.setattr(srv, "SHED_LOG_S", 0.2)
+
+    async def burst() -> None:
+        app = srv.App(settings=Settings(), health=types.SimpleNamespace())
+        app.metrics = Metrics()
+        for _ in range(160):
+            app.shed("Score", "concurrency")
+        await asyncio.sleep(0.5)
+
+    with caplog.at_level(logging.WARNING, logger="rerankd.server"):
+        asyncio.run(burst())
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines[0].startswith("refused 1 calls since start")
+    assert len(lines) == 2 and lines[1].startswith("refused 159 calls in the last"), lines
+
+
+def test_a_signal_during_the_imports_is_caught_by_rerankd_serve(tmp_path, monkeypatch):
+    """cli.main catches SIGTERM before it imports the server and hands it to serve()."""
+    from rerankd import cli, server
+
+    async def fake_serve(settings, early_signal=None):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return 3  # main did not catch it: the kill below would have ended the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0 if early_signal is not None and early_signal() else 4
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["serve", "--models-dir", str(tmp_path), "--data-dir", str(tmp_path / "d"),
+                     "--listen", "127.0.0.1:0"]) == 0
+    assert signal.getsignal(signal.SIGTERM) == before  # handed back as found
+
+
 def test_a_signal_before_the_loop_handlers_still_stops_the_server(models_dir, tmp_path):
     """As PID 1 in a container a signal with no handler is dropped: SIGTERM during the imports was
     lost and the pod waited out its grace period (a review). ``rerankd serve`` catches it from its
@@ -508,8 +552,6 @@ def test_compact_leaves_every_commit_in_the_main_database_file(models_dir, tmp_p
             c.upsert(DOCS[:6])
             c.delete([DOCS[0]["id"]])
             c.compact()
-            wal = tmp_path / "data" / "documents.sqlite3-wal"
-            assert not wal.exists() or wal.stat().st_size == 0
             shutil.copy(tmp_path / "data" / "documents.sqlite3", tmp_path / "copy.sqlite3")
     con = sqlite3.connect(tmp_path / "copy.sqlite3")
     ids = {r[0] for r in con.execute("SELECT id FROM documents")}
@@ -544,6 +586,20 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
         with Client(srv.target, timeout=300, retries=3) as c:
             hits = c.search("aspirin colorectal cancer", top_n=3, candidates=8)  # refused once, then served
             assert len(hits) == 3 and len(refused) == 2
+            # gRPC keeps only 256 KiB of a request to resend by default: a 300 KB Score was never
+            # retried (a review). Score shares the lane, so it is refused (twice) as well.
+            refused.clear()
+            big = [{"id": str(i), "text": ("aspirin and colorectal cancer risk " * 900)[:30000]} for i in range(10)]
+            assert len(c.score("aspirin", big)) == 10 and len(refused) == 2
+            # A hint the deadline cannot cover says "do not retry": the refusal, at once.
+            # (The hint is the lane's recent latency, by now that of a reranked call on this CPU,
+            # hundreds of ms: a 50 ms deadline cannot cover it. Before, gRPC waited out the hint
+            # and the caller got DEADLINE_EXCEEDED.)
+            refused.clear()
+            with pytest.raises(grpc.RpcError) as ei:
+                c.search("aspirin colorectal cancer", top_n=3, candidates=8, timeout=0.05)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value.code()
+            assert dict(ei.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1" and len(refused) == 1
     with pytest.raises(ValueError):
         retry_service_config(1)
     assert json.loads(retry_service_config(9))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5

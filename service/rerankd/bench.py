@@ -178,6 +178,10 @@ class Bench:
         # a throwaway store (removed after: it holds the corpus's text and embeddings)
         with tempfile.TemporaryDirectory(prefix="rerankd-bench-") as data:
             settings = cfg.embedded_settings(self.settings).replace(index={"data_dir": Path(data)})
+            # The concurrency row measures how N concurrent Scores share the batcher, so all N must
+            # be admitted: Score shares --max-concurrent-search (default 2) with reranked Search.
+            want = max(settings.server.max_concurrent_search, self.args.concurrency)
+            settings = settings.replace(server={"max_concurrent_search": want})
             self._grpc_rows(settings)
 
     def _grpc_rows(self, settings) -> None:

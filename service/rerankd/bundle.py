@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "rerankd-bundle/1"
 REQUIRED_KEYS = ("name", "max_length", "inputs", "special_tokens", "variants")
@@ -108,29 +111,39 @@ def variant_files(bundle_dir: Path, entry: dict[str, Any]) -> list[tuple[Path, s
 def variant_problems(bundle_dir: Path, entry: dict[str, Any]) -> list[str]:
     """What is wrong with a variant's files (missing, or not the bytes the export wrote); empty
     when intact. A model file that was truncated, overwritten or swapped used to load and serve
-    (a review served NaN scores from a model.onnx with 64 KiB overwritten)."""
-    return [bad for f, sha in variant_files(bundle_dir, entry) if (bad := _file_problem(f, sha))]
+    (a review served NaN scores from a model.onnx with 64 KiB overwritten). A file the manifest
+    gives no checksum for is only checked to exist (a warning says so). Bundles from exporters
+    before the .xml got its own hash recorded the OpenVINO weights' hash as ``sha256``: those
+    are checked by their weights alone."""
+    files = variant_files(bundle_dir, entry)
+    if len(files) == 2 and files[0][1] and files[0][1] == files[1][1]:  # legacy OpenVINO entry
+        files = files[1:] + [(files[0][0], None)]
+    return [bad for f, sha in files if (bad := _file_problem(f, sha))]
 
 
 def _file_problem(f: Path, sha256: str | None) -> str | None:
     if not f.is_file():
         return f"{f} is missing"
     if not sha256:
-        return f"{f.name} has no checksum in the manifest"
+        if f.suffix != ".xml":  # an OpenVINO .xml is covered through its weights' checksum
+            log.warning("%s has no checksum in its bundle's manifest: loaded unchecked (re-export to add one)", f)
+        return None
     if file_sha256(f) != sha256:
         return f"{f.name} does not match the sha256 in the manifest"
     return None
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 _SHA_LOCK = threading.Lock()
 
 
 def file_sha256(f: Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime): a server loads each model file a few
-    times (embedder and reranker, every backend tried) and ~0.2 s per 100 MB adds up in tests."""
+    """sha256 of a file, cached per (path, inode, size, mtime, ctime): a server loads each model
+    file a few times (embedder and reranker, every backend tried) and ~0.2 s per 100 MB adds up
+    in tests. ctime and the inode change with any rewrite or replace, even one that keeps the
+    size and sets the old mtime back (``cp -p``, ``rsync -t``, tar)."""
     st = f.stat()
-    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _SHA_LOCK:
         hit = _SHA_CACHE.get(key)
     if hit is None:

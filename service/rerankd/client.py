@@ -129,7 +129,10 @@ def retry_service_config(attempts: int, *, initial_backoff_s: float = 0.1, max_b
     ``grpc-retry-pushback-ms`` with every overload refusal, which gRPC's retry waits for instead of
     its own backoff. Every unary rerankd call is safe to repeat (Upsert replaces by id, Delete of a
     deleted id is a no-op); UpsertStream is not retried. Any gRPC client can use the same config
-    (channel option ``grpc.service_config``)."""
+    (channel option ``grpc.service_config``; raise its per-call retry buffer, 256 KiB by default,
+    or larger requests are never retried: ``retry_options``). A refusal whose hint exceeds the
+    call's remaining deadline comes with a pushback that says "do not retry", so the caller gets
+    RESOURCE_EXHAUSTED at once instead of waiting out its deadline."""
     if attempts < 2:
         raise ValueError("attempts must be at least 2 (1 = no retries: leave the config out)")
     unary = ["Search", "Encode", "Score", "Upsert", "Delete", "Stats", "Compact"]
@@ -143,6 +146,14 @@ def retry_service_config(attempts: int, *, initial_backoff_s: float = 0.1, max_b
     }]})
 
 
+def retry_options(retries: int) -> list[tuple[str, Any]]:
+    """Channel options for ``retries`` extra tries (``retry_service_config``). gRPC keeps a copy of
+    each request to resend it, and by default only up to 256 KiB per call (a review: a 300 KB
+    Score was never retried): the buffers are raised to the message size limit."""
+    return [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(retries + 1)),
+            ("grpc.per_rpc_retry_buffer_size", 64 << 20), ("grpc.retry_buffer_size", 256 << 20)]
+
+
 class Client:
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
@@ -152,7 +163,7 @@ class Client:
         deadline (see ``retry_service_config``)."""
         opts = list(options or DEFAULT_OPTIONS)
         if retries:
-            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(retries + 1))]
+            opts += retry_options(retries)
         self._channel = grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.RetrievalStub(self._channel)
         self.timeout = timeout

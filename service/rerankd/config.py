@@ -212,7 +212,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gpu_provider": ("auto", "tensorrt", "cuda"),
     "score_activation": ("none", "sigmoid"),
     "batch_order": ("length", "arrival"),
-    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL"),  # as logging takes them
 }
 
 

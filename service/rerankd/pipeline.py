@@ -247,19 +247,24 @@ class Pipeline:
     def _check_store_models(self, emb: ModelBundle, rr: ModelBundle) -> None:
         """Stored vectors belong to one embedder; cached token ids to one reranker tokenizer."""
         # The truncation length is part of what a vector means: an embedder re-exported with another
-        # --max-length would mix vectors of differently cut documents in one index. Stores written
-        # before the length was part of the key (name:sha) are taken as matching and re-keyed.
-        legacy = f"{emb.name}:{emb.manifest['source']['sha256']}"
-        emb_key = f"{legacy}:max_length={emb.max_length}"
+        # --max-length would mix vectors of differently cut documents in one index. It is kept under
+        # its own key, so the "embedder" value stays what older versions read (a rollback works);
+        # a store from before it was recorded is taken as indexed at the current length.
+        emb_key = f"{emb.name}:{emb.manifest['source']['sha256']}"
         have = self.store.get_meta("embedder")
-        if have == legacy:
-            have = emb_key
         if have is not None and have != emb_key and self.store.count() > 0:
             raise NotReady(
                 f"data dir {self.settings.index.data_dir} was indexed with embedder {have!r}, "
                 f"not {emb_key!r}: re-index into a fresh --data-dir"
             )
+        have_len = self.store.get_meta("embedder_max_length")
+        if have_len is not None and have_len != str(emb.max_length) and self.store.count() > 0:
+            raise NotReady(
+                f"data dir {self.settings.index.data_dir} was indexed with embedder {have!r} cutting documents at "
+                f"{have_len} tokens, not {emb.max_length}: re-index into a fresh --data-dir"
+            )
         self.store.set_meta("embedder", emb_key)
+        self.store.set_meta("embedder_max_length", str(emb.max_length))
         tok_key = hashlib.sha256(rr.tokenizer_path.read_bytes()).hexdigest() + f":{rr.max_length}"
         if self.store.get_meta("reranker_tokenizer") != tok_key and self.store.count() > 0:
             log.info("reranker tokenizer changed: recomputing cached passage token ids")
@@ -702,9 +707,10 @@ class Pipeline:
             await asyncio.to_thread(self._rebuild_dense)
             info = await asyncio.to_thread(self._save_snapshot, True, False)
             # The main database file then holds every commit the snapshot covers (README "Backup").
-            busy, _ = await asyncio.to_thread(self.store.checkpoint)
-            if busy:
-                log.info("Compact: a reader held the write-ahead log; it is copied into the main file at a later checkpoint")
+            # PASSIVE: a reader (an online backup) never makes writes wait here (TRUNCATE did, 30 s).
+            if not await asyncio.to_thread(self.store.checkpoint):
+                log.info("Compact: a reader still needed part of the write-ahead log; SQLite copies it into "
+                         "documents.sqlite3 at a later checkpoint")
         await asyncio.to_thread(self._save_bm25)  # after the write lock: writes need not wait for it
         if info is None:  # skipped: a failed write's index rebuild is still running
             raise NotReady("the in-memory indexes are being rebuilt after a failed write; retry Compact shortly")

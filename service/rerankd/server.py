@@ -100,23 +100,40 @@ class App:
     # one line per call would flood the logs under overload instead).
     shed_counts: dict[tuple[str, str], int] = field(default_factory=dict)
     shed_logged_at: float = 0.0
+    shed_timer: asyncio.TimerHandle | None = None
     cancelled_while_draining: int = 0  # calls the end of the grace period cut off (logged once)
 
     loader: asyncio.Task | None = None
 
     def shed(self, method: str, reason: str) -> None:
-        """Count a refused call (metric at once, log line summed over SHED_LOG_S)."""
+        """Count a refused call: in the metric at once, and in one WARNING line that sums up the
+        refusals of up to SHED_LOG_S (written by the first refusal after a quiet minute, else by a
+        timer when the minute is up, and at shutdown)."""
         self.metrics.rejected.labels(method, reason).inc()
         key = (method, reason)
         self.shed_counts[key] = self.shed_counts.get(key, 0) + 1
+        wait = self.shed_logged_at + SHED_LOG_S - time.monotonic()
+        if wait <= 0:
+            self.flush_shed()
+        elif self.shed_timer is None:
+            try:
+                self.shed_timer = asyncio.get_running_loop().call_later(wait, self.flush_shed)
+            except RuntimeError:  # no loop (a unit test): the next refusal or shutdown writes it
+                pass
+
+    def flush_shed(self) -> None:
+        if self.shed_timer is not None:
+            self.shed_timer.cancel()
+            self.shed_timer = None
+        if not self.shed_counts:
+            return
         now = time.monotonic()
-        if now - self.shed_logged_at >= SHED_LOG_S:
-            total = sum(self.shed_counts.values())
-            what = ", ".join(f"{m}/{r}={n}" for (m, r), n in sorted(self.shed_counts.items()))
-            since = "since start" if self.shed_logged_at == 0.0 else f"in the last {now - self.shed_logged_at:.0f} s"
-            log.warning("refused %d calls %s (method/reason=count): %s", total, since, what)
-            self.shed_counts.clear()
-            self.shed_logged_at = now
+        total = sum(self.shed_counts.values())
+        what = ", ".join(f"{m}/{r}={n}" for (m, r), n in sorted(self.shed_counts.items()))
+        since = "since start" if self.shed_logged_at == 0.0 else f"in the last {now - self.shed_logged_at:.0f} s"
+        log.warning("refused %d calls %s (method/reason=count): %s", total, since, what)
+        self.shed_counts.clear()
+        self.shed_logged_at = now
 
     def start_loading(self) -> None:
         if self.loader is None:
@@ -271,7 +288,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 ms = str(int(e.retry_after_s * 1000))
                 # retry-after-ms for our tools; grpc-retry-pushback-ms is what gRPC's own retry
                 # policy (any language, service config retryPolicy) waits for before the next try.
-                context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)))
+                # A wait the call's deadline cannot cover gets a negative pushback ("do not
+                # retry"): the caller sees this refusal now, not DEADLINE_EXCEEDED at its deadline.
+                left = context.time_remaining()
+                push = "-1" if left is not None and e.retry_after_s >= left else ms
+                context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", push)))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s %s failed: %s", request_id, method, e)
             await abort(context, code, str(e))
@@ -716,6 +737,7 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
     await app.set_serving(False)
     await server.stop(app.settings.server.grace_period_s if grace is None else grace)
     await asyncio.sleep(0)  # let the handlers the stop cancelled run their accounting
+    app.flush_shed()
     if app.cancelled_while_draining:
         log.warning("shutdown: %d calls still running when the %.0f s grace period ended were cancelled",
                     app.cancelled_while_draining, app.settings.server.grace_period_s if grace is None else grace)

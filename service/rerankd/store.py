@@ -199,15 +199,15 @@ class DocumentStore:
                 _rollback(con)
                 raise
 
-    def checkpoint(self) -> tuple[int, int]:
-        """Copy the write-ahead log into ``documents.sqlite3`` and empty it (TRUNCATE), so the main
-        file alone holds every commit: a copy of the data dir that misses the ``-wal`` file (a
-        review restored one that lost 47 writes and brought back 30 deleted documents) is then
-        only missing what was written after this. Returns (busy, log frames) as SQLite reports
-        them; busy = 1 when a reader kept it from completing (it is safe to call again)."""
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into ``documents.sqlite3`` (PASSIVE: never waits for a reader,
+        so it never stalls writes), so the main file alone holds every commit: a copy of the data
+        dir that misses the ``-wal`` file (a review restored one that lost 47 writes and brought
+        back 30 deleted documents) then misses nothing written before this. True when every
+        frame was copied; False when a reader (an online backup, a search) still needed some."""
         with self._write_lock:
-            busy, frames, _ = self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return int(busy), int(frames)
+            _busy, frames, copied = self._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return frames == copied
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write_lock:
