@@ -26,7 +26,7 @@ from . import snapshot
 from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings, check_settings
-from .errors import BackendError, CommittedNotIndexed, ConfigError, InvalidArgument, NotReady
+from .errors import BackendError, CommittedNotIndexed, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
