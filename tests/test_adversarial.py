@@ -75,6 +75,9 @@ def test_malformed_request_is_invalid_argument(channel, stub, method, raw):
         _raw_unary(channel, method)(raw, timeout=30)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (ei.value.code(), ei.value.details())
     assert ei.value.details().startswith(f"request: malformed {method}Request"), ei.value.details()
+    from rerankd.client import error_details
+
+    assert [f for f, _ in error_details(ei.value)["field_violations"]] == ["request"]  # google.rpc.BadRequest
     assert stub.Stats(pb.StatsRequest(), timeout=30).documents >= len(DOCS)  # still serving
 
 

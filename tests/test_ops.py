@@ -563,7 +563,7 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
     """Every refusal carries grpc-retry-pushback-ms, which gRPC's own retry policy waits for:
     ``Client(retries=N)`` (or any gRPC client given ``retry_service_config``) rides out a
     transient overload; without it the first refusal is the answer."""
-    from rerankd.client import retry_service_config
+    from rerankd.client import error_details, retry_service_config
     from rerankd.server import RERANKED_SEARCH, RetrievalServicer
 
     real_limit, refused = RetrievalServicer._limit, []
@@ -583,6 +583,8 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
             trailers = dict(ei.value.trailing_metadata())
             assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert trailers["grpc-retry-pushback-ms"] == trailers["retry-after-ms"]
+            # the same hint in the rich error model (google.rpc.RetryInfo)
+            assert error_details(ei.value)["retry_delay_s"] == int(trailers["retry-after-ms"]) / 1000
         with Client(srv.target, timeout=300, retries=3) as c:
             hits = c.search("aspirin colorectal cancer", top_n=3, candidates=8)  # refused once, then served
             assert len(hits) == 3 and len(refused) == 2

@@ -28,6 +28,12 @@ def assert_invalid(fn, field: str) -> str:
     err = ei.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     assert field in err.details(), f"{field!r} not named in {err.details()!r}"
+    # ... and in the rich error model: a google.rpc.BadRequest naming the field the message leads with.
+    from rerankd.client import error_details
+
+    violations = error_details(err)["field_violations"]
+    assert len(violations) == 1 and field in violations[0][0], (violations, err.details())
+    assert err.details() == f"{violations[0][0]}: {violations[0][1]}"
     return err.details()
 
 

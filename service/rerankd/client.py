@@ -120,6 +120,28 @@ def wait_serving(target: str, timeout: float = 600.0, *, connect_timeout: float 
             time.sleep(0.5)
 
 
+def error_details(err: grpc.RpcError) -> dict[str, Any]:
+    """What a refusal says in gRPC's rich error model: ``{"field_violations": [(field,
+    description), ...], "retry_delay_s": float | None}`` (empty list / None when absent), from
+    the ``google.rpc.Status`` the server attaches (BadRequest on INVALID_ARGUMENT, RetryInfo on
+    RESOURCE_EXHAUSTED)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    out: dict[str, Any] = {"field_violations": [], "retry_delay_s": None}
+    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out["field_violations"] += [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            out["retry_delay_s"] = info.retry_delay.ToMilliseconds() / 1000
+    return out
+
+
 RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 
 

@@ -20,7 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -282,6 +284,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return result
         except errors.RerankdError as e:
             code = status_for(e)
+            trailers = list(rich_details(e, code))
             if isinstance(e, errors.Overloaded):
                 if ran:  # admitted, then refused by a full batcher queue (--max-queue)
                     app.shed(method, "queue_full")
@@ -292,7 +295,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 # retry"): the caller sees this refusal now, not DEADLINE_EXCEEDED at its deadline.
                 left = context.time_remaining()
                 push = "-1" if left is not None and e.retry_after_s >= left else ms
-                context.set_trailing_metadata((("retry-after-ms", ms), ("grpc-retry-pushback-ms", push)))
+                trailers += [("retry-after-ms", ms), ("grpc-retry-pushback-ms", push)]
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s %s failed: %s", request_id, method, e)
             await abort(context, code, str(e))
@@ -529,11 +534,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 except DecodeError as e:
                     raise errors.InvalidArgument("request", _malformed(e)) from None
 
+        async def invalid(context, err: errors.InvalidArgument) -> None:
+            context.set_trailing_metadata(rich_details(err, grpc.StatusCode.INVALID_ARGUMENT))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
         async def parsed(raw, context):
             try:
                 return parse(raw)
             except DecodeError as e:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: {_malformed(e)}")
+                await invalid(context, errors.InvalidArgument("request", _malformed(e)))
 
         if not handler.request_streaming and not handler.response_streaming:
             async def unary_unary(raw, context):
@@ -548,7 +557,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     return await handler.stream_unary(requests(raw_iterator), context)
                 except errors.InvalidArgument as e:
-                    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    await invalid(context, e)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
         # Server streaming (health Watch, reflection): answer through context.write, whichever
@@ -571,9 +580,29 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             try:
                 await forward(handler.stream_stream(requests(raw_iterator), context), context)
             except errors.InvalidArgument as e:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                await invalid(context, e)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def rich_details(e: errors.RerankdError, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
+    """gRPC's rich error model (``grpc-status-details-bin``, a ``google.rpc.Status``): the field an
+    INVALID_ARGUMENT is about as ``google.rpc.BadRequest`` (so clients need not parse the message),
+    the retry hint of a RESOURCE_EXHAUSTED as ``google.rpc.RetryInfo``. The message and the plain
+    trailers stay as they were; ``rerankd.client.error_details`` reads both kinds."""
+    if isinstance(e, errors.InvalidArgument):
+        detail = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=e.field, description=e.reason)])
+    elif isinstance(e, errors.Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(e.retry_after_s * 1000))
+        detail = error_details_pb2.RetryInfo(retry_delay=delay)
+    else:
+        return ()
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status = status_pb2.Status(code=code.value[0], message=str(e), details=[packed])
+    return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
