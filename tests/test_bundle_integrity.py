@@ -89,14 +89,26 @@ def test_older_manifests_still_load(bundle_dir, caplog):
     m = json.loads(mf.read_text())
     ov = m["variants"]["openvino-int8"]
     ov["sha256"] = ov["weights_sha256"]
-    del m["variants"]["fp32"]["sha256"]
+    m["variants"]["openvino-bf16"] = {"file": "model.onnx", "inference_precision": "bf16"}  # the old form
     mf.write_text(json.dumps(m))
     b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
     assert b.variant_file("openvino-int8").name == "model.ov-int8.xml"
-    assert b.variant_file("fp32").name == "model.onnx" and "no checksum" in caplog.text
+    assert b.variant_file("openvino-bf16").name == "model.onnx"
     (bundle_dir / "model.ov-int8.bin").write_bytes(b"tampered!!!!")  # the weights are still checked
     with pytest.raises(ConfigError, match="model.ov-int8.bin does not match"):
         b.variant_file("openvino-int8")
+    # The bf16 entry has no checksum, but fp32 gives model.onnx's: a tampered file is refused
+    # through either (a review loaded it through the bf16 entry with a warning).
+    (bundle_dir / "model.onnx").write_bytes(b"tampered graph")
+    with pytest.raises(ConfigError, match="model.onnx does not match"):
+        b.variant_file("openvino-bf16")
+    # No checksum anywhere: loaded, with one warning per file however often it is loaded.
+    del m["variants"]["fp32"]["sha256"]
+    mf.write_text(json.dumps(m))
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    for _ in range(3):
+        b.variant_file("fp32")
+    assert caplog.text.count("model.onnx has no checksum of its own") == 1
 
 
 def test_a_damaged_gpu_probe_is_a_config_error(bundle_dir):
@@ -132,3 +144,38 @@ def test_non_finite_embeddings_fail_the_batch_instead_of_entering_the_index():
     hidden[1, 2, 0] = np.nan
     with pytest.raises(BackendError, match="non-finite vectors"):
         Embedder._forward(SimpleNamespace(backend=_Backend(hidden), normalize=True), ids, ids, ids * 0)
+
+
+def test_rich_error_details_are_read_safely():
+    """client.error_details: a grpc.aio error (not a grpc.Call) is read too; details that do not
+    match the status the client got (a transport error) read as none instead of raising; the
+    server leaves details off a message too long for gRPC's metadata limit."""
+    import grpc
+
+    from rerankd import errors
+    from rerankd.client import error_details
+    from rerankd.server import RICH_MAX_MESSAGE, rich_details
+
+    err = errors.InvalidArgument("items[3].id", "duplicate id")
+    trailers = rich_details(err, grpc.StatusCode.INVALID_ARGUMENT)
+
+    class AioLike:  # what grpc.aio.AioRpcError offers (it is not a grpc.Call)
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+        def trailing_metadata(self):
+            return trailers
+
+    got = error_details(AioLike(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+    assert got == {"field_violations": [("items[3].id", "duplicate id")], "retry_delay_s": None}
+    assert error_details(AioLike(grpc.StatusCode.RESOURCE_EXHAUSTED, "Stream removed"))["field_violations"] == []
+    assert rich_details(errors.InvalidArgument("query", "x" * RICH_MAX_MESSAGE), grpc.StatusCode.INVALID_ARGUMENT) == ()
+    hint = rich_details(errors.Overloaded("busy", retry_after_s=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert error_details(type("E", (AioLike,), {"trailing_metadata": lambda self: hint})(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"))["retry_delay_s"] == 0.25

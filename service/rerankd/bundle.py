@@ -80,6 +80,11 @@ class ModelBundle:
                 f"re-export with the matching option (e.g. `rerankd export --int8`)"
             )
         entry = variants[precision]
+        if not entry.get("sha256"):  # an older entry (openvino-bf16 serves model.onnx): another
+            for other in variants.values():  # variant may give the same file's checksum
+                if other.get("file") == entry.get("file") and other.get("sha256"):
+                    entry = {**entry, "sha256": other["sha256"]}
+                    break
         bad = variant_problems(self.path, entry)
         if bad:
             raise ConfigError(
@@ -121,12 +126,17 @@ def variant_problems(bundle_dir: Path, entry: dict[str, Any]) -> list[str]:
     return [bad for f, sha in files if (bad := _file_problem(f, sha))]
 
 
+_WARNED: set[str] = set()
+
+
 def _file_problem(f: Path, sha256: str | None) -> str | None:
     if not f.is_file():
         return f"{f} is missing"
     if not sha256:
-        if f.suffix != ".xml":  # an OpenVINO .xml is covered through its weights' checksum
-            log.warning("%s has no checksum in its bundle's manifest: loaded unchecked (re-export to add one)", f)
+        if str(f) not in _WARNED:  # once per file and process, not on every load
+            _WARNED.add(str(f))
+            log.warning("%s has no checksum of its own in its bundle's manifest: loaded unchecked "
+                        "(an older export; re-export to add one)", f)
         return None
     if file_sha256(f) != sha256:
         return f"{f.name} does not match the sha256 in the manifest"

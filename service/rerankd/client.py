@@ -129,7 +129,10 @@ def error_details(err: grpc.RpcError) -> dict[str, Any]:
     from grpc_status import rpc_status
 
     out: dict[str, Any] = {"field_violations": [], "retry_delay_s": None}
-    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    try:  # grpc.RpcError from a channel, or grpc.aio.AioRpcError (not a grpc.Call, same methods)
+        status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    except ValueError:  # details that do not match the status the client got (e.g. a transport error)
+        status = None
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()

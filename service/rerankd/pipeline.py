@@ -709,8 +709,8 @@ class Pipeline:
             # The main database file then holds every commit the snapshot covers (README "Backup").
             # PASSIVE: a reader (an online backup) never makes writes wait here (TRUNCATE did, 30 s).
             if not await asyncio.to_thread(self.store.checkpoint):
-                log.info("Compact: a reader still needed part of the write-ahead log; SQLite copies it into "
-                         "documents.sqlite3 at a later checkpoint")
+                log.warning("Compact: a reader still needed part of the write-ahead log, so documents.sqlite3 "
+                            "alone does not hold every commit yet: back up the -wal file too, or use .backup")
         await asyncio.to_thread(self._save_bm25)  # after the write lock: writes need not wait for it
         if info is None:  # skipped: a failed write's index rebuild is still running
             raise NotReady("the in-memory indexes are being rebuilt after a failed write; retry Compact shortly")

@@ -50,6 +50,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 # reranked Search, and a dozen big Scores took the RSS past the k8s example's memory limit.
 RERANKED_SEARCH = "reranking (Search with rerank, Score)"
 SHED_LOG_S = 60.0
+RICH_MAX_MESSAGE = 2048
 
 # One mapping table, domain error -> gRPC status. Anything else is a bug -> INTERNAL (logged).
 STATUS_FOR: dict[type[errors.RerankdError], grpc.StatusCode] = {
@@ -589,7 +590,11 @@ def rich_details(e: errors.RerankdError, code: grpc.StatusCode) -> tuple[tuple[s
     """gRPC's rich error model (``grpc-status-details-bin``, a ``google.rpc.Status``): the field an
     INVALID_ARGUMENT is about as ``google.rpc.BadRequest`` (so clients need not parse the message),
     the retry hint of a RESOURCE_EXHAUSTED as ``google.rpc.RetryInfo``. The message and the plain
-    trailers stay as they were; ``rerankd.client.error_details`` reads both kinds."""
+    trailers stay as they were; ``rerankd.client.error_details`` reads both kinds. A message over
+    RICH_MAX_MESSAGE characters gets none: the details repeat it, and the trailers would pass
+    gRPC's metadata limit (16 KiB), turning the refusal into a transport error."""
+    if len(str(e)) > RICH_MAX_MESSAGE:
+        return ()
     if isinstance(e, errors.InvalidArgument):
         detail = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=e.field, description=e.reason)])
