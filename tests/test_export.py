@@ -143,7 +143,7 @@ def test_fp32_parity_recorded_and_within_tolerance(models, task):
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
 def test_manifest_matches_contract_and_graph(models, task):
-    from rerankd_export.export import _sha256_file
+    from rerankd.bundle import file_sha256
 
     bundle = models.embedder if task == "embed" else models.reranker
     m = json.loads((bundle / "manifest.json").read_text())
@@ -164,7 +164,7 @@ def test_manifest_matches_contract_and_graph(models, task):
     assert set(m["versions"]) == {"torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"}
     assert m["source"]["sha256"] == source_checksum(m["source"]["path"])
     for variant in m["variants"].values():
-        assert _sha256_file(bundle / variant["file"]) == variant["sha256"]
+        assert file_sha256(bundle / variant["file"]) == variant["sha256"]
 
     sess = parity.onnx_session(bundle / "model.onnx")
     assert [i.name for i in sess.get_inputs()] == m["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -289,11 +289,11 @@ def test_bundle_tokenizers_pad_to_longest_and_truncate_to_max_length(models):
 # int8
 # ------------------------------------------------------------------------------------------
 def test_int8_gate_figures_recorded(models):
-    from rerankd_export.export import _sha256_file
+    from rerankd.bundle import file_sha256
 
     e = models.manifest("embed")["variants"]["int8"]
     assert e["file"] == "model.int8.onnx" and (models.embedder / e["file"]).is_file()
-    assert e["sha256"] == _sha256_file(models.embedder / e["file"])
+    assert e["sha256"] == file_sha256(models.embedder / e["file"])
     gp = e["parity"]
     assert gp["reference"] == "onnx fp32" and gp["gate"] == parity.INT8_EMBED_MIN_COSINE
     assert parity.INT8_EMBED_MIN_COSINE <= gp["min_cosine"] <= 1.0 + 1e-6

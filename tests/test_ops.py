@@ -336,10 +336,10 @@ def test_reranked_searches_and_scores_count_against_the_search_limit(models_dir,
     --max-concurrent-calls. A limit of 0 makes it deterministic (patched in: the flag refuses 0 at
     start, as no reranked call could ever run). Score had the generic 64-call lane: a review's
     Score flood queued ~45 s of reranking ahead of a reranked Search."""
-    from rerankd.server import RERANKED_SEARCH, RetrievalServicer
+    from rerankd.server import RERANK_LANE, RetrievalServicer
 
     real_limit = RetrievalServicer._limit
-    monkeypatch.setattr(RetrievalServicer, "_limit", lambda sv, lane: 0 if lane == RERANKED_SEARCH else real_limit(sv, lane))
+    monkeypatch.setattr(RetrievalServicer, "_limit", lambda sv, lane: 0 if lane == RERANK_LANE else real_limit(sv, lane))
     with _serve(models_dir, tmp_path) as srv:
         with Client(srv.target, timeout=300) as c:
             c.upsert(DOCS)
@@ -358,10 +358,10 @@ def test_estimated_wait_is_the_remaining_solo_time_of_calls_in_flight():
     import types
 
     from rerankd.config import Settings
-    from rerankd.server import RERANKED_SEARCH, RetrievalServicer
+    from rerankd.server import RERANK_LANE, RetrievalServicer
 
     sv = RetrievalServicer(types.SimpleNamespace(settings=Settings()))
-    lane = RERANKED_SEARCH
+    lane = RERANK_LANE
     sv._starts[lane] = {1: 100.0, 2: 100.1}
     sv._solo[lane] = (0.6, 2)
     assert sv.estimated_wait(lane, 100.2) is None  # not enough history: never reject on a guess
@@ -564,12 +564,12 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
     ``Client(retries=N)`` (or any gRPC client given ``retry_service_config``) rides out a
     transient overload; without it the first refusal is the answer."""
     from rerankd.client import error_details, retry_service_config
-    from rerankd.server import RERANKED_SEARCH, RetrievalServicer
+    from rerankd.server import RERANK_LANE, RetrievalServicer
 
     real_limit, refused = RetrievalServicer._limit, []
 
     def limit(sv, lane):
-        if lane == RERANKED_SEARCH and len(refused) < 2:
+        if lane == RERANK_LANE and len(refused) < 2:
             refused.append(time.monotonic())
             return 0
         return real_limit(sv, lane)

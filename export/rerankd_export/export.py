@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from rerankd.bundle import variant_problems
+from rerankd.bundle import file_sha256, variant_problems
 
 from . import parity
 from .parity import Int8GateError, ParityError
@@ -135,14 +135,6 @@ def exporter_code_sha256() -> str:
     h = hashlib.sha256()
     for path in exporter_code_files():
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -530,7 +522,7 @@ def _export_bundle(
                     task, model, staging / MODEL_FILE, cases, output
                 )
                 bar.update()
-                variants = {"fp32": {"file": MODEL_FILE, "sha256": _sha256_file(staging / MODEL_FILE),
+                variants = {"fp32": {"file": MODEL_FILE, "sha256": file_sha256(staging / MODEL_FILE),
                                      "parity": fp32_record}}
 
                 refused: dict = {}
@@ -549,7 +541,7 @@ def _export_bundle(
                         refused["int8"] = {"parity": rec}
                     else:
                         gate["settings"] = dict(INT8_SETTINGS)
-                        variants["int8"] = {"file": INT8_FILE, "sha256": _sha256_file(staging / INT8_FILE),
+                        variants["int8"] = {"file": INT8_FILE, "sha256": file_sha256(staging / INT8_FILE),
                                             "parity": gate}
                     bar.update()
 

@@ -34,9 +34,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from rerankd.bundle import file_sha256 as _sha
 
 from . import parity
-from .export import _sha256_file as _sha
 from .gates import GateError, check_gate
 
 log = logging.getLogger("rerankd_export.gpu")

@@ -20,7 +20,6 @@ to the manifest (its files are removed) but recorded under ``refused_variants``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from rerankd.bundle import variant_problems
+from rerankd.bundle import file_sha256 as _sha, variant_problems
 
 from . import parity
 from .gates import GateError, check_gate
@@ -56,10 +55,6 @@ def _run(compiled, encoding: dict, inputs: Sequence[str]) -> np.ndarray:
 
 def _gate(task: str, variant: str, cases, ref_outputs, outputs) -> dict:
     return check_gate(task, variant, GATES[(task, variant)], cases, ref_outputs, outputs, log)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _calibration_texts(path: Path | None, limit: int) -> list[str]:

@@ -48,7 +48,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 # admission limit (--max-concurrent-search) and one latency estimate. Score had the generic
 # 64-call limit: a review's Score flood queued 2,700 sequences (~45 s of reranking) ahead of a
 # reranked Search, and a dozen big Scores took the RSS past the k8s example's memory limit.
-RERANKED_SEARCH = "reranking (Search with rerank, Score)"
+RERANK_LANE = "reranking (Search with rerank, Score)"
 SHED_LOG_S = 60.0
 RICH_MAX_MESSAGE = 2048
 
@@ -185,7 +185,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     def _limit(self, lane: str) -> int:
         s = self.app.settings.server
-        return s.max_concurrent_search if lane == RERANKED_SEARCH else s.max_concurrent_calls
+        return s.max_concurrent_search if lane == RERANK_LANE else s.max_concurrent_calls
 
     def _too_short(self, lane: str, size: int | None, remaining: float, now: float | None = None) -> float | None:
         """The typical latency of ``lane``'s calls of this size when ``remaining`` cannot cover
@@ -248,7 +248,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 est, _ = self._ewma.get(lane, (0.05, 0))
                 raise errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
             ratio = app.settings.server.max_queue_wait_ratio
-            if lane == RERANKED_SEARCH and ratio > 0 and self._inflight.get(lane, 0) > 0:
+            if lane == RERANK_LANE and ratio > 0 and self._inflight.get(lane, 0) > 0:
                 wait = self.estimated_wait(lane, t0)
                 solo = self._solo.get(lane, (0.0, 0))[0]
                 if wait is not None and wait > ratio * solo:
@@ -322,7 +322,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 self._starts[lane].pop(token, None)
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
-            app.metrics.on_call(method, code, seconds, ran=ran, rerank=lane == RERANKED_SEARCH)
+            app.metrics.on_call(method, code, seconds, ran=ran, rerank=lane == RERANK_LANE)
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -360,7 +360,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
-        return await self._run("Search", context, fn, lane=RERANKED_SEARCH if rerank else "Search",
+        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search",
                                size=_search_size(request, self.app.settings.limits))
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
@@ -383,7 +383,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 model=p.reranker.name, timings=_timings(t),
             )
 
-        return await self._run("Score", context, fn, lane=RERANKED_SEARCH, size=len(request.items))
+        return await self._run("Score", context, fn, lane=RERANK_LANE, size=len(request.items))
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
