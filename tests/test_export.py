@@ -492,6 +492,32 @@ def test_killed_export_leftovers_are_swept_and_a_bundle_caught_mid_swap_is_resto
     assert _no_staging_left(out.parent)
 
 
+def test_publish_fsyncs_the_new_bundle_before_its_rename_and_the_parent_after(tiny_dirs, tmp_path, monkeypatch):
+    """A rename is atomic, not durable: a power loss could leave model files whose bytes never
+    reached the disk behind a manifest vouching for them (README "Not done" until session 14)."""
+    from rerankd_export import durable
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(a, b):
+        events.append(("rename", str(b)))
+        return real_rename(a, b)
+
+    out = (tmp_path / "models" / "tiny").resolve()
+    monkeypatch.setattr(durable.os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)  # _publish's os.rename
+    export_embedder(tiny_dirs["plain"], out, "tiny", max_length=64)
+    first_rename = next(i for i, e in enumerate(events) if e == ("rename", str(out)))
+    synced_before = {Path(p).name for kind, p in events[:first_rename] if kind == "fsync"}
+    assert {"model.onnx", "tokenizer.json", "manifest.json"} <= synced_before
+    assert ("fsync", str(out.parent)) in events[first_rename:]
+
+
 def test_missing_reranker_checkpoint_is_an_error_unless_untrained_is_allowed(tmp_path, monkeypatch):
     """A mistyped --reranker-source exported an untrained head and exited 0 (a review)."""
     from rerankd_export.export import SourceError, export_defaults

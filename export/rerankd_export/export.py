@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 
 from rerankd.bundle import file_sha256, variant_problems
 
-from . import parity
+from . import durable, parity
 from .parity import Int8GateError, ParityError
 from .sources import (
     DEFAULT_RERANKER_CHECKPOINT,
@@ -442,7 +442,9 @@ def _up_to_date(out_dir: Path, want: dict, int8: bool) -> dict | None:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging`` (rename; the old bundle is removed afterwards)."""
+    """Replace ``out_dir`` by ``staging`` (rename; the old bundle is removed afterwards). The
+    staging tree is fsynced first and the parent directory after the renames (``durable``)."""
+    durable.fsync_tree(staging)
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -453,6 +455,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
         if old is not None:
             os.rename(old, out_dir)
         raise
+    durable.fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -467,6 +470,7 @@ def _recover_and_sweep(out_dir: Path) -> None:
         if olds:
             newest = max(olds, key=lambda d: (d / MANIFEST_FILE).stat().st_mtime)
             os.rename(newest, out_dir)
+            durable.fsync_dir(out_dir.parent)
             logger.warning("%s was missing (an export died while replacing it): restored the previous bundle", out_dir)
     for pattern in (f".{out_dir.name}.staging-*", f".{out_dir.name}.old-*"):
         for d in out_dir.parent.glob(pattern):
@@ -575,7 +579,7 @@ def _export_bundle(
                                         "seconds": round(time.monotonic() - t0, 1)}
                 manifest["created_at"] = _utcnow()
                 # manifest last: a staging dir that has one passed every check
-                (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+                (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")  # fsynced by _publish
                 bar.update()
             del model
             _publish(staging, out_dir)

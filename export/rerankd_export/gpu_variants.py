@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from rerankd.bundle import file_sha256 as _sha
 
-from . import parity
+from . import durable, parity
 from .gates import GateError, check_gate
 
 log = logging.getLogger("rerankd_export.gpu")
@@ -158,8 +158,8 @@ def _add(bundle: Path, *, force: bool) -> dict:
         tmp_probe.unlink(missing_ok=True)
         raise
     else:
-        os.replace(tmp_out, out)
-        os.replace(tmp_probe, probe)
+        durable.replace(tmp_out, out)
+        durable.replace(tmp_probe, probe)
         refused.pop("fp16", None)
         variants["fp16"] = {
             "file": FP16_FILE, "sha256": _sha(out), "for": "onnxruntime CUDA execution provider",
@@ -169,7 +169,5 @@ def _add(bundle: Path, *, force: bool) -> dict:
         }
     if not refused:
         manifest.pop("refused_variants", None)
-    tmp = mf_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, mf_path)
+    durable.write_text(mf_path, json.dumps(manifest, indent=2) + "\n")
     return manifest

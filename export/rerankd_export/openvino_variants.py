@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from rerankd.bundle import file_sha256 as _sha, variant_problems
 
-from . import parity
+from . import durable, parity
 from .gates import GateError, check_gate
 
 log = logging.getLogger("rerankd_export.openvino")
@@ -126,8 +126,8 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
         out_xml = bundle / INT8_FILE
         tmp_xml = bundle / ("tmp-" + INT8_FILE)
         ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
-        os.replace(tmp_xml.with_suffix(".bin"), out_xml.with_suffix(".bin"))
-        os.replace(tmp_xml, out_xml)
+        durable.replace(tmp_xml.with_suffix(".bin"), out_xml.with_suffix(".bin"))
+        durable.replace(tmp_xml, out_xml)
         # Served as int8 weights/activations with bf16 for the remaining float ops where the CPU has it.
         hint = "bf16" if has_bf16() else "f32"
         compiled = _compile(core, core.read_model(str(out_xml)), hint)
@@ -147,7 +147,5 @@ def _add_variants(bundle: Path, *, int8: bool, bf16: bool, calibration_jsonl: Pa
             "calibration": {"samples": len(samples), "corpus_texts": len(extra)}, "parity": rec,
         }
 
-    tmp = mf_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, mf_path)
+    durable.write_text(mf_path, json.dumps(manifest, indent=2))
     return manifest
