@@ -384,7 +384,7 @@ def test_early_deadline_check_recovers_after_a_slow_spell():
 
     sv = RetrievalServicer(types.SimpleNamespace(settings=Settings()))
     for _ in range(20):
-        sv._observe("Score", 1, 0.5)  # the slow spell
+        sv._observe("Score", "Score", 1, 0.5)  # the slow spell
     now = sv._fresh[("Score", 1)]
     assert sv._too_short("Score", 1, 0.2, now + 0.1) == pytest.approx(0.5)  # fresh: refused
     assert sv._too_short("Score", 1, 0.2, now + PROBE_INTERVAL_S) is None  # stale: one probe goes through
@@ -396,7 +396,7 @@ def test_early_deadline_check_recovers_after_a_slow_spell():
         t += 0.01
         if sv._too_short("Score", 1, 0.2, t) is None:
             through += 1
-            sv._observe("Score", 1, 0.007)
+            sv._observe("Score", "Score", 1, 0.007)
             sv._fresh[("Score", 1)] = t  # the probe's success, at the test's clock
         else:
             refused += 1
@@ -416,8 +416,8 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
 
     sv = RetrievalServicer(types.SimpleNamespace(settings=Settings()))
     for _ in range(30):
-        sv._observe("Upsert", 512, 4.0)
-        sv._observe("UpsertStream", None, 600.0)
+        sv._observe("Upsert", "Upsert", 512, 4.0)
+        sv._observe("UpsertStream", "UpsertStream", None, 600.0)
     assert sv._too_short("Upsert", 512, 1.0) == pytest.approx(4.0)  # same size: 1 s cannot cover ~4 s
     assert sv._too_short("Upsert", 600, 1.0) == pytest.approx(4.0)  # 512..1023: same class
     assert sv._too_short("Upsert", 1, 1.0) is None  # no history for 1-document calls: not refused
@@ -425,9 +425,9 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
     assert sv._too_short("UpsertStream", None, 1.0) is None  # a stream's length is the client's
     assert sv._too_short("Score", 512, 1.0) is None  # other lanes keep their own estimates
     for _ in range(19):
-        sv._observe("Upsert", 1, 0.01)
+        sv._observe("Upsert", "Upsert", 1, 0.01)
     assert sv._too_short("Upsert", 1, 0.001) is None  # 19 calls: not enough history yet
-    sv._observe("Upsert", 1, 0.01)
+    sv._observe("Upsert", "Upsert", 1, 0.01)
     assert sv._too_short("Upsert", 1, 0.001) == pytest.approx(0.01)
     assert sv._too_short("Upsert", 1, 0.006) is None  # more than half the typical latency left
     # a Search's size is its candidates with the default resolved: unset and explicit 50 are one size
@@ -437,6 +437,14 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
     assert _search_size(pb.SearchRequest(query="q"), limits) == _search_size(pb.SearchRequest(query="q", candidates=50), limits) == 50
     assert _search_size(pb.SearchRequest(query="q", top_n=80), limits) == 80
     assert _search_size(pb.SearchRequest(query="q", candidates=0), limits) == 0  # invalid: left to validation
+    # Score and reranked Search share a lane (one limit) but not an estimate: a Score of 50 items
+    # was judged by 50-candidate Searches, which add the first stage (README "Not done", session 13).
+    from rerankd.server import RERANK_LANE
+
+    for _ in range(30):
+        sv._observe(RERANK_LANE, f"{RERANK_LANE}/Search", 50, 0.6)
+    assert sv._too_short(f"{RERANK_LANE}/Search", 50, 0.2) == pytest.approx(0.6)
+    assert sv._too_short(f"{RERANK_LANE}/Score", 50, 0.2) is None  # no Score history: not refused
     off = Settings()
     off = dataclasses.replace(off, server=dataclasses.replace(off.server, early_deadline_reject=False))
     sv.app = types.SimpleNamespace(settings=off)

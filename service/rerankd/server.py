@@ -163,8 +163,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         self.app = app
         self._inflight: dict[str, int] = {}
         self._ewma: dict[str, tuple[float, int]] = {}  # lane -> (EWMA of OK latency, observations)
-        # The early deadline check's estimates: per lane *and size class* (items, documents, ids or
-        # candidates, by powers of two), so a 1-item call is never judged by 512-item ones.
+        # The early deadline check's estimates: per lane and method *and size class* (items,
+        # documents, ids or candidates, by powers of two), so a 1-item call is never judged by
+        # 512-item ones, nor a Score by reranked Searches (which add the first stage).
         self._sized: dict[tuple[str, int], tuple[float, int]] = {}
         # When each estimate last had news (a call of that lane and size succeeded, or one the
         # check would refuse went through to probe).
@@ -187,9 +188,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANK_LANE else s.max_concurrent_calls
 
-    def _too_short(self, lane: str, size: int | None, remaining: float, now: float | None = None) -> float | None:
-        """The typical latency of ``lane``'s calls of this size when ``remaining`` cannot cover
-        it, else None. ``size`` None (a stream, Compact: no size known up front) is never refused.
+    def _too_short(self, kind: str, size: int | None, remaining: float, now: float | None = None) -> float | None:
+        """The typical latency of ``kind``'s calls of this size when ``remaining`` cannot cover
+        it, else None. ``kind`` is the method within its lane: Score and reranked Search share a
+        lane (one concurrency limit) but not an estimate, since a Search adds its first stage. ``size`` None (a stream, Compact: no size known up front) is never refused.
 
         The estimate only moves when a call succeeds, and a refused call never does: after a slow
         spell, clients with a fixed short deadline would be refused for good although the server
@@ -198,7 +200,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         estimate down (one such call a second per lane and size, at most)."""
         if not self.app.settings.server.early_deadline_reject or size is None:
             return None
-        key = (lane, size.bit_length())
+        key = (kind, size.bit_length())
         est, n = self._sized.get(key, (0.0, 0))
         # Only with enough history, and only for deadlines clearly below the typical latency.
         if n < 20 or remaining >= 0.5 * est:
@@ -209,11 +211,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return None
         return est
 
-    def _observe(self, lane: str, size: int | None, seconds: float) -> None:
+    def _observe(self, lane: str, kind: str, size: int | None, seconds: float) -> None:
         est, n = self._ewma.get(lane, (seconds, 0))
         self._ewma[lane] = (0.9 * est + 0.1 * seconds, n + 1)
         if size is not None:
-            key = (lane, size.bit_length())
+            key = (kind, size.bit_length())
             est, n = self._sized.get(key, (seconds, 0))
             self._sized[key] = (0.9 * est + 0.1 * seconds, n + 1)
             self._fresh[key] = time.perf_counter()
@@ -267,7 +269,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
-                typical = self._too_short(lane, size, remaining, t0)
+                typical = self._too_short(f"{lane}/{method}", size, remaining, t0)
                 if typical is not None:
                     app.shed(method, "deadline")
                     raise errors.DeadlineExceeded(
@@ -278,7 +280,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
-            self._observe(lane, size, took)
+            self._observe(lane, f"{lane}/{method}", size, took)
             if solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
                 est, n = self._solo.get(lane, (took, 0))
                 self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)
