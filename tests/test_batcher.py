@@ -422,6 +422,103 @@ def test_length_order_serves_an_overdue_oldest_call_next_without_padding_it():
     assert not fake.problems
 
 
+def test_priority_call_goes_ahead_of_queued_documents_and_a_prepared_batch():
+    """A Search's query embedding waited for every document of a concurrent bulk Upsert (a
+    review: first-stage Searches hit 5 s deadlines behind a 128-document Upsert). Query-side
+    calls now use the priority queue: they wait for the batch in flight only; the batch that was
+    already prepared is put back (once) and runs after them."""
+    fake = FakeForward()
+    docs = [seq(100) for _ in range(32)]
+    query = [seq(6)]
+
+    async def body():
+        b = make(fake, batch_sizes=(1, 2, 4, 8))
+        await b.start()
+        try:
+            fake.hold()
+            td = asyncio.create_task(b.submit(docs))
+            await wait_until(fake.entered.is_set, "first document batch in forward")
+            await wait_until(lambda: b.queue_depth == 16, "second document batch prepared")
+            tq = asyncio.create_task(b.submit(query, priority=True))
+            await wait_until(lambda: b.queue_depth == 17, "query queued")
+            fake.release()
+            (rd, _), (rq, _) = await asyncio.gather(td, tq)
+            assert [int(r) for r in rd] == expected(docs) and [int(r) for r in rq] == expected(query)
+            assert b.queue_depth == 0 and b.stats.sequences == 33
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    batches = fake.batch_tags()
+    assert batches[0] <= {tag(s) for s in docs} and len(batches[0]) == 8  # was in flight
+    assert batches[1] == {tag(query[0])}  # next: the query, not the prepared documents
+    assert set().union(*batches[2:]) | batches[0] == {tag(s) for s in docs}
+    assert not fake.problems
+
+
+def test_a_steady_stream_of_priority_calls_does_not_starve_other_work():
+    """After URGENT_STREAK priority batches in a row, one batch of the waiting work goes; a
+    prepared batch is put back for priority work at most once."""
+    from rerankd.batcher import URGENT_STREAK
+
+    fake = FakeForward()
+    docs = [seq(100) for _ in range(8)]  # one batch
+    queries = [[seq(6)] for _ in range(3 * URGENT_STREAK)]
+
+    async def body():
+        b = make(fake, batch_sizes=(1,))  # every row is a batch of its own
+        await b.start()
+        try:
+            plugs = await plug(b, fake)
+            td = asyncio.create_task(b.submit(docs))
+            tq = [asyncio.create_task(b.submit(q, priority=True)) for q in queries]
+            await wait_until(lambda: b.queue_depth == len(docs) + len(queries), "all queued")
+            fake.release()
+            await asyncio.gather(td, *tq, *plugs)
+            assert b.queue_depth == 0
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    order = [next(iter(t)) for t in fake.batch_tags()]  # the plugs too (the prepared one is put back)
+    first_doc = min(order.index(tag(s)) for s in docs)
+    last_query = max(order.index(tag(q[0])) for q in queries)
+    # a document batch runs while queries are still waiting: after at most URGENT_STREAK query
+    # batches, plus URGENT_STREAK more when that batch is put back once for them
+    assert first_doc <= 2 * URGENT_STREAK + 2 < last_query, order
+    assert not fake.problems
+
+
+def test_priority_work_cancelled_after_a_bounce_leaves_the_accounting_straight():
+    """A put-back batch counts again in the queue; its rows are dropped if their call is gone."""
+    fake = FakeForward()
+    docs = [seq(100) for _ in range(24)]
+
+    async def body():
+        b = make(fake, batch_sizes=(1, 2, 4, 8))
+        await b.start()
+        try:
+            fake.hold()
+            td = asyncio.create_task(b.submit(docs))
+            await wait_until(fake.entered.is_set, "first batch in forward")
+            await wait_until(lambda: b.queue_depth == 8, "second batch prepared")
+            tq = asyncio.create_task(b.submit([seq(6)], priority=True))
+            await wait_until(lambda: b.queue_depth == 9, "query queued")
+            fake.release()
+            await tq
+            td.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await td
+            await wait_until(lambda: b.queue_depth == 0, "queue empty")
+            again, _ = await b.submit([seq(7)])
+            assert [int(r) for r in again] == [7 * 7] or again  # still serving
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    assert not fake.problems
+
+
 def test_length_order_never_pads_an_overdue_call_to_longer_rows():
     """The padding the first fix cost: a short call ahead of a long one on a static backend."""
     fake = FakeForward()

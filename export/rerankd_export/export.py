@@ -117,7 +117,7 @@ def exporter_versions() -> dict:
 # re-exports cached bundles (tests/test_export.py checks that each module of this package is
 # either listed here or in _NOT_EXPORT_CODE, so a new module must be classified).
 _EXPORT_CODE = ("export.py", "parity.py", "sources.py", "gates.py", "openvino_variants.py",
-                "gpu_variants.py")
+                "gpu_variants.py", "durable.py")
 _NOT_EXPORT_CODE = ("__init__.py", "quick_eval.py", "soup.py", "testing.py", "train_reranker.py")
 
 

@@ -11,6 +11,10 @@
   get batches padded only to a multiple of 8 — padding to a bucket would burn CPU for nothing.
 * One batch in flight plus one prepared: the next batch is formed and padded while the
   current one runs in the model thread.
+* Priority calls (query-side embeddings: a Search's query, Encode with ``is_query``) wait in a
+  queue of their own that goes first, so a query is not queued behind a bulk Upsert's documents;
+  a prepared non-priority batch is put back once for them (``URGENT_STREAK`` keeps a steady
+  stream of queries from starving the documents).
 * Drops work whose call was cancelled or whose deadline passed before it ran.
 * Bounded queue: ``submit`` raises ``Overloaded`` at once when it is full.
 * A failed batch fails every call waiting on it; no call is ever left hanging.
@@ -42,6 +46,9 @@ Forward = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 # Length order: a call that stayed the oldest while this many batches took none of its rows goes next.
 OVERDUE_AFTER_SKIPS = 2
+# Priority queue: after this many priority batches in a row while other work waited, one batch of
+# the other work goes next.
+URGENT_STREAK = 4
 
 
 @dataclass(eq=False)
@@ -55,6 +62,7 @@ class _Call:
     queued: int = 0  # this call's sequences still in the queue (counted in Batcher._queued)
     released: bool = False  # its queued sequences no longer count against max_queue
     skipped: int = 0  # length order: batches formed while it was the oldest call and took none of its rows
+    priority: bool = False  # queued in the priority queue (query-side work)
 
 
 @dataclass(eq=False)
@@ -62,6 +70,7 @@ class _Item:
     call: _Call
     index: int
     seq: Encoded
+    bounced: bool = False  # its prepared batch was put back once for priority work: not again
 
 
 @dataclass
@@ -123,6 +132,9 @@ class Batcher:
         if config.max_batch_tokens < max_length:
             raise ValueError(f"max_batch_tokens={config.max_batch_tokens} is below max_length={max_length}")
         self._queue: deque[_Item] = deque()
+        self._urgent: deque[_Item] = deque()  # priority calls' sequences (counted in _queued too)
+        self._urgent_streak = 0  # priority batches formed in a row while _queue had work
+        self._urgent_ready = 0  # prepared batches holding priority rows, not yet taken by the runner
         self._queued = 0
         self._seconds_per_seq = 0.0  # EWMA of batch time per row (the queue-full retry hint)
         self._wakeup: asyncio.Event | None = None
@@ -156,10 +168,11 @@ class Batcher:
         # Fail every call still waiting: queued, in a prepared batch (the runner fails the batch
         # it had in flight when it was cancelled).
         err = BackendError(f"{self.name}: shutting down")
-        for it in self._queue:
-            it.call.queued, it.call.released = 0, True
-        self._fail(list(self._queue), err)
-        self._queue.clear()
+        for q in (self._queue, self._urgent):
+            for it in q:
+                it.call.queued, it.call.released = 0, True
+            self._fail(list(q), err)
+            q.clear()
         while self._ready is not None and not self._ready.empty():
             self._fail(self._ready.get_nowait().items, err)
         self._queued = 0
@@ -203,10 +216,12 @@ class Batcher:
         return len(shapes)
 
     # -- submit ---------------------------------------------------------------------------------
-    async def submit(self, seqs: list[Encoded], deadline: float | None = None) -> tuple[list, float]:
+    async def submit(self, seqs: list[Encoded], deadline: float | None = None, *,
+                     priority: bool = False) -> tuple[list, float]:
         """Run ``seqs`` through the model; returns (one result row per sequence, queue wait in s).
 
-        ``deadline`` is an absolute ``loop.time()``; raises ``Overloaded`` when the queue is full,
+        ``deadline`` is an absolute ``loop.time()``; ``priority`` puts the call in the priority
+        queue (interactive query-side work, see the module doc); raises ``Overloaded`` when the queue is full,
         ``DeadlineExceeded`` when the deadline passes first, ``BackendError`` when a batch fails.
         """
         if not seqs:
@@ -223,11 +238,12 @@ class Batcher:
                              retry_after_s=max(0.05, wait))
         loop = asyncio.get_running_loop()
         now = loop.time()
-        call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now, queued=n)
+        call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now,
+                     queued=n, priority=priority)
         longest = max(len(s) for s in seqs)
         if longest > self.max_length:
             raise ValueError(f"sequence of {longest} tokens exceeds max_length {self.max_length}")
-        self._queue.extend(_Item(call, i, s) for i, s in enumerate(seqs))
+        (self._urgent if priority else self._queue).extend(_Item(call, i, s) for i, s in enumerate(seqs))
         self._queued += n
         assert self._wakeup is not None
         self._wakeup.set()
@@ -263,11 +279,21 @@ class Batcher:
             return False
         return True
 
+    def _pick_queue(self) -> deque[_Item]:
+        """The queue the next batch comes from: the priority one while it has work, except that
+        after URGENT_STREAK priority batches in a row one batch of the other work goes."""
+        if self._urgent and not (self._queue and self._urgent_streak >= URGENT_STREAK):
+            self._urgent_streak = self._urgent_streak + 1 if self._queue else 0
+            return self._urgent
+        self._urgent_streak = 0
+        return self._queue if self._queue else self._urgent
+
     def _take_batch(self) -> list[_Item]:
         now = asyncio.get_running_loop().time()
+        queue = self._pick_queue()
         window: list[_Item] = []
-        while self._queue and len(window) < self.config.sort_window:
-            item = self._queue.popleft()
+        while queue and len(window) < self.config.sort_window:
+            item = queue.popleft()
             if self._alive(item, now):
                 window.append(item)
             else:
@@ -296,7 +322,7 @@ class Batcher:
         batch, rest = window[:n], window[n:]
         # Put the rest back at the head, in arrival order, so older work goes first next time.
         rest.sort(key=lambda it: (it.call.submitted, it.index))
-        self._queue.extendleft(reversed(rest))
+        queue.extendleft(reversed(rest))
         self._queued -= len(batch)
         for it in batch:
             it.call.queued -= 1
@@ -329,6 +355,23 @@ class Batcher:
             oldest.skipped += 1
         return window, n
 
+    def _bounce(self, prepared: Prepared) -> bool:
+        """Put a prepared batch of non-priority rows back at the head of its queue, once per row,
+        so priority work queued meanwhile runs before it (it waits for the batch in flight only,
+        not for this one too). Returns whether it was put back."""
+        items = prepared.items
+        if any(it.bounced for it in items):
+            return False
+        for it in items:
+            it.bounced = True
+            if not it.call.released:
+                it.call.queued += 1
+                self._queued += 1
+        self._queue.extendleft(reversed(items))
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return True
+
     def _prepare(self, batch: list[_Item]) -> Prepared:
         t = self.seq_bucket(max(len(it.seq) for it in batch))
         b = len(batch)
@@ -350,7 +393,7 @@ class Batcher:
             await self._slots.acquire()
             batch: list[_Item] = []
             while not batch:
-                if not self._queue:
+                if not (self._queue or self._urgent):
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 batch = self._take_batch()
@@ -361,6 +404,8 @@ class Batcher:
                 self._fail(batch, BackendError(f"{self.name}: failed to prepare batch: {e}"))
                 self._slots.release()
                 continue
+            if any(it.call.priority for it in batch):
+                self._urgent_ready += 1
             self._ready.put_nowait(prepared)
 
     async def _runner(self) -> None:
@@ -368,10 +413,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             prepared = await self._ready.get()
+            urgent = any(it.call.priority for it in prepared.items)
+            if urgent:
+                self._urgent_ready -= 1
             try:
                 now = loop.time()
                 if not any(self._alive(it, now) for it in prepared.items):
                     self.stats.dropped += len(prepared.items)
+                    continue
+                if not urgent and (self._urgent or self._urgent_ready) and self._bounce(prepared):
                     continue
                 for it in prepared.items:
                     if it.call.started is None:

@@ -64,5 +64,6 @@ class Embedder:
             seqs = self.tokenizer.encode(texts)
         else:
             seqs = await asyncio.to_thread(self.tokenizer.encode, texts)
-        rows, queued = await self.batcher.submit(seqs, deadline)
+        # Query-side work is interactive (a Search waits for it): it goes ahead of documents.
+        rows, queued = await self.batcher.submit(seqs, deadline, priority=is_query)
         return np.stack(rows).astype(np.float32, copy=False), queued
