@@ -394,3 +394,16 @@ def test_serve_with_an_unreadable_environment_value_names_the_variable(tmp_path,
                "--listen", "127.0.0.1:0"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"rerankd serve: {var}: cannot read {raw!r} {says}"), err
+
+
+def test_batch_token_budget_auto_resolves_per_backend():
+    """0 = auto: 2048 on CPU backends (a Search's query waits for at most one 8 x 256 batch of an
+    Upsert's documents; a review measured 15 s behind a 128-document Upsert), 8192 on cuda; an
+    explicit budget is kept."""
+    from rerankd.config import BatchConfig, resolve_batch
+
+    assert BatchConfig().max_batch_tokens == 0
+    assert resolve_batch(BatchConfig(), "openvino").max_batch_tokens == 2048
+    assert resolve_batch(BatchConfig(), "onnxruntime").max_batch_tokens == 2048
+    assert resolve_batch(BatchConfig(), "cuda").max_batch_tokens == 8192
+    assert resolve_batch(BatchConfig(max_batch_tokens=4096), "cuda").max_batch_tokens == 4096

@@ -179,7 +179,11 @@ def test_bearer_token(models_dir, tmp_path):
         with Client(srv.target, timeout=60, metadata=[("authorization", "Bearer s3cret")]) as c:
             assert c.stats().documents == 0
             assert c.upsert_stream([DOCS[:2]]).upserted == 2  # client-streaming RPC passes too
-        for md in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+        # the scheme is case-insensitive (RFC 7235): `bearer` was refused (a review)
+        with Client(srv.target, timeout=60, metadata=[("authorization", "bearer s3cret")]) as c:
+            assert c.stats().documents == 2
+        for md in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")],
+                   [("authorization", "Basic s3cret")], [("authorization", "Bearer s3cret ")]):
             with Client(srv.target, timeout=60, metadata=md) as c:
                 with pytest.raises(grpc.RpcError) as ei:
                     c.stats()
@@ -192,8 +196,8 @@ def test_bearer_token(models_dir, tmp_path):
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
         # Refusals were in no metric and no log line (a review): counted by method and reason.
-        assert srv.app.metrics.rejected.labels("Stats", "auth")._value.get() == 3
-        assert srv.app.metrics.rejected.labels("UpsertStream", "auth")._value.get() == 3
+        assert srv.app.metrics.rejected.labels("Stats", "auth")._value.get() == 5
+        assert srv.app.metrics.rejected.labels("UpsertStream", "auth")._value.get() == 5
 
 
 def test_refused_calls_are_summed_up_in_one_log_line_at_most_a_minute(caplog):
@@ -584,7 +588,7 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
 
     monkeypatch.setattr(RetrievalServicer, "_limit", limit)
     with _serve(models_dir, tmp_path) as srv:
-        with Client(srv.target, timeout=300) as c:
+        with Client(srv.target, timeout=300, retries=0) as c:
             c.upsert(DOCS[:8])
             with pytest.raises(grpc.RpcError) as ei:
                 c.search("aspirin colorectal cancer", top_n=3, candidates=8)

@@ -121,6 +121,65 @@ def test_score_sorted_and_matches_scoring_each_pair_alone(client, scifact_docs):
     assert [r["item_id"] for r in ranked] == sorted(alone, key=lambda i: -alone[i])
 
 
+def test_score_items_carry_their_index_ids_may_repeat_or_be_empty_and_top_n_cuts(client):
+    """Cohere/Jina-style callers map results back by position, and merged BM25 hits from two
+    shards can repeat an id: both were INVALID_ARGUMENT (a review). Every entry now carries the
+    item's index; ids are the caller's, echoed back as given; top_n returns the best n only."""
+    texts = ["Aspirin use lowers colorectal adenoma incidence.", "Stock markets fell.",
+             "Aspirin and colorectal cancer: a meta-analysis.", "Stock markets fell."]
+    items = [{"id": "x", "text": texts[0]}, {"id": "", "text": texts[1]}, {"id": "x", "text": texts[2]},
+             {"id": "", "text": texts[3]}]
+    full = client.score("does aspirin prevent colorectal cancer", items)
+    assert sorted(r["index"] for r in full) == [0, 1, 2, 3]
+    assert all(r["item_id"] == items[r["index"]]["id"] for r in full)
+    assert {full[0]["index"], full[1]["index"]} == {0, 2}  # the aspirin passages first
+    by_index = {r["index"]: r["score"] for r in full}
+    assert by_index[1] == pytest.approx(by_index[3], abs=1e-5)  # same text, same score
+    top = client.score("does aspirin prevent colorectal cancer", items, top_n=2)
+    assert [(r["index"], r["rank"]) for r in top] == [(r["index"], r["rank"]) for r in full[:2]]
+    assert len(client.score("does aspirin prevent colorectal cancer", items, top_n=10)) == 4
+    strings = client.score("does aspirin prevent colorectal cancer", [texts[1], texts[0]])
+    assert [(r["item_id"], r["index"]) for r in strings] == [("1", 1), ("0", 0)]  # a string's id is its position
+
+
+def test_client_checks_its_arguments_and_keeps_a_stream_source_error(client):
+    """Client rules found by a review: metadata values are strings everywhere (upsert turned 2020
+    and None into "2020" and "None" while a filter on 2020 raised TypeError); an unknown
+    first_stage was a bare KeyError; an exception raised by an upsert_stream source came back as
+    UNKNOWN "Exception iterating requests!" with the cause lost."""
+    with pytest.raises(TypeError, match=r"metadata\['year'\]"):
+        client.upsert([{"id": "m1", "text": "t", "metadata": {"year": 2020}}])
+    with pytest.raises(ValueError, match="first_stage"):
+        client.search("q", first_stage="BM25")
+
+    class SourceBroke(Exception):
+        pass
+
+    def batches():
+        yield [{"id": "src-1", "text": "Streaming source document about protein folding."}]
+        raise SourceBroke("the source database went away")
+
+    with pytest.raises(SourceBroke, match="went away") as ei:
+        client.upsert_stream(batches())
+    assert any("may have been committed" in n for n in getattr(ei.value, "__notes__", []))
+    client.delete(["src-1"])  # committed or not: not_found is not an error
+
+
+def test_client_upsert_deadline_grows_with_the_batch(monkeypatch):
+    """A 30 s default deadline against 256 long documents (~14 s of embedding per 256 on this CPU,
+    more under load) cancelled the call after the work and committed nothing (a review)."""
+    from rerankd.client import Client
+
+    seen = []
+    c = Client("localhost:1", timeout=30)
+    monkeypatch.setattr(c._stub, "Upsert", lambda req, **kw: seen.append(kw["timeout"]))
+    c.upsert([{"id": str(i), "text": "t"} for i in range(256)])
+    c.upsert([{"id": "a", "text": "t"}])
+    c.upsert([{"id": "a", "text": "t"}], timeout=5)
+    assert seen == [256.0, 30, 5]
+    c.close()
+
+
 def test_score_model_name_check(client):
     with pytest.raises(ValueError):
         client.score("q", [{"id": "a", "text": "t"}], model="some-other-model")
@@ -176,8 +235,8 @@ LONG = "word " * 20000
         (lambda c: c.search("protein " * 200, top_n=1, candidates=5), "query"),  # too many tokens for the reranker
         (lambda c: c.score("q", []), "items"),
         (lambda c: c.score("", [{"id": "a", "text": "t"}]), "query"),
-        (lambda c: c.score("q", [{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]), "items[1].id"),
-        (lambda c: c.score("q", [{"id": "", "text": "t"}]), "items[0].id"),
+        (lambda c: c.score("q", [{"id": "a", "text": "t"}], top_n=0), "top_n"),
+        (lambda c: c.score("q", [{"id": "a" * 600, "text": "t"}]), "items[0].id"),  # ids stay bounded
         (lambda c: c.score("q", [{"id": "a", "text": " "}]), "items[0].text"),
         (lambda c: c.score("q", [{"id": str(i), "text": "t"} for i in range(513)]), "items"),
         (lambda c: c.score("q", [{"id": "a", "text": LONG}]), "items[0].text"),

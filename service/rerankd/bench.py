@@ -189,7 +189,7 @@ class Bench:
         from .embedded import EmbeddedServer
 
         args = self.args
-        with EmbeddedServer(settings) as srv, Client(srv.target, timeout=600) as c:
+        with EmbeddedServer(settings) as srv, Client(srv.target, timeout=600, retries=0) as c:  # measure refusals, do not hide them
             st = c.stats()
             label = f"{st.backend}:{st.precision}"
             self.add(f"gRPC Score {args.pairs} passages ({label}, default config)", self.timed(
@@ -224,7 +224,7 @@ class Bench:
         lock = threading.Lock()
 
         def worker(w: int) -> None:
-            with Client(target, timeout=600) as cl:
+            with Client(target, timeout=600, retries=0) as cl:
                 i = w
                 while time.perf_counter() < stop:
                     q, ps = self.calls[i % len(self.calls)]

@@ -6,7 +6,8 @@
         hits = c.search("does aspirin prevent cancer?", top_n=5)
         vecs = c.encode(["a query"], is_query=True)              # np.ndarray [n, dim]
         ranked = c.score("a query", [{"id": "a", "text": "..."}, {"id": "b", "text": "..."}])
-        # -> [{"item_id": "b", "score": 3.1, "rank": 1}, {"item_id": "a", "score": -2.0, "rank": 2}]
+        # -> [{"item_id": "b", "score": 3.1, "rank": 1, "index": 1},
+        #     {"item_id": "a", "score": -2.0, "rank": 2, "index": 0}]
 
 ``model=`` arguments are optional and, when given, must match the model the server runs
 (a server serves one embedder and one reranker), so SIE-style calls ``score(model, ...)``
@@ -44,12 +45,31 @@ def _items(items: Iterable[ItemLike]) -> list[pb.Item]:
     return out
 
 
+def _metadata(meta: Mapping[str, Any] | None) -> dict[str, str]:
+    """Metadata values are strings, as in filters and `rerankd index` (this turned 2020, True and
+    None into "2020", "True" and "None" silently, while a filter on 2020 raised: a review)."""
+    out = {}
+    for k, v in (meta or {}).items():
+        if not isinstance(v, str):
+            raise TypeError(f"metadata[{k!r}]: metadata values are strings (filters match them exactly); "
+                            f"got {type(v).__name__} {v!r}: convert it, e.g. str({v!r})")
+        out[str(k)] = v
+    return out
+
+
 def _doc(d: Mapping[str, Any]) -> pb.Document:
     return pb.Document(
         # Title-only documents are valid (the server and `rerankd index` take them).
         id=str(d.get("id", d.get("_id", ""))), text=d.get("text", "") or "", title=d.get("title", "") or "",
-        metadata={str(k): str(v) for k, v in (d.get("metadata") or {}).items()},
+        metadata=_metadata(d.get("metadata")),
     )
+
+
+def _stage(first_stage: str | None) -> int:
+    try:
+        return _STAGES[first_stage]
+    except KeyError:
+        raise ValueError(f"first_stage must be one of dense, bm25, hybrid or None, not {first_stage!r}") from None
 
 
 DEFAULT_OPTIONS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20),
@@ -182,10 +202,12 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
 class Client:
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
-                 options: list[tuple[str, Any]] | None = None, retries: int = 0) -> None:
+                 options: list[tuple[str, Any]] | None = None, retries: int = 2) -> None:
         """``retries``: extra tries of a unary call refused with RESOURCE_EXHAUSTED or UNAVAILABLE
-        (0 = none, the default; at most 4), after the server's retry-after hint, within the call's
-        deadline (see ``retry_service_config``)."""
+        (default 2, at most 4; 0 = none, for load tests that must see refusals), after the
+        server's retry-after hint, within the call's deadline (see ``retry_service_config``).
+        Every rerankd call is safe to repeat. ``timeout``: the default deadline in seconds
+        (``upsert`` allows at least 1 s per document; ``upsert_stream`` has none)."""
         opts = list(options or DEFAULT_OPTIONS)
         if retries:
             opts += retry_options(retries)
@@ -222,7 +244,7 @@ class Client:
             if values is None or not all(isinstance(x, str) for x in values):
                 raise TypeError(f"filter[{k!r}]: metadata values are strings; give a str or a list of str, got {v!r}")
             conds.append(pb.MetadataMatch(key=k, values=values))
-        req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_STAGES[first_stage],
+        req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
                                include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
                                filter=conds)
         resp = self._stub.Search(req, **self._kw(timeout))
@@ -250,22 +272,47 @@ class Client:
         vecs = np.asarray([list(e.vector) for e in resp.embeddings], dtype=np.float32).reshape(-1, resp.dimension)
         return vecs[0] if single else vecs
 
-    def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None,
+    def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None, top_n: int | None = None,
               timeout: float | None = None) -> list[dict[str, Any]]:
-        resp = self._stub.Score(pb.ScoreRequest(query=query, items=_items(items)), **self._kw(timeout))
+        """Best first: ``[{"item_id", "score", "rank", "index"}]`` (``index``: the item's position in
+        ``items``; a plain string's id is its position too). ``top_n``: only the best n."""
+        resp = self._stub.Score(pb.ScoreRequest(query=query, items=_items(items), top_n=top_n), **self._kw(timeout))
         self._check_model(model, resp.model)
-        return [{"item_id": s.item_id, "score": s.score, "rank": s.rank} for s in resp.scores]
+        return [{"item_id": s.item_id, "score": s.score, "rank": s.rank, "index": s.index} for s in resp.scores]
 
     def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
-        return self._stub.Upsert(pb.UpsertRequest(documents=[_doc(d) for d in documents]), **self._kw(timeout))
+        """Insert or replace ``documents`` (acknowledged once durable). Without ``timeout`` the
+        deadline is the client's, but at least 1 s per document: embedding is the slow part
+        (~18 documents/s on a 2-core AVX2 CPU), and a deadline that passes mid-call commits
+        nothing. Batches of 32-64 documents (as `rerankd index` sends) keep calls short."""
+        docs = [_doc(d) for d in documents]
+        if timeout is None and self.timeout is not None:
+            timeout = max(self.timeout, float(len(docs)))
+        return self._stub.Upsert(pb.UpsertRequest(documents=docs), **self._kw(timeout))
 
     def upsert_stream(self, batches: Iterable[Iterable[Mapping[str, Any]]], *, timeout: float | None = None) -> pb.UpsertResponse:
-        """Bulk ingest over one client stream. No deadline unless ``timeout`` is given (a corpus can take minutes)."""
-        def gen() -> Iterator[pb.UpsertRequest]:
-            for batch in batches:
-                yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+        """Bulk ingest over one client stream. No deadline unless ``timeout`` is given (a corpus can
+        take minutes). An exception raised by ``batches`` (or a bad document in it) is re-raised
+        as itself — gRPC would report it as UNKNOWN "Exception iterating requests!" — after the
+        stream was cancelled: the batches sent before it may have been committed."""
+        failure: list[BaseException] = []
 
-        return self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
+        def gen() -> Iterator[pb.UpsertRequest]:
+            try:
+                for batch in batches:
+                    yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+            except Exception as e:
+                failure.append(e)
+                raise
+
+        try:
+            return self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError:
+            if failure:
+                exc = failure[0]
+                exc.add_note("rerankd: the UpsertStream was cancelled; batches sent before this error may have been committed")
+                raise exc from None
+            raise
 
     def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
         return self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))

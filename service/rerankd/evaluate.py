@@ -756,7 +756,7 @@ def run(args: argparse.Namespace) -> int:
                 stack.callback(srv.stop)
                 srv.start()
                 target = srv.target
-            client = stack.enter_context(Client(target, timeout=args.timeout, **conn))
+            client = stack.enter_context(Client(target, timeout=args.timeout, retries=0, **conn))  # latencies as served
             st = client.stats()
             # The server's own settings, not this command's defaults (they differ with --target):
             # its candidate limit, and the depths that decide which k-rows one call can share.

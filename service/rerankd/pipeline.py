@@ -116,6 +116,7 @@ class ScoredItem:
     item_id: str
     score: float
     rank: int
+    index: int = 0  # position in the request's items
 
 
 @dataclass(frozen=True)
@@ -429,17 +430,22 @@ class Pipeline:
         vecs, queued = await self.embedder.encode([it.text for it in items], is_query=is_query, deadline=deadline)
         return vecs, Timings(embed_us=_us(time.perf_counter() - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0))
 
-    async def score(self, query: str, items: list[Item], deadline: float | None = None) -> tuple[list[ScoredItem], Timings]:
+    async def score(self, query: str, items: list[Item], deadline: float | None = None,
+                    top_n: int | None = None) -> tuple[list[ScoredItem], Timings]:
+        """Rerank the caller's items, best first (``top_n``: only the best n). Ids are the
+        caller's: empty or repeated ones are allowed, each entry also carries its index."""
         limits = self.settings.limits
         check_query(query, limits)
         check_count(len(items), limits, "items")
-        check_ids([it.id for it in items], limits, "items")
+        if top_n is not None and top_n < 1:
+            raise InvalidArgument("top_n", f"must be at least 1, got {top_n}")
+        check_ids([it.id for it in items], limits, "items", required=False, unique=False)
         for i, it in enumerate(items):
             check_text(it.text, limits, f"items[{i}].text")
         t0 = time.perf_counter()
         scores, queued = await self.reranker.score_texts(query, [it.text for it in items], deadline)
         order = sorted(range(len(items)), key=lambda i: (-float(scores[i]), i))
-        out = [ScoredItem(items[i].id, float(scores[i]), r) for r, i in enumerate(order, start=1)]
+        out = [ScoredItem(items[i].id, float(scores[i]), r, i) for r, i in enumerate(order[:top_n], start=1)]
         el = _us(time.perf_counter() - t0)
         return out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el)
 

@@ -378,10 +378,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async def fn(p: Pipeline, deadline):
-            scored, t = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline)
+            scored, t = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline,
+                                      request.top_n if request.HasField("top_n") else None)
             self.app.metrics.on_stages(t)
             return pb.ScoreResponse(
-                scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank) for s in scored],
+                scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank, index=s.index) for s in scored],
                 model=p.reranker.name, timings=_timings(t),
             )
 
@@ -633,12 +634,13 @@ def _malformed(e: DecodeError) -> str:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+    """Requires ``authorization: Bearer <token>`` on every call except health checks (the scheme
+    name is case-insensitive, RFC 7235: ``bearer`` works too; the token is compared exactly)."""
 
     EXEMPT = ("/grpc.health.v1.Health/",)
 
     def __init__(self, token: str, on_denied=None) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._on_denied = on_denied  # (method) -> None: App.shed, so refusals are counted and logged
 
     async def intercept_service(self, continuation, details):
@@ -648,7 +650,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         got = dict(details.invocation_metadata or ()).get("authorization", "")
         if isinstance(got, str):
             got = got.encode()
-        if hmac.compare_digest(got, self._expected):
+        scheme, _, token = got.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token, self._expected):
             return handler
         if self._on_denied is not None:  # a known method (handler is not None): bounded label values
             self._on_denied(details.method.rsplit("/", 1)[-1])

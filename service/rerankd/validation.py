@@ -50,8 +50,10 @@ def check_metadata(metadata: dict[str, str], limits: LimitsConfig, field: str) -
                                      f"{limits.max_metadata_bytes}")
 
 
-def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required: bool = True) -> None:
-    """Ids non-empty (if required), bounded, unique within the call. ``field`` like 'items' -> 'items[3].id'."""
+def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required: bool = True,
+              unique: bool = True) -> None:
+    """Ids non-empty (if required), bounded, unique within the call (if unique). ``field`` like
+    'items' -> 'items[3].id'."""
     first: dict[str, int] = {}
     for i, doc_id in enumerate(ids):
         name = f"{field}[{i}]" if field.endswith("ids") else f"{field}[{i}].id"
@@ -61,7 +63,7 @@ def check_ids(ids: Sequence[str], limits: LimitsConfig, field: str, *, required:
             continue
         if _nbytes(doc_id) > limits.max_id_bytes:
             raise InvalidArgument(name, f"id longer than {limits.max_id_bytes} bytes")
-        if doc_id in first:
+        if unique and doc_id in first:
             raise InvalidArgument(name, f"duplicate id {doc_id!r} (first at index {first[doc_id]})")
         first[doc_id] = i
 

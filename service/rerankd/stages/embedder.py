@@ -9,7 +9,7 @@ import numpy as np
 from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
-from ..config import BatchConfig
+from ..config import BatchConfig, resolve_batch
 from ..errors import BackendError
 from ..tokenization import TextTokenizer
 
@@ -38,7 +38,7 @@ class Embedder:
         self.batcher = Batcher(
             "embedder",
             self._forward,
-            batch,
+            resolve_batch(batch, backend.name),
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
             pad_id=bundle.special_tokens.get("pad_id", 0),

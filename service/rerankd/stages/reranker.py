@@ -13,7 +13,7 @@ import numpy as np
 from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
-from ..config import BatchConfig
+from ..config import BatchConfig, resolve_batch
 from ..errors import BackendError, InvalidArgument
 from ..tokenization import PairTokenizer
 
@@ -42,7 +42,7 @@ class Reranker:
         self.batcher = Batcher(
             "reranker",
             self._forward,
-            batch,
+            resolve_batch(batch, backend.name),
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
             pad_id=st.get("pad_id", 0),

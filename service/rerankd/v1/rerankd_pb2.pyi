@@ -148,22 +148,26 @@ class EncodeResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "items")
+    __slots__ = ("query", "items", "top_n")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
     query: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    top_n: int
+    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., top_n: _Optional[int] = ...) -> None: ...
 
 class ScoreEntry(_message.Message):
-    __slots__ = ("item_id", "score", "rank")
+    __slots__ = ("item_id", "score", "rank", "index")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     rank: int
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "model", "timings")
