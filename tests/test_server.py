@@ -180,6 +180,33 @@ def test_client_upsert_deadline_grows_with_the_batch(monkeypatch):
     c.close()
 
 
+def test_reupserting_identical_documents_writes_nothing(client):
+    """A nightly full re-sync re-embedded every document and left a deleted entry in the graph
+    per round (a review: deleted_not_compacted grew by 5 per round of 5). Identical documents
+    (title, text, metadata) are now skipped and counted as unchanged; a changed one is written."""
+    docs = [{"id": f"sync-{i}", "title": "T", "text": f"Resync document {i} about kinase inhibitors.",
+             "metadata": {"src": "sync"}} for i in range(5)]
+    first = client.upsert(docs)
+    assert (first.upserted, first.replaced, first.unchanged) == (5, 0, 0)
+    before = client.stats()
+    again = client.upsert(docs)
+    assert (again.upserted, again.replaced, again.unchanged) == (5, 0, 5)
+    assert again.sequence == first.sequence  # nothing was written
+    after = client.stats()
+    assert after.deleted_not_compacted == before.deleted_not_compacted and after.documents == before.documents
+    changed = [dict(d) for d in docs]
+    changed[1]["text"] += " Updated."
+    changed[3] = {**changed[3], "metadata": {"src": "sync", "v": "2"}}  # metadata alone counts too
+    r = client.upsert(changed)
+    assert (r.upserted, r.replaced, r.unchanged) == (5, 2, 3) and r.sequence > first.sequence
+    hits = client.search("kinase inhibitors updated", top_n=5, rerank=False, include_metadata=True,
+                         filter={"v": "2"})
+    assert [h["id"] for h in hits] == ["sync-3"]
+    s = client.upsert_stream([docs[:2], changed[2:]])
+    assert (s.upserted, s.replaced, s.unchanged) == (5, 1, 4)  # only sync-1 differs (back to its first text)
+    client.delete([d["id"] for d in docs])
+
+
 def test_score_model_name_check(client):
     with pytest.raises(ValueError):
         client.score("q", [{"id": "a", "text": "t"}], model="some-other-model")

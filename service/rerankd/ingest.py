@@ -261,7 +261,7 @@ def _ingest(target: str, args: argparse.Namespace, limits: cfg.LimitsConfig, con
     bar.refresh()
     bar.close()
     rate = resp.upserted / seconds if seconds > 0 else 0.0
-    print(f"indexed {resp.upserted} documents ({resp.replaced} replaced) in {seconds:.1f} s: {rate:.1f} docs/s "
+    print(f"indexed {resp.upserted} documents ({resp.replaced} replaced, {resp.unchanged} unchanged) in {seconds:.1f} s: {rate:.1f} docs/s "
           f"(sequence {resp.sequence})")
     if feeder.error is not None:
         ln = feeder.error.lineno

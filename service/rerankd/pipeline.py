@@ -10,6 +10,7 @@ searches parked on the BM25 lock during a refresh never hold the threads a write
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -125,6 +126,7 @@ class UpsertResult:
     replaced: int
     sequence: int
     timings: Timings
+    unchanged: int = 0  # of upserted: identical to the stored document, nothing written
 
 
 @dataclass(frozen=True)
@@ -467,6 +469,21 @@ class Pipeline:
     async def upsert(self, docs: list[Document], deadline: float | None = None) -> UpsertResult:
         self.validate_documents(docs)
         start = time.perf_counter()
+        # A document identical to its stored version (a nightly full re-sync) is not embedded or
+        # written again: it cost an embedding and left a deleted entry in the graph per round (a
+        # review). Read before the write lock: a write landing in between makes this call's no-op
+        # the earlier of two concurrent calls, which is what a caller can see anyway.
+        same = await asyncio.to_thread(self.store.unchanged, [(d.id, d.title, d.text, dict(d.metadata)) for d in docs])
+        if same:
+            changed = [d for d in docs if d.id not in same]
+            if not changed:
+                el = _us(time.perf_counter() - start)
+                return UpsertResult(len(docs), 0, self.store.last_seq(), Timings(total_us=el), unchanged=len(docs))
+            r = await self._upsert(changed, deadline, start)
+            return dataclasses.replace(r, upserted=len(docs), unchanged=len(same))
+        return await self._upsert(docs, deadline, start)
+
+    async def _upsert(self, docs: list[Document], deadline: float | None, start: float) -> UpsertResult:
         texts = [join_title(d.title, d.text) for d in docs]
         token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
         # before the embedder's work; a title-only document's tokens are its title's

@@ -391,13 +391,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
             r = await p.upsert(_documents(request), deadline)
-            return pb.UpsertResponse(upserted=r.upserted, replaced=r.replaced, sequence=r.sequence, timings=_timings(r.timings))
+            return pb.UpsertResponse(upserted=r.upserted, replaced=r.replaced, sequence=r.sequence, timings=_timings(r.timings),
+                                     unchanged=r.unchanged)
 
         return await self._run("Upsert", context, fn, size=len(request.documents))
 
     async def UpsertStream(self, request_iterator, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
-            upserted = replaced = seq = 0
+            upserted = replaced = unchanged = seq = 0
             t0 = time.perf_counter()
             n = 0
             requests = aiter(request_iterator)
@@ -432,9 +433,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     raise errors.BackendError(f"batch[{n}]: {e!r} (stream stopped there; {committed()})") from e
                 upserted += r.upserted
                 replaced += r.replaced
+                unchanged += r.unchanged
                 seq = r.sequence
                 n += 1
-            return pb.UpsertResponse(upserted=upserted, replaced=replaced, sequence=seq,
+            return pb.UpsertResponse(upserted=upserted, replaced=replaced, unchanged=unchanged, sequence=seq,
                                      timings=pb.StageTimings(total_us=int((time.perf_counter() - t0) * 1e6)))
 
         return await self._run("UpsertStream", context, fn, size=None)

@@ -274,6 +274,18 @@ class DocumentStore:
                 out[label] = StoredDocument(label, doc_id, title, text, json.loads(meta), _blob_ids(tok))
         return out
 
+    def unchanged(self, docs: Iterable[tuple[str, str, str, dict[str, str]]]) -> set[str]:
+        """Of (id, title, text, metadata), the ids whose stored document is exactly that."""
+        want = {doc_id: (title, text, json.dumps(meta, sort_keys=True)) for doc_id, title, text, meta in docs}
+        same: set[str] = set()
+        con = self._r()
+        for chunk in _chunks(list(want), 500):
+            q = f"SELECT id, title, text, metadata FROM documents WHERE id IN ({','.join('?' * len(chunk))})"
+            for doc_id, title, text, meta in con.execute(q, chunk):
+                if want[doc_id] == (title, text, meta):
+                    same.add(doc_id)
+        return same
+
     def labels_for(self, ids: list[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         con = self._r()

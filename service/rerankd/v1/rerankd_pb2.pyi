@@ -205,16 +205,18 @@ class UpsertRequest(_message.Message):
     def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("upserted", "replaced", "sequence", "timings")
+    __slots__ = ("upserted", "replaced", "sequence", "timings", "unchanged")
     UPSERTED_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     replaced: int
     sequence: int
     timings: StageTimings
-    def __init__(self, upserted: _Optional[int] = ..., replaced: _Optional[int] = ..., sequence: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    unchanged: int
+    def __init__(self, upserted: _Optional[int] = ..., replaced: _Optional[int] = ..., sequence: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., unchanged: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("ids",)
