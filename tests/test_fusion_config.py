@@ -259,6 +259,8 @@ LIMITS = LimitsConfig(max_candidates=1000, max_top_n=1000)
         (200, None, (200, 200)),
         (None, 10, (10, 10)),
         (None, 30, (10, 30)),
+        (None, 5, (5, 5)),  # unset top_n: min(10, candidates) (a mutation audit: untested)
+        (None, 1, (1, 1)),
         (3, 7, (3, 7)),
         (1, 1, (1, 1)),
         (1000, 1000, (1000, 1000)),
@@ -407,3 +409,33 @@ def test_batch_token_budget_auto_resolves_per_backend():
     assert resolve_batch(BatchConfig(), "onnxruntime").max_batch_tokens == 2048
     assert resolve_batch(BatchConfig(), "cuda").max_batch_tokens == 8192
     assert resolve_batch(BatchConfig(max_batch_tokens=4096), "cuda").max_batch_tokens == 4096
+
+
+def test_every_limit_admits_its_exact_value_and_refuses_one_more():
+    """Each check was tested only far over its limit, so refusing the limit itself (">" turned
+    ">=") went unnoticed (a mutation audit): the exact limit passes, one more names the field."""
+    from rerankd.config import check_settings
+    from rerankd.errors import ConfigError, InvalidArgument
+    from rerankd.validation import (MAX_FILTER_CONDITIONS, MAX_FILTER_VALUES, check_count, check_filter,
+                                    check_ids, check_metadata, check_query, check_text)
+
+    lim = LimitsConfig(max_items=4, max_text_bytes=10, max_query_bytes=8, max_id_bytes=3, max_metadata_bytes=6)
+    cases = [
+        (lambda n: check_query("q" * n, lim), 8, "query"),
+        (lambda n: check_count(n, lim, "items"), 4, "items"),
+        (lambda n: check_text("t" * n, lim, "items[0].text"), 10, "items[0].text"),
+        (lambda n: check_ids(["i" * n], lim, "items"), 3, "items[0].id"),
+        (lambda n: check_metadata({"k": "v" * (n - 1)}, lim, "documents[0].metadata"), 6, "documents[0].metadata"),
+        (lambda n: check_filter([("k", "v")] * n, lim), MAX_FILTER_CONDITIONS, "filter"),
+        (lambda n: check_filter([("k", [str(i % 10) for i in range(n)])], lim), MAX_FILTER_VALUES, "filter[0].values"),
+    ]
+    for check, limit, field in cases:
+        check(limit)  # the limit itself is allowed
+        with pytest.raises(InvalidArgument) as ei:
+            check(limit + 1)
+        assert ei.value.field == field
+    # --max-queue may equal the largest call the limits admit ("at least"), not one less
+    s = Settings().replace(limits={"max_candidates": 100, "max_items": 300}, batch={"max_queue": 300})
+    check_settings(s)
+    with pytest.raises(ConfigError, match="--max-queue"):
+        check_settings(s.replace(batch={"max_queue": 299}))

@@ -207,6 +207,52 @@ def test_reupserting_identical_documents_writes_nothing(client):
     client.delete([d["id"] for d in docs])
 
 
+def test_delete_reaches_every_index_at_once(server, client):
+    """A mutation audit: dropping the Delete's HNSW update, its BM25 invalidation or its metadata
+    filter update went unnoticed, since the store lookup hides deleted hits. Right after a
+    Delete each index holds exactly the store's live labels, and k-candidate Searches still
+    return k hits (deleted documents no longer take candidate slots)."""
+    p = server.app.pipeline
+    docs = [{"id": f"del-{i}", "title": "Xenotransplantation", "text": f"Porcine kidney xenotransplantation trial {i}.",
+             "metadata": {"batch": "del"}} for i in range(30)]
+    client.upsert(docs)
+    top = client.search("porcine kidney xenotransplantation", top_n=20, candidates=20, rerank=False,
+                        first_stage="bm25")  # refreshes BM25 with the documents in
+    gone = [h["id"] for h in top][:20]
+    assert len(gone) == 20 and all(g.startswith("del-") for g in gone)
+    client.delete(gone)
+    stored = set(p.store.vectors(p.dim)[0].tolist())
+    assert p.dense.labels() == stored
+    server.call(p.flush)
+    assert p.bm25.labels() == stored
+    left = {f"del-{i}" for i in range(30)} - set(gone)
+    assert p.metadata_index.matching([("batch", frozenset({"del"}))]) == set(p.store.labels_for(sorted(left)).values())
+    for stage in ("dense", "bm25"):
+        hits = client.search("porcine kidney xenotransplantation trial", top_n=10, candidates=10, rerank=False,
+                             first_stage=stage, filter={"batch": "del"})
+        assert {h["id"] for h in hits} == left, stage
+    client.delete(sorted(left))
+
+
+def test_rerank_ties_keep_the_first_stage_order_and_metadata_only_when_asked(client):
+    """A mutation audit: reversing the tie-break of equal rerank scores, or returning metadata
+    without include_metadata, went unnoticed. Two identical documents score exactly alike: the
+    better first-stage rank goes first. Score's ties keep the input order."""
+    text = "Telomerase reactivation in somatic cells extends replicative lifespan."
+    client.upsert([{"id": "tie-a", "text": text, "metadata": {"k": "v"}},
+                   {"id": "tie-b", "text": text, "metadata": {"k": "v"}}])
+    raw = client.search(text, top_n=5, candidates=5, raw=True, filter={"k": "v"})
+    hits = [h for h in raw.hits if h.id.startswith("tie-")]
+    assert len(hits) == 2 and hits[0].rerank_score == hits[1].rerank_score
+    assert hits[0].first_stage_rank < hits[1].first_stage_rank
+    assert all(not h.metadata for h in raw.hits)  # include_metadata was not asked for
+    with_meta = client.search(text, top_n=2, candidates=5, raw=True, include_metadata=True, filter={"k": "v"})
+    assert all(dict(h.metadata) == {"k": "v"} for h in with_meta.hits)
+    ranked = client.score(text, [{"id": "second", "text": text}, {"id": "first", "text": text}])
+    assert [r["index"] for r in ranked] == [0, 1]
+    client.delete(["tie-a", "tie-b"])
+
+
 def test_score_model_name_check(client):
     with pytest.raises(ValueError):
         client.score("q", [{"id": "a", "text": "t"}], model="some-other-model")
