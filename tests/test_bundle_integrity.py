@@ -49,6 +49,29 @@ def test_intact_variants_load(bundle_dir):
     assert b.verified_file("gpu-probe.npz", _sha(b"probe")) == bundle_dir / "gpu-probe.npz"
 
 
+def test_a_bundle_of_the_other_task_is_refused(bundle_dir):
+    """--embedder and --reranker swapped must not start a server on the wrong model (a mutation
+    audit: the task check could be dropped without a test failing)."""
+    with pytest.raises(ConfigError, match="is a 'rerank' model, expected 'embed'"):
+        ModelBundle.load(bundle_dir.parent, "ce", "embed")
+
+
+def test_a_same_size_rewrite_with_the_old_mtime_is_hashed_again(bundle_dir):
+    """The hash cache is keyed by inode and ctime too: a replacement of the same size whose mtime
+    was set back (cp -p, rsync -t) must not reuse the old hash within one process."""
+    import os
+
+    b = ModelBundle.load(bundle_dir.parent, "ce", "rerank")
+    f = bundle_dir / "model.onnx"
+    assert b.variant_file("fp32") == f  # hashed and cached
+    st = f.stat()
+    f.write_bytes(b"fp32 grapH")  # same size, other bytes
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ConfigError, match="model.onnx"):
+        b.variant_file("fp32")
+
+
 @pytest.mark.parametrize("name,variant,damage", [
     ("model.onnx", "fp32", "overwrite"),
     ("model.onnx", "fp32", "delete"),

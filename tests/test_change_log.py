@@ -121,6 +121,23 @@ def test_snapshot_from_before_the_horizon_is_rebuilt_not_loaded(tmp_path):
     store.close()
 
 
+def test_a_snapshot_missing_documents_it_claims_to_cover_is_rebuilt(tmp_path):
+    """A graph saved under a sequence it does not fully hold (a document upserted after the graph
+    was taken) must not load: those documents would never be found by the dense leg (a mutation
+    audit: the check could be dropped without a test failing)."""
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    _upsert(store, [f"a{i}" for i in range(7)])
+    d = tmp_path / "hnsw"
+    idx, _, _ = snapshot.load_or_rebuild(store, d, DIM, **KW)
+    _upsert(store, ["a7"], seed=3)  # in the store, not in idx
+    snapshot.save(idx, d, store.last_seq(), store_id=store.store_id)
+    g, info, how = snapshot.load_or_rebuild(store, d, DIM, **KW)
+    live = set(store.vectors(DIM)[0].tolist())
+    assert how == "rebuilt" and info is None
+    assert unmarked(g) == g.labels() == live and len(live) == 8
+    store.close()
+
+
 def test_bm25_index_behind_the_horizon_reconciles_without_rebuilding(tmp_path):
     """Writes since the last search, then a snapshot prunes past the index's position: the next
     refresh takes the new documents as usual and finds the deletes by the live labels, without

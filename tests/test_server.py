@@ -165,6 +165,14 @@ def test_client_checks_its_arguments_and_keeps_a_stream_source_error(client):
     client.delete(["src-1"])  # committed or not: not_found is not an error
 
 
+def test_client_item_shapes():
+    """Plain strings get their position as id; dicts take "id" or SIE's "item_id"."""
+    from rerankd.client import _items
+
+    got = [(it.id, it.text) for it in _items(["a", {"item_id": "x", "text": "b"}, {"id": "y", "text": "c"}, {"text": "d"}])]
+    assert got == [("0", "a"), ("x", "b"), ("y", "c"), ("3", "d")]
+
+
 def test_client_upsert_deadline_grows_with_the_batch(monkeypatch):
     """A 30 s default deadline against 256 long documents (~14 s of embedding per 256 on this CPU,
     more under load) cancelled the call after the work and committed nothing (a review)."""

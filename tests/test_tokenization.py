@@ -17,7 +17,7 @@ from rerankd.errors import InvalidArgument
 from rerankd.store import join_title
 from rerankd.tokenization import PairTokenizer, TextTokenizer
 
-SCIFACT = Path(__file__).resolve().parents[1].parent / "shared/datasets/scifact"
+from conftest import SCIFACT  # honours RERANKD_SCIFACT (this file's own path skipped in other checkouts)
 MAX_QUERY_TOKENS = 64
 N_PAIRS = 300
 
