@@ -93,6 +93,35 @@ def test_rrf_empty_legs_and_limit():
     assert rrf([[1, 2, 3]], limit=10) == rrf([[1, 2, 3]])
 
 
+def test_rrf_matches_the_reference_on_random_rankings():
+    """The numpy RRF against the plain dict-and-sort definition it replaced: same labels, same
+    order (ties included), bit-identical scores, on random legs with overlaps, repeats and ties."""
+    import random
+
+    def reference(rankings, k=60, limit=None):
+        scores, best = {}, {}
+        for ranking in rankings:
+            seen = set()
+            for rank, label in enumerate(ranking, start=1):
+                if label in seen:
+                    continue
+                seen.add(label)
+                scores[label] = scores.get(label, 0.0) + 1.0 / (k + rank)
+                best[label] = min(best.get(label, rank), rank)
+        fused = sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
+        return fused[:limit] if limit is not None else fused
+
+    rng = random.Random(5)
+    for _ in range(500):
+        pool = rng.randint(1, 60)
+        legs = [[rng.randrange(pool) for _ in range(rng.randint(0, 40))] for _ in range(rng.randint(1, 3))]
+        k, limit = rng.choice([0, 1, 20, 60]), rng.choice([None, 1, 5, 50])
+        assert rrf(legs, k=k, limit=limit) == reference(legs, k=k, limit=limit), (legs, k, limit)
+    import numpy as np
+
+    assert rrf([np.array([3, 1]), np.array([1, 2])], k=20) == reference([[3, 1], [1, 2]], k=20)  # array legs
+
+
 def test_rrf_single_leg_keeps_its_order():
     leg = [9, 3, 7, 1]
     out = rrf([leg], k=60)

@@ -344,7 +344,7 @@ class Pipeline:
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
 
-        async def dense_leg(depth: int) -> list[tuple[int, float]]:
+        async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
             vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
             t1 = time.perf_counter()
@@ -355,25 +355,28 @@ class Pipeline:
                                                          self._load_vectors, self.settings.index.filter_exact_max)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
-            return list(zip(labels.tolist(), scores.tolist()))
+            return labels, scores
 
-        async def bm25_leg(depth: int) -> list[tuple[int, float]]:
+        async def bm25_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
             labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed)
             t.bm25_us = _us(time.perf_counter() - t0)
-            return list(zip(labels.tolist(), scores.tolist()))
+            return labels, scores
+
+        def pairs(leg: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, float]]:
+            return list(zip(leg[0][:k].tolist(), leg[1][:k].tolist()))
 
         if allowed is not None and allowed.empty_at_start:
             first = []  # nothing matches the filter: no model work
         elif stage == "dense":
-            first = await dense_leg(k)
+            first = pairs(await dense_leg(k))
         elif stage == "bm25":
-            first = await bm25_leg(k)
+            first = pairs(await bm25_leg(k))
         else:
             depth = max(k, self.settings.index.hybrid_depth)
             d, b = await asyncio.gather(dense_leg(depth), bm25_leg(depth))
             t0 = time.perf_counter()
-            first = rrf([[lb for lb, _ in d], [lb for lb, _ in b]], k=self.settings.index.rrf_k, limit=k)
+            first = rrf([d[0], b[0]], k=self.settings.index.rrf_k, limit=k)
             t.fusion_us = _us(time.perf_counter() - t0)
         first = first[:k]
 
