@@ -165,6 +165,46 @@ def test_client_checks_its_arguments_and_keeps_a_stream_source_error(client):
     client.delete(["src-1"])  # committed or not: not_found is not an error
 
 
+def test_async_client_makes_every_call_from_an_event_loop(server, client):
+    """An asyncio RAG app had only the sync client, which blocks its event loop (a review).
+    AsyncClient gives the same results as Client, on grpc.aio."""
+    import asyncio
+
+    from rerankd.client import AsyncClient, error_details
+
+    query = "diffusion tensor imaging of white matter in preterm infants"
+    items = ["Stock markets fell.", "White matter microstructure in preterm infants measured by DTI."]
+
+    async def batches():
+        yield [{"id": "aio-1", "text": "Async ingest of a document about ribosome profiling."}]
+        yield [{"id": "aio-2", "text": "Another async document about ribosome stalling."}]
+
+    async def broken():
+        yield [{"id": "aio-3", "text": "A document before the source failed."}]
+        raise KeyError("source cursor lost")
+
+    async def run():
+        async with AsyncClient(server.target, timeout=120) as c:
+            await c.wait_ready(30)
+            hits, ranked, vec = await asyncio.gather(c.search(query, top_n=3, candidates=10),
+                                                     c.score(query, items), c.encode(query, is_query=True))
+            assert [h["id"] for h in hits] == [h["id"] for h in client.search(query, top_n=3, candidates=10)]
+            assert [(r["index"], r["rank"]) for r in ranked] == [(r["index"], r["rank"]) for r in client.score(query, items)]
+            np.testing.assert_allclose(vec, client.encode(query, is_query=True), atol=1e-5)
+            assert (await c.upsert_stream(batches())).upserted == 2
+            assert (await c.upsert([{"id": "aio-1", "text": "Async ingest of a document about ribosome profiling."}])).unchanged == 1
+            with pytest.raises(KeyError, match="cursor lost"):
+                await c.upsert_stream(broken())
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await c.search("q", top_n=0)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_details(ei.value)["field_violations"][0][0] == "top_n"
+            assert (await c.delete(["aio-1", "aio-2", "aio-3"])).deleted >= 2
+            assert (await c.stats()).dimension == 384
+
+    asyncio.run(run())
+
+
 def test_client_item_shapes():
     """Plain strings get their position as id; dicts take "id" or SIE's "item_id"."""
     from rerankd.client import _items

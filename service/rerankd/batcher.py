@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import BatchConfig
+from .config import BatchConfig, resolve_batch
 from .errors import BackendError, DeadlineExceeded, Overloaded
 from .tokenization import Encoded
 
@@ -112,6 +112,7 @@ class Batcher:
     ) -> None:
         self.name = name
         self._forward = forward
+        config = resolve_batch(config, "")  # --max-batch-tokens 0 (auto); the stages resolve it per backend
         self.config = config
         self.max_length = max_length
         self.static = static_shapes

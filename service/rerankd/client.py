@@ -17,10 +17,11 @@ port with a keyword.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -199,6 +200,71 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
             ("grpc.per_rpc_retry_buffer_size", 64 << 20), ("grpc.retry_buffer_size", 256 << 20)]
 
 
+
+# -- request building and response shaping, shared by Client and AsyncClient -------------------------
+def _check_model(wanted: str | None, served: str) -> None:
+    if wanted is not None and wanted != served:
+        raise ValueError(f"server runs model {served!r}, not {wanted!r}")
+
+
+def _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
+                    fusion_weight, filter) -> pb.SearchRequest:  # noqa: A002 - the API's name
+    conds = []
+    for k, v in (filter or {}).items():
+        values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
+        if values is None or not all(isinstance(x, str) for x in values):
+            raise TypeError(f"filter[{k!r}]: metadata values are strings; give a str or a list of str, got {v!r}")
+        conds.append(pb.MetadataMatch(key=k, values=values))
+    return pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
+                            include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
+                            filter=conds)
+
+
+def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[dict[str, Any]] | pb.SearchResponse:
+    if raw:
+        return resp
+    out = []
+    for h in resp.hits:
+        d: dict[str, Any] = {"id": h.id, "score": h.score, "rank": h.rank,
+                             "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank}
+        if h.HasField("rerank_score"):
+            d["rerank_score"] = h.rerank_score
+        if h.HasField("text"):
+            d["text"] = h.text
+            d["title"] = h.title
+        if include_metadata:
+            d["metadata"] = dict(h.metadata)
+        out.append(d)
+    return out
+
+
+def _encode_request(items, single: bool, is_query: bool) -> pb.EncodeRequest:
+    return pb.EncodeRequest(items=_items([items] if single else items), is_query=is_query)
+
+
+def _vectors(resp: pb.EncodeResponse, model: str | None, single: bool) -> np.ndarray:
+    _check_model(model, resp.model)
+    vecs = np.asarray([list(e.vector) for e in resp.embeddings], dtype=np.float32).reshape(-1, resp.dimension)
+    return vecs[0] if single else vecs
+
+
+def _scores(resp: pb.ScoreResponse, model: str | None) -> list[dict[str, Any]]:
+    _check_model(model, resp.model)
+    return [{"item_id": s.item_id, "score": s.score, "rank": s.rank, "index": s.index} for s in resp.scores]
+
+
+def _upsert_timeout(timeout: float | None, default: float | None, docs: list) -> float | None:
+    if timeout is None and default is not None:
+        return max(default, float(len(docs)))
+    return timeout
+
+
+def _reraise_source_error(failure: list[BaseException]) -> None:
+    if failure:
+        exc = failure[0]
+        exc.add_note("rerankd: the UpsertStream was cancelled; batches sent before this error may have been committed")
+        raise exc from None
+
 class Client:
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
@@ -238,47 +304,22 @@ class Client:
                timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
         (every key must match; a list means any of its values)."""
-        conds = []
-        for k, v in (filter or {}).items():
-            values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
-            if values is None or not all(isinstance(x, str) for x in values):
-                raise TypeError(f"filter[{k!r}]: metadata values are strings; give a str or a list of str, got {v!r}")
-            conds.append(pb.MetadataMatch(key=k, values=values))
-        req = pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
-                               include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
-                               filter=conds)
-        resp = self._stub.Search(req, **self._kw(timeout))
-        if raw:
-            return resp
-        out = []
-        for h in resp.hits:
-            d: dict[str, Any] = {"id": h.id, "score": h.score, "rank": h.rank,
-                                 "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank}
-            if h.HasField("rerank_score"):
-                d["rerank_score"] = h.rerank_score
-            if h.HasField("text"):
-                d["text"] = h.text
-                d["title"] = h.title
-            if include_metadata:
-                d["metadata"] = dict(h.metadata)
-            out.append(d)
-        return out
+        req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
+                              fusion_weight, filter)
+        return _hits(self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
                timeout: float | None = None) -> np.ndarray:
         single = isinstance(items, (str, Mapping))
-        resp = self._stub.Encode(pb.EncodeRequest(items=_items([items] if single else items), is_query=is_query), **self._kw(timeout))
-        self._check_model(model, resp.model)
-        vecs = np.asarray([list(e.vector) for e in resp.embeddings], dtype=np.float32).reshape(-1, resp.dimension)
-        return vecs[0] if single else vecs
+        resp = self._stub.Encode(_encode_request(items, single, is_query), **self._kw(timeout))
+        return _vectors(resp, model, single)
 
     def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None, top_n: int | None = None,
               timeout: float | None = None) -> list[dict[str, Any]]:
         """Best first: ``[{"item_id", "score", "rank", "index"}]`` (``index``: the item's position in
         ``items``; a plain string's id is its position too). ``top_n``: only the best n."""
         resp = self._stub.Score(pb.ScoreRequest(query=query, items=_items(items), top_n=top_n), **self._kw(timeout))
-        self._check_model(model, resp.model)
-        return [{"item_id": s.item_id, "score": s.score, "rank": s.rank, "index": s.index} for s in resp.scores]
+        return _scores(resp, model)
 
     def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
         """Insert or replace ``documents`` (acknowledged once durable). Without ``timeout`` the
@@ -286,9 +327,7 @@ class Client:
         (~18 documents/s on a 2-core AVX2 CPU), and a deadline that passes mid-call commits
         nothing. Batches of 32-64 documents (as `rerankd index` sends) keep calls short."""
         docs = [_doc(d) for d in documents]
-        if timeout is None and self.timeout is not None:
-            timeout = max(self.timeout, float(len(docs)))
-        return self._stub.Upsert(pb.UpsertRequest(documents=docs), **self._kw(timeout))
+        return self._stub.Upsert(pb.UpsertRequest(documents=docs), **self._kw(_upsert_timeout(timeout, self.timeout, docs)))
 
     def upsert_stream(self, batches: Iterable[Iterable[Mapping[str, Any]]], *, timeout: float | None = None) -> pb.UpsertResponse:
         """Bulk ingest over one client stream. No deadline unless ``timeout`` is given (a corpus can
@@ -308,10 +347,7 @@ class Client:
         try:
             return self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError:
-            if failure:
-                exc = failure[0]
-                exc.add_note("rerankd: the UpsertStream was cancelled; batches sent before this error may have been committed")
-                raise exc from None
+            _reraise_source_error(failure)
             raise
 
     def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
@@ -323,7 +359,100 @@ class Client:
     def compact(self, *, timeout: float | None = None) -> pb.CompactResponse:
         return self._stub.Compact(pb.CompactRequest(), **self._kw(timeout if timeout is not None else 600))
 
-    @staticmethod
-    def _check_model(wanted: str | None, served: str) -> None:
-        if wanted is not None and wanted != served:
-            raise ValueError(f"server runs model {served!r}, not {wanted!r}")
+
+
+class AsyncClient:
+    """The same calls as ``Client`` for asyncio applications (grpc.aio; a sync ``Client`` would
+    block the event loop for the whole call)::
+
+        async with AsyncClient("localhost:50051") as c:
+            hits = await c.search("does aspirin prevent cancer?", top_n=5)
+            ranked = await c.score("a query", ["passage one", "passage two"])
+
+    Same arguments, results, defaults (``retries=2``, ``timeout=30``) and errors
+    (``grpc.aio.AioRpcError``, readable with ``error_details``). Create it inside the running
+    event loop that uses it."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: list[tuple[str, str]] | None = None,
+                 options: list[tuple[str, Any]] | None = None, retries: int = 2) -> None:
+        opts = list(options or DEFAULT_OPTIONS)
+        if retries:
+            opts += retry_options(retries)
+        self._channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
+                         else grpc.aio.insecure_channel(target, opts))
+        self._stub = pb_grpc.RetrievalStub(self._channel)
+        self.timeout = timeout
+        self.metadata = metadata
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        await asyncio.wait_for(self._channel.channel_ready(), timeout)
+
+    async def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None,
+                     rerank: bool | None = None, first_stage: str | None = None, include_text: bool = False,
+                     include_metadata: bool = False, fusion_weight: float | None = None,
+                     filter: Mapping[str, str | Iterable[str]] | None = None,
+                     timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+        req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
+                              fusion_weight, filter)
+        return _hits(await self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
+
+    async def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
+                     timeout: float | None = None) -> np.ndarray:
+        single = isinstance(items, (str, Mapping))
+        resp = await self._stub.Encode(_encode_request(items, single, is_query), **self._kw(timeout))
+        return _vectors(resp, model, single)
+
+    async def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None,
+                    top_n: int | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+        resp = await self._stub.Score(pb.ScoreRequest(query=query, items=_items(items), top_n=top_n), **self._kw(timeout))
+        return _scores(resp, model)
+
+    async def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
+        docs = [_doc(d) for d in documents]
+        return await self._stub.Upsert(pb.UpsertRequest(documents=docs),
+                                       **self._kw(_upsert_timeout(timeout, self.timeout, docs)))
+
+    async def upsert_stream(self, batches: Iterable[Iterable[Mapping[str, Any]]] | AsyncIterable[Iterable[Mapping[str, Any]]],
+                            *, timeout: float | None = None) -> pb.UpsertResponse:
+        """``batches``: an iterable or an async iterable of lists of documents (see ``Client``)."""
+        failure: list[BaseException] = []
+
+        async def gen() -> AsyncIterator[pb.UpsertRequest]:
+            try:
+                if isinstance(batches, AsyncIterable):
+                    async for batch in batches:
+                        yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+                else:
+                    for batch in batches:
+                        yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+            except Exception as e:
+                failure.append(e)
+                raise
+
+        try:
+            return await self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
+        except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the source raises
+            _reraise_source_error(failure)
+            raise
+
+    async def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
+        return await self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))
+
+    async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
+        return await self._stub.Stats(pb.StatsRequest(), **self._kw(timeout))
+
+    async def compact(self, *, timeout: float | None = None) -> pb.CompactResponse:
+        return await self._stub.Compact(pb.CompactRequest(), **self._kw(timeout if timeout is not None else 600))
