@@ -236,6 +236,12 @@ class Pipeline:
         self._compact_now: asyncio.Task | None = None
         self._compact_next: asyncio.Task | None = None
         self._repair_task: asyncio.Task | None = None
+        # BM25 catches up in the background after each write, so the next Search does not pay
+        # for tokenizing it (a profile: +23-35 ms on the Search after a 64-document Upsert; the
+        # first Search after a bulk ingest paid for all of it). One refresh at a time; writes
+        # made during one are picked up by the next.
+        self._bm25_task: asyncio.Task | None = None
+        self._bm25_pending = False
         self._repair_requested = 0  # bumped (under the apply lock) by each write the indexes missed
         self._indexes_behind = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -298,7 +304,7 @@ class Pipeline:
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
         for task in (self._compact_task, self._compact_now, self._compact_next, self._snapshot_task,
-                     self._repair_task):
+                     self._repair_task, self._bm25_task):
             if task is not None and not task.done():
                 await asyncio.wait({task})
         if save_snapshot:
@@ -499,6 +505,7 @@ class Pipeline:
         async with self._write_lock:
             # Durable commit, then the in-memory indexes; the lock keeps both in one order.
             labels, replaced, seq = await self._apply(self._apply_upsert, rows, vecs)
+        self._refresh_bm25_soon()
         self._maybe_snapshot()
         if replaced:
             self._maybe_compact()  # a replaced document leaves its old entry marked deleted, as a Delete does
@@ -586,6 +593,8 @@ class Pipeline:
         assert self._write_lock is not None
         async with self._write_lock:
             labels, missing, seq = await self._apply(self._apply_delete, ids)
+        if labels:
+            self._refresh_bm25_soon()
         self._maybe_snapshot()
         self._maybe_compact()
         return DeleteResult(len(labels), missing, seq)
@@ -686,6 +695,23 @@ class Pipeline:
             log.exception("pruning the change log failed (retried after the next snapshot)")
         finally:
             self._compact_lock.release()
+
+    def _refresh_bm25_soon(self) -> None:
+        """Bring BM25 up to date in the background (event loop; see ``_bm25_task``)."""
+        if self._closing:
+            return
+        self._bm25_pending = True
+        if self._bm25_task is None or self._bm25_task.done():
+            self._bm25_task = asyncio.get_running_loop().create_task(self._background_bm25())
+
+    async def _background_bm25(self) -> None:
+        while self._bm25_pending and not self._closing:
+            self._bm25_pending = False
+            try:
+                await asyncio.to_thread(self.bm25.refresh)
+            except Exception:  # the next Search refreshes (and reports) it again
+                log.exception("background BM25 refresh failed (the next Search retries it)")
+                return
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         """Start a background snapshot once ``snapshot_every`` changes piled up (event loop)."""
