@@ -192,8 +192,9 @@ def test_replacing_upserts_trigger_background_compaction(models_dir, tmp_path):
         p = Pipeline(s)
         await p.start()
         try:
-            docs = [Document(f"d{i}", f"document {i} about topic {i % 3}") for i in range(4)]
-            for _ in range(4):  # 3 replacing rounds: 12 retired entries for 4 live documents
+            for r in range(4):  # 3 replacing rounds: 12 retired entries for 4 live documents
+                # changed texts: identical documents are skipped (UpsertResponse.unchanged)
+                docs = [Document(f"d{i}", f"document {i} about topic {i % 3}, version {r}") for i in range(4)]
                 await p.upsert(docs)
                 if p._compact_task is not None:
                     await p._compact_task
@@ -481,3 +482,41 @@ def test_embedder_max_length_is_recorded_and_a_store_cut_at_another_length_is_re
     store.close()
     with pytest.raises(NotReady, match="cutting documents at 128 tokens, not 256"):
         Pipeline(s)
+
+
+def test_an_unchanged_upsert_waits_for_a_write_still_updating_the_indexes(models_dir, tmp_path):
+    """Upsert B of the content Upsert A just committed returned "unchanged" while A was still
+    updating HNSW: acknowledged, yet not found by the dense leg (the diff review). The check now
+    runs under the write lock: B answers after A's index update."""
+    import threading
+
+    from rerankd.pipeline import Document, Pipeline
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))
+        await p.start()
+        try:
+            await p.upsert([Document("x", "kinase inhibitor trial, version 0")])
+            gate, entered = threading.Event(), threading.Event()
+            real = p.dense.replace
+
+            def slow(*a, **kw):
+                entered.set()
+                gate.wait(30)
+                return real(*a, **kw)
+
+            p.dense.replace = slow
+            new = [Document("x", "kinase inhibitor trial, version 1")]
+            ta = asyncio.create_task(p.upsert(new))
+            assert await asyncio.to_thread(entered.wait, 30)
+            tb = asyncio.create_task(p.upsert(new))
+            await asyncio.sleep(0.5)
+            assert not tb.done()  # waits for A's index update
+            gate.set()
+            ra, rb = await asyncio.gather(ta, tb)
+            assert (rb.unchanged, rb.sequence) == (1, ra.sequence) and ra.unchanged == 0
+            assert p.store.labels_for(["x"])["x"] in p.dense.labels()
+        finally:
+            await p.close()
+
+    asyncio.run(run())

@@ -471,7 +471,7 @@ def test_search_during_bulk_ingest_sees_whole_documents(models_dir, tmp_path, se
     t.join(60)
     assert proc.returncode == 0, proc.stderr
     total = n_ids * n_versions
-    m = re.search(r"indexed (\d+) documents \((\d+) replaced\) in ([\d.]+) s: ([\d.]+) docs/s", proc.stdout)
+    m = re.search(r"indexed (\d+) documents \((\d+) replaced, \d+ unchanged\) in ([\d.]+) s: ([\d.]+) docs/s", proc.stdout)
     assert m and int(m.group(1)) == total and int(m.group(2)) == total - n_ids, proc.stdout
     assert not errors, errors[:5]
     assert len(seen) >= 5 and any(seen), seen  # searches ran during the ingest, some with hits

@@ -438,6 +438,8 @@ def test_batch_token_budget_auto_resolves_per_backend():
     assert resolve_batch(BatchConfig(), "onnxruntime").max_batch_tokens == 2048
     assert resolve_batch(BatchConfig(), "cuda").max_batch_tokens == 8192
     assert resolve_batch(BatchConfig(max_batch_tokens=4096), "cuda").max_batch_tokens == 4096
+    # never below one sequence: a 4096-token embedder failed to start on the auto budget (a review)
+    assert resolve_batch(BatchConfig(), "openvino", 4096).max_batch_tokens == 4096
 
 
 def test_every_limit_admits_its_exact_value_and_refuses_one_more():

@@ -29,7 +29,7 @@ def test_conventional_names():
         assert m.output_type.name in (f"{m.name}Response", "UpsertResponse"), m.name
     assert "hits" in pb.SearchResponse.DESCRIPTOR.fields_by_name
     assert [f.name for f in pb.Item.DESCRIPTOR.fields] == ["id", "text"]
-    assert set(pb.ScoreEntry.DESCRIPTOR.fields_by_name) == {"item_id", "score", "rank"}
+    assert set(pb.ScoreEntry.DESCRIPTOR.fields_by_name) == {"item_id", "score", "rank", "index"}
     assert "scores" in pb.ScoreResponse.DESCRIPTOR.fields_by_name
     assert {"id", "text", "metadata"} <= set(pb.Document.DESCRIPTOR.fields_by_name)
     assert "ids" in pb.DeleteRequest.DESCRIPTOR.fields_by_name

@@ -252,6 +252,10 @@ def test_reupserting_identical_documents_writes_nothing(client):
     assert [h["id"] for h in hits] == ["sync-3"]
     s = client.upsert_stream([docs[:2], changed[2:]])
     assert (s.upserted, s.replaced, s.unchanged) == (5, 1, 4)  # only sync-1 differs (back to its first text)
+    # errors name the document's place in the request, not in the changed subset (the diff review)
+    with pytest.raises(grpc.RpcError) as ei:
+        client.upsert([docs[0], {"id": "sync-x", "text": "\u200b\u200b"}])
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "documents[1].text" in ei.value.details()
     client.delete([d["id"] for d in docs])
 
 

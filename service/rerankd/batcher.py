@@ -112,7 +112,7 @@ class Batcher:
     ) -> None:
         self.name = name
         self._forward = forward
-        config = resolve_batch(config, "")  # --max-batch-tokens 0 (auto); the stages resolve it per backend
+        config = resolve_batch(config, "", max_length)  # --max-batch-tokens 0 (auto); the stages resolve it per backend
         self.config = config
         self.max_length = max_length
         self.static = static_shapes
@@ -230,12 +230,15 @@ class Batcher:
         if not self._tasks:
             raise BackendError(f"{self.name}: batcher not started")
         n = len(seqs)
-        if self._queued + n > self.config.max_queue:
+        # Priority calls have a budget of their own (their queue): a queue full of an ingest's
+        # documents refused every Search's query, which would have run next (the diff review).
+        queued = len(self._urgent) if priority else self._queued
+        if queued + n > self.config.max_queue:
             self.stats.rejected_calls += 1
             # Retry once enough of the queue has run to make room (was a flat 50 ms, whatever
             # was queued: clients following the hint retried far too often; found by a review).
-            wait = (self._queued + n - self.config.max_queue) * self._seconds_per_seq
-            raise Overloaded(f"{self.name} queue full ({self._queued} queued, limit {self.config.max_queue}); retry later",
+            wait = (queued + n - self.config.max_queue) * self._seconds_per_seq
+            raise Overloaded(f"{self.name} queue full ({queued} queued, limit {self.config.max_queue}); retry later",
                              retry_after_s=max(0.05, wait))
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -280,18 +283,20 @@ class Batcher:
             return False
         return True
 
-    def _pick_queue(self) -> deque[_Item]:
+    def _pick_queue(self) -> tuple[deque[_Item], bool]:
         """The queue the next batch comes from: the priority one while it has work, except that
-        after URGENT_STREAK priority batches in a row one batch of the other work goes."""
+        after URGENT_STREAK priority batches in a row one batch of the other work goes. Returns
+        (queue, whether that batch was taken for fairness: it must not be put back)."""
         if self._urgent and not (self._queue and self._urgent_streak >= URGENT_STREAK):
             self._urgent_streak = self._urgent_streak + 1 if self._queue else 0
-            return self._urgent
+            return self._urgent, False
+        fair = bool(self._urgent)
         self._urgent_streak = 0
-        return self._queue if self._queue else self._urgent
+        return (self._queue if self._queue else self._urgent), fair
 
     def _take_batch(self) -> list[_Item]:
         now = asyncio.get_running_loop().time()
-        queue = self._pick_queue()
+        queue, fair = self._pick_queue()
         window: list[_Item] = []
         while queue and len(window) < self.config.sort_window:
             item = queue.popleft()
@@ -327,6 +332,8 @@ class Batcher:
         self._queued -= len(batch)
         for it in batch:
             it.call.queued -= 1
+            if fair:  # taken after URGENT_STREAK priority batches: runs even if priority work waits
+                it.bounced = True
         return batch
 
     def _length_order(self, window: list[_Item]) -> tuple[list[_Item], int]:

@@ -272,7 +272,8 @@ class Client:
         """``retries``: extra tries of a unary call refused with RESOURCE_EXHAUSTED or UNAVAILABLE
         (default 2, at most 4; 0 = none, for load tests that must see refusals), after the
         server's retry-after hint, within the call's deadline (see ``retry_service_config``).
-        Every rerankd call is safe to repeat. ``timeout``: the default deadline in seconds
+        Every rerankd call is safe to repeat (a Delete retried after a lost reply reports the ids
+        its first try deleted as not_found). ``timeout``: the default deadline in seconds
         (``upsert`` allows at least 1 s per document; ``upsert_stream`` has none)."""
         opts = list(options or DEFAULT_OPTIONS)
         if retries:

@@ -173,11 +173,13 @@ AUTO_BATCH_TOKENS = {"cuda": 8192}
 AUTO_BATCH_TOKENS_CPU = 2048
 
 
-def resolve_batch(batch: "BatchConfig", backend_name: str) -> "BatchConfig":
-    """``batch`` with ``max_batch_tokens`` 0 (auto) resolved for the backend that will run it."""
+def resolve_batch(batch: "BatchConfig", backend_name: str, max_length: int = 0) -> "BatchConfig":
+    """``batch`` with ``max_batch_tokens`` 0 (auto) resolved for the backend that will run it,
+    and never below one sequence of the model's ``max_length``."""
     if batch.max_batch_tokens:
         return batch
-    return dataclasses.replace(batch, max_batch_tokens=AUTO_BATCH_TOKENS.get(backend_name, AUTO_BATCH_TOKENS_CPU))
+    auto = AUTO_BATCH_TOKENS.get(backend_name, AUTO_BATCH_TOKENS_CPU)
+    return dataclasses.replace(batch, max_batch_tokens=max(auto, max_length))
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:

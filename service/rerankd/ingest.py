@@ -199,7 +199,8 @@ def _count_lines(path: Path) -> int:
 def _stream(target: str, feeder: Feeder, timeout: float | None, bar, conn: dict | None = None):
     """Run the stream. gRPC flow control lets the reader run megabytes ahead of the server, so
     the progress bar follows the server's committed sequence (polled with Stats) instead of the
-    lines sent; with other writers on the same server it is approximate."""
+    lines sent; with other writers on the same server it is approximate, and documents that were
+    unchanged (skipped by the server) show only in the ``sent`` count."""
     import threading
 
     import grpc

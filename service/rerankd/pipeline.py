@@ -480,23 +480,34 @@ class Pipeline:
         start = time.perf_counter()
         # A document identical to its stored version (a nightly full re-sync) is not embedded or
         # written again: it cost an embedding and left a deleted entry in the graph per round (a
-        # review). Read before the write lock: a write landing in between makes this call's no-op
-        # the earlier of two concurrent calls, which is what a caller can see anyway.
-        same = await asyncio.to_thread(self.store.unchanged, [(d.id, d.title, d.text, dict(d.metadata)) for d in docs])
-        if same:
-            changed = [d for d in docs if d.id not in same]
-            if not changed:
-                el = _us(time.perf_counter() - start)
-                return UpsertResult(len(docs), 0, self.store.last_seq(), Timings(total_us=el), unchanged=len(docs))
-            r = await self._upsert(changed, deadline, start)
+        # review). Read under the write lock, so that every write committed before the read is in
+        # the indexes too: read between another Upsert's commit and its index update, "unchanged"
+        # acknowledged a document the dense leg could not find yet (the diff review). Not while
+        # the indexes are being rebuilt after a failed update: then the write goes through.
+        assert self._write_lock is not None
+        async with self._write_lock:
+            same, seq = await asyncio.to_thread(self._unchanged, docs)
+        if same and not self._indexes_behind:
+            positions = [i for i, d in enumerate(docs) if d.id not in same]
+            if not positions:
+                return UpsertResult(len(docs), 0, seq, Timings(total_us=_us(time.perf_counter() - start)),
+                                    unchanged=len(docs))
+            r = await self._upsert([docs[i] for i in positions], deadline, start, positions)
             return dataclasses.replace(r, upserted=len(docs), unchanged=len(same))
         return await self._upsert(docs, deadline, start)
 
-    async def _upsert(self, docs: list[Document], deadline: float | None, start: float) -> UpsertResult:
+    def _unchanged(self, docs: list[Document]) -> tuple[set[str], int]:
+        """(ids of ``docs`` identical to their stored version, the store's last sequence)."""
+        return self.store.unchanged([(d.id, d.title, d.text, dict(d.metadata)) for d in docs]), self.store.last_seq()
+
+    async def _upsert(self, docs: list[Document], deadline: float | None, start: float,
+                      positions: list[int] | None = None) -> UpsertResult:
+        """``positions``: each document's index in the request (errors name ``documents[i]``)."""
         texts = [join_title(d.title, d.text) for d in docs]
         token_ids = await asyncio.to_thread(self.reranker.passage_ids, texts)
         # before the embedder's work; a title-only document's tokens are its title's
-        check_has_tokens(token_ids, [f"documents[{i}].{'text' if d.text.strip() else 'title'}" for i, d in enumerate(docs)])
+        check_has_tokens(token_ids, [f"documents[{i}].{'text' if d.text.strip() else 'title'}"
+                                     for i, d in zip(positions or range(len(docs)), docs)])
         t0 = time.perf_counter()
         vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
         t1 = time.perf_counter()

@@ -38,7 +38,7 @@ class Embedder:
         self.batcher = Batcher(
             "embedder",
             self._forward,
-            resolve_batch(batch, backend.name),
+            resolve_batch(batch, backend.name, bundle.max_length),
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
             pad_id=bundle.special_tokens.get("pad_id", 0),

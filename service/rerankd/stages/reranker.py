@@ -42,7 +42,7 @@ class Reranker:
         self.batcher = Batcher(
             "reranker",
             self._forward,
-            resolve_batch(batch, backend.name),
+            resolve_batch(batch, backend.name, bundle.max_length),
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
             pad_id=st.get("pad_id", 0),
