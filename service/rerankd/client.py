@@ -259,6 +259,31 @@ def _upsert_timeout(timeout: float | None, default: float | None, docs: list) ->
     return timeout
 
 
+def _requests(batches: Iterable[Iterable[Mapping[str, Any]]], failure: list[BaseException]) -> Iterator[pb.UpsertRequest]:
+    """An UpsertStream's requests; an exception of the source is kept in ``failure`` (gRPC
+    replaces it by UNKNOWN "Exception iterating requests!") for ``_reraise_source_error``."""
+    try:
+        for batch in batches:
+            yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+    except Exception as e:
+        failure.append(e)
+        raise
+
+
+async def _async_requests(batches, failure: list[BaseException]) -> AsyncIterator[pb.UpsertRequest]:
+    """``_requests`` for AsyncClient: ``batches`` may be an iterable or an async iterable."""
+    if not isinstance(batches, AsyncIterable):
+        for req in _requests(batches, failure):
+            yield req
+        return
+    try:
+        async for batch in batches:
+            yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
+    except Exception as e:
+        failure.append(e)
+        raise
+
+
 def _reraise_source_error(failure: list[BaseException]) -> None:
     if failure:
         exc = failure[0]
@@ -336,17 +361,8 @@ class Client:
         as itself — gRPC would report it as UNKNOWN "Exception iterating requests!" — after the
         stream was cancelled: the batches sent before it may have been committed."""
         failure: list[BaseException] = []
-
-        def gen() -> Iterator[pb.UpsertRequest]:
-            try:
-                for batch in batches:
-                    yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
-            except Exception as e:
-                failure.append(e)
-                raise
-
         try:
-            return self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
+            return self._stub.UpsertStream(_requests(batches, failure), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError:
             _reraise_source_error(failure)
             raise
@@ -430,21 +446,8 @@ class AsyncClient:
                             *, timeout: float | None = None) -> pb.UpsertResponse:
         """``batches``: an iterable or an async iterable of lists of documents (see ``Client``)."""
         failure: list[BaseException] = []
-
-        async def gen() -> AsyncIterator[pb.UpsertRequest]:
-            try:
-                if isinstance(batches, AsyncIterable):
-                    async for batch in batches:
-                        yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
-                else:
-                    for batch in batches:
-                        yield pb.UpsertRequest(documents=[_doc(d) for d in batch])
-            except Exception as e:
-                failure.append(e)
-                raise
-
         try:
-            return await self._stub.UpsertStream(gen(), timeout=timeout, metadata=self.metadata)
+            return await self._stub.UpsertStream(_async_requests(batches, failure), timeout=timeout, metadata=self.metadata)
         except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the source raises
             _reraise_source_error(failure)
             raise
