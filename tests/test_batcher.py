@@ -519,6 +519,34 @@ def test_priority_calls_have_their_own_queue_budget():
     assert not fake.problems
 
 
+def test_cancelled_priority_calls_stop_counting_against_their_budget_at_once():
+    """Dead query work (cancelled, or past its deadline) still counted against the priority
+    budget until the former reached it, so live queries were refused (the second diff review)."""
+    fake = FakeForward()
+
+    async def body():
+        b = make(fake, max_queue=8)
+        await b.start()
+        try:
+            plugs = await plug(b, fake)
+            dead = [asyncio.create_task(b.submit([seq(6)], priority=True)) for _ in range(8)]
+            await wait_until(lambda: b.queue_depth == 8, "queries queued")
+            for t in dead:
+                t.cancel()
+            await asyncio.gather(*dead, return_exceptions=True)
+            live = asyncio.create_task(b.submit([seq(6)], priority=True))  # admitted, not refused
+            await wait_until(lambda: b.queue_depth == 1, "live query queued")
+            fake.release()
+            rows, _ = await live
+            await asyncio.gather(*plugs)
+            assert len(rows) == 1 and b.queue_depth == 0 and b._urgent_queued == 0
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    assert not fake.problems
+
+
 def test_priority_work_cancelled_after_a_bounce_leaves_the_accounting_straight():
     """A put-back batch counts again in the queue; its rows are dropped if their call is gone."""
     fake = FakeForward()

@@ -516,6 +516,21 @@ def test_an_unchanged_upsert_waits_for_a_write_still_updating_the_indexes(models
             ra, rb = await asyncio.gather(ta, tb)
             assert (rb.unchanged, rb.sequence) == (1, ra.sequence) and ra.unchanged == 0
             assert p.store.labels_for(["x"])["x"] in p.dense.labels()
+            # The same when A's call is cancelled while its worker thread applies the write: the
+            # asyncio write lock is released then, the apply lock is not (the second review).
+            gate.clear()
+            entered.clear()
+            newer = [Document("x", "kinase inhibitor trial, version 2")]
+            ta = asyncio.create_task(p.upsert(newer))
+            assert await asyncio.to_thread(entered.wait, 30)
+            ta.cancel()
+            await asyncio.gather(ta, return_exceptions=True)
+            tb = asyncio.create_task(p.upsert(newer))
+            await asyncio.sleep(0.5)
+            assert not tb.done()
+            gate.set()
+            rb = await tb
+            assert rb.unchanged == 1 and p.store.labels_for(["x"])["x"] in p.dense.labels()
         finally:
             await p.close()
 

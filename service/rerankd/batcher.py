@@ -137,6 +137,7 @@ class Batcher:
         self._urgent_streak = 0  # priority batches formed in a row while _queue had work
         self._urgent_ready = 0  # prepared batches holding priority rows, not yet taken by the runner
         self._queued = 0
+        self._urgent_queued = 0  # live priority sequences queued (their own max_queue budget)
         self._seconds_per_seq = 0.0  # EWMA of batch time per row (the queue-full retry hint)
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -176,7 +177,7 @@ class Batcher:
             q.clear()
         while self._ready is not None and not self._ready.empty():
             self._fail(self._ready.get_nowait().items, err)
-        self._queued = 0
+        self._queued = self._urgent_queued = 0
         # Wait for a batch still running in the model thread without blocking the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
@@ -232,7 +233,7 @@ class Batcher:
         n = len(seqs)
         # Priority calls have a budget of their own (their queue): a queue full of an ingest's
         # documents refused every Search's query, which would have run next (the diff review).
-        queued = len(self._urgent) if priority else self._queued
+        queued = self._urgent_queued if priority else self._queued
         if queued + n > self.config.max_queue:
             self.stats.rejected_calls += 1
             # Retry once enough of the queue has run to make room (was a flat 50 ms, whatever
@@ -249,6 +250,8 @@ class Batcher:
             raise ValueError(f"sequence of {longest} tokens exceeds max_length {self.max_length}")
         (self._urgent if priority else self._queue).extend(_Item(call, i, s) for i, s in enumerate(seqs))
         self._queued += n
+        if priority:
+            self._urgent_queued += n
         assert self._wakeup is not None
         self._wakeup.set()
         try:
@@ -271,6 +274,8 @@ class Batcher:
     def _release(self, call: _Call) -> None:
         if not call.released:
             self._queued -= call.queued
+            if call.priority:
+                self._urgent_queued -= call.queued
             call.queued = 0
             call.released = True
 
@@ -305,6 +310,7 @@ class Batcher:
             else:
                 if not item.call.released:
                     self._queued -= 1
+                    self._urgent_queued -= item.call.priority
                     item.call.queued -= 1
                 self.stats.dropped += 1
         if not window:
@@ -332,6 +338,7 @@ class Batcher:
         self._queued -= len(batch)
         for it in batch:
             it.call.queued -= 1
+            self._urgent_queued -= it.call.priority
             if fair:  # taken after URGENT_STREAK priority batches: runs even if priority work waits
                 it.bounced = True
         return batch

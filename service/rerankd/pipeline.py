@@ -480,14 +480,14 @@ class Pipeline:
         start = time.perf_counter()
         # A document identical to its stored version (a nightly full re-sync) is not embedded or
         # written again: it cost an embedding and left a deleted entry in the graph per round (a
-        # review). Read under the write lock, so that every write committed before the read is in
-        # the indexes too: read between another Upsert's commit and its index update, "unchanged"
-        # acknowledged a document the dense leg could not find yet (the diff review). Not while
-        # the indexes are being rebuilt after a failed update: then the write goes through.
-        assert self._write_lock is not None
-        async with self._write_lock:
-            same, seq = await asyncio.to_thread(self._unchanged, docs)
-        if same and not self._indexes_behind:
+        # review). Read under the apply lock (a write's commit and index update are one step for
+        # it, even when the write's call was cancelled meanwhile): read between another Upsert's
+        # commit and its index update, "unchanged" acknowledged a document the dense leg could
+        # not find yet (the diff review). Not the asyncio write lock: a Compact holds that for its
+        # whole rebuild. Not while the indexes are being rebuilt after a failed update: then the
+        # write goes through.
+        same, seq, behind = await asyncio.to_thread(self._unchanged, docs)
+        if same and not behind:
             positions = [i for i, d in enumerate(docs) if d.id not in same]
             if not positions:
                 return UpsertResult(len(docs), 0, seq, Timings(total_us=_us(time.perf_counter() - start)),
@@ -496,9 +496,10 @@ class Pipeline:
             return dataclasses.replace(r, upserted=len(docs), unchanged=len(same))
         return await self._upsert(docs, deadline, start)
 
-    def _unchanged(self, docs: list[Document]) -> tuple[set[str], int]:
-        """(ids of ``docs`` identical to their stored version, the store's last sequence)."""
-        return self.store.unchanged([(d.id, d.title, d.text, dict(d.metadata)) for d in docs]), self.store.last_seq()
+    def _unchanged(self, docs: list[Document]) -> tuple[set[str], int, bool]:
+        with self._apply_lock:  # a write's commit and index update are one step for this read
+            return (self.store.unchanged([(d.id, d.title, d.text, dict(d.metadata)) for d in docs]),
+                    self.store.last_seq(), self._indexes_behind)
 
     async def _upsert(self, docs: list[Document], deadline: float | None, start: float,
                       positions: list[int] | None = None) -> UpsertResult:
