@@ -168,7 +168,8 @@ class Settings:
 
 # --max-batch-tokens 0 (auto): measured on the 2-core AVX2 VM, document embedding ran at the same
 # rate with 2048 as with 8192 (8.0-9.1 vs 8.0-9.3 docs/s, interleaved), while a first-stage Search
-# during a 128-document Upsert waited p50 0.5 s instead of 3.5 s. GPUs want big batches.
+# during a 128-document Upsert waited p50 0.47 s instead of 3.4 s (scripts/ingest_latency.py).
+# GPUs want big batches.
 AUTO_BATCH_TOKENS = {"cuda": 8192}
 AUTO_BATCH_TOKENS_CPU = 2048
 

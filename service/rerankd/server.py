@@ -191,7 +191,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def _too_short(self, kind: str, size: int | None, remaining: float, now: float | None = None) -> float | None:
         """The typical latency of ``kind``'s calls of this size when ``remaining`` cannot cover
         it, else None. ``kind`` is the method within its lane: Score and reranked Search share a
-        lane (one concurrency limit) but not an estimate, since a Search adds its first stage. ``size`` None (a stream, Compact: no size known up front) is never refused.
+        lane (one concurrency limit) but not an estimate, since a Search adds its first stage.
+        ``size`` None (a stream, Compact: no size known up front) is never refused.
 
         The estimate only moves when a call succeeds, and a refused call never does: after a slow
         spell, clients with a fixed short deadline would be refused for good although the server

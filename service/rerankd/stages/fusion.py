@@ -12,7 +12,7 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = 60, limit: int | None = None
     """Fuse ranked label lists (best first, 1-based ranks). Ties: best single-leg rank, then label.
 
     In numpy: it runs on the event loop for every hybrid Search, and the dict-and-sort version
-    took ~0.7 ms for two legs of 400 (a profile; ~0.2 ms now). Same scores, summed in leg order,
+    took 0.61-0.64 ms for two legs of 400 (0.14 ms now, same process). Same scores, summed in leg order,
     and the same order (``test_rrf_matches_the_reference_on_random_rankings``)."""
     legs = []
     for ranking in rankings:
