@@ -440,6 +440,13 @@ def test_batch_token_budget_auto_resolves_per_backend():
     assert resolve_batch(BatchConfig(max_batch_tokens=4096), "cuda").max_batch_tokens == 4096
     # never below one sequence: a 4096-token embedder failed to start on the auto budget (a review)
     assert resolve_batch(BatchConfig(), "openvino", 4096).max_batch_tokens == 4096
+    from rerankd.batcher import Batcher  # where the stages' batchers resolve it
+
+    def forward(ids, mask, types):
+        return ids[:, 0]
+
+    assert Batcher("t", forward, BatchConfig(), max_length=256, static_shapes=False, backend="cuda").config.max_batch_tokens == 8192
+    assert Batcher("t", forward, BatchConfig(), max_length=256, static_shapes=False).config.max_batch_tokens == 2048
 
 
 def test_every_limit_admits_its_exact_value_and_refuses_one_more():

@@ -107,12 +107,13 @@ class Batcher:
         *,
         max_length: int,
         static_shapes: bool,
+        backend: str = "",
         pad_id: int = 0,
         on_batch: Callable[[str, Prepared, float], None] | None = None,
     ) -> None:
         self.name = name
         self._forward = forward
-        config = resolve_batch(config, "", max_length)  # --max-batch-tokens 0 (auto); the stages resolve it per backend
+        config = resolve_batch(config, backend, max_length)  # --max-batch-tokens 0 (auto): per backend
         self.config = config
         self.max_length = max_length
         self.static = static_shapes

@@ -234,6 +234,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         size known up front (a client stream, Compact), never refused early."""
         app = self.app
         lane = lane or method
+        kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -270,7 +271,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if remaining is not None:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded("deadline already expired on arrival")
-                typical = self._too_short(f"{lane}/{method}", size, remaining, t0)
+                typical = self._too_short(kind, size, remaining, t0)
                 if typical is not None:
                     app.shed(method, "deadline")
                     raise errors.DeadlineExceeded(
@@ -281,7 +282,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
-            self._observe(lane, f"{lane}/{method}", size, took)
+            self._observe(lane, kind, size, took)
             if solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
                 est, n = self._solo.get(lane, (took, 0))
                 self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)

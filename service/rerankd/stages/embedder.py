@@ -9,7 +9,7 @@ import numpy as np
 from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
-from ..config import BatchConfig, resolve_batch
+from ..config import BatchConfig
 from ..errors import BackendError
 from ..tokenization import TextTokenizer
 
@@ -38,9 +38,10 @@ class Embedder:
         self.batcher = Batcher(
             "embedder",
             self._forward,
-            resolve_batch(batch, backend.name, bundle.max_length),
+            batch,
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
+            backend=backend.name,
             pad_id=bundle.special_tokens.get("pad_id", 0),
             on_batch=on_batch,
         )

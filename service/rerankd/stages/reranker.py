@@ -13,7 +13,7 @@ import numpy as np
 from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
-from ..config import BatchConfig, resolve_batch
+from ..config import BatchConfig
 from ..errors import BackendError, InvalidArgument
 from ..tokenization import PairTokenizer
 
@@ -42,9 +42,10 @@ class Reranker:
         self.batcher = Batcher(
             "reranker",
             self._forward,
-            resolve_batch(batch, backend.name, bundle.max_length),
+            batch,
             max_length=bundle.max_length,
             static_shapes=backend.static_shapes(),
+            backend=backend.name,
             pad_id=st.get("pad_id", 0),
             on_batch=on_batch,
         )
