@@ -57,6 +57,11 @@
 # greedy soup of all four (rerankd_export.soup --greedy). Ship the best dev candidate if its dev
 # NDCG@10 beats S55's, measured in the same call, by at least 0.005, whatever the test lines say;
 # otherwise keep S55. Not run in session 11: no device was lent (the first call was refused).
+# Session 15 ran it (first call: `mkdir -p /tmp/anchor; cp -r checkpoints/rerankd-ce-MiniLM-L6/.
+# /tmp/anchor/`, ~40 s with the cold start; then the checkpoint moved out of the tree and, within
+# the machine's 30 s warm window, the second call with carry [".gpu"]: 466 s, ~1,300 pairs/s per
+# run). Dev: S55 0.8446, S59 0.8249, S61 0.7936, S60 0.7922; the greedy soup kept S55 alone;
+# picked "anchor", so S55 stays (model card, "Round 5").
 # (--mining-stem / quick_eval --bm25-stem need PyStemmer: put its cp312 wheel in whl/ as well.)
 # MODE=select options: INIT_SEED (train-reranker --init-seed for every run), ANCHOR (a checkpoint
 # with the same held-out claims, scored beside the runs; MARGIN: a run must beat it by this much
