@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("index", "rerankd.ingest", "bulk-ingest a JSONL file (embedded or --target server)"),
         ("eval", "rerankd.evaluate", "measure retrieval quality on a BEIR dataset"),
+        ("eval-compare", "rerankd.significance", "are two eval runs different beyond noise? (paired tests)"),
         ("bench", "rerankd.bench", "benchmark rerank and Search latency"),
     ):
         mod = __import__(module, fromlist=["add_arguments", "run"])

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import config as cfg
-from . import irmetrics
+from . import irmetrics, significance
 from .stages.fusion import rerank_fusion
 
 log = logging.getLogger("rerankd.eval")
@@ -341,6 +341,7 @@ class Row:
     failed: dict[str, str] = field(default_factory=dict)  # qid -> error (rejected queries score 0)
     metrics: dict[str, float] = field(default_factory=dict)
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)
+    ci95: dict[str, list[float]] = field(default_factory=dict)  # measure -> [low, high] (rerankd.significance)
     latency: dict[str, Any] | None = None
 
 
@@ -568,6 +569,7 @@ class Evaluator:
 def score_row(row: Row, qrels: dict[str, dict[str, int]]) -> None:
     row.per_query = irmetrics.per_query(row.run, qrels, MEASURES)  # failed queries: no run -> 0
     row.metrics = irmetrics.mean(row.per_query, MEASURES)
+    row.ci95 = significance.row_intervals(row.per_query, MEASURES)
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -587,11 +589,13 @@ def _ms(lat: dict | None, key: str, pct: str = "p50") -> str:
 
 
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
-    head = ["row", "NDCG@10", "MRR@10", "P@5", "Recall@100", "p50 ms", "p95 ms", "embed p50", "ann p50", "bm25 p50", "rerank p50"]
+    head = ["row", "NDCG@10", "MRR@10", "P@5", "Recall@100", "NDCG@10 95% CI", "p50 ms", "p95 ms", "embed p50", "ann p50", "bm25 p50", "rerank p50"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         m, lat = r.metrics, r.latency
+        ci = r.ci95.get("ndcg@10")
         cells = [r.name, _f(m.get("ndcg@10")), _f(m.get("mrr@10")), _f(m.get("p@5")), _f(m.get("recall@100")),
+                 f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "–",
                  _ms(lat, "total_ms"), _ms(lat, "total_ms", "p95"), _ms(lat, "embed_ms"), _ms(lat, "ann_ms"),
                  _ms(lat, "bm25_ms"), _ms(lat, "rerank_ms")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -605,7 +609,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         + (" (rerank rows: z(cross-encoder) + w * z(-ln first-stage rank))." if s.get("rerank_fusion_weight") else
            " (rerank rows: cross-encoder order alone)."),
         "Quality: means over queries with at least one relevant document in the qrels (trec_eval convention); "
-        "a query the server rejected scores 0. First-stage rows: rerank=False, candidates=top_n=100. "
+        "a query the server rejected scores 0. 95% CI: percentile bootstrap over the queries (rerankd eval-compare "
+        "tests the difference between two runs). First-stage rows: rerank=False, candidates=top_n=100. "
         "Hits are scored in the order the server returned them; a hit whose id equals the query id is dropped (BEIR).",
     ]
     shared = [r.name for r in rows if r.rerank and r.k_rows_from != "direct"]
@@ -655,6 +660,9 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
     if rr:
         ks = [r.candidates for r in rr]
         handles += ax.plot(ks, [r.metrics["ndcg@10"] for r in rr], "o-", color="tab:red", label=f"{rr[0].first_stage}+rerank NDCG@10")
+        if all(r.ci95.get("ndcg@10") for r in rr):  # the query sample's noise: 95% bootstrap interval
+            handles.append(ax.fill_between(ks, [r.ci95["ndcg@10"][0] for r in rr], [r.ci95["ndcg@10"][1] for r in rr],
+                                           color="tab:red", alpha=0.12, lw=0, label="rerank NDCG@10 95% CI"))
         ax.set_xscale("log")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -822,6 +830,8 @@ def run(args: argparse.Namespace) -> int:
         "self_hit_queries": sorted(ev.self_ids),
         "measures": list(MEASURES),
         "averaging": "mean over queries with >= 1 relevant doc in the qrels (trec_eval); rejected queries score 0",
+        "intervals": f"ci95: percentile bootstrap of the mean over queries, {significance.RESAMPLES} resamples, "
+                     f"seed {significance.SEED}",
         "server": server, "indexing": indexing, "machine": machine_info(),
         "settings": _settings_dict(settings) if srv is not None else None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
@@ -842,7 +852,8 @@ def _row_dict(r: Row) -> dict[str, Any]:
     return {
         "name": r.name, "first_stage": r.first_stage, "rerank": r.rerank, "candidates": r.candidates,
         "k_rows_from": r.k_rows_from if r.rerank else None,
-        "metrics": r.metrics, "latency": r.latency, "failed_queries": r.failed, "per_query": r.per_query,
+        "metrics": r.metrics, "ci95": r.ci95, "latency": r.latency, "failed_queries": r.failed,
+        "per_query": r.per_query,
     }
 
 

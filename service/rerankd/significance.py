@@ -1,0 +1,233 @@
+"""How sure is a retrieval figure? Bootstrap intervals and paired tests over the query sample.
+
+An NDCG@10 of 0.7686 on SciFact's 300 test queries is the mean of 300 per-query values, and
+another 300 claims would give another mean. ``rerankd eval`` reports each row's 95 % confidence
+interval (percentile bootstrap over queries), and ``rerankd eval-compare`` says whether two runs
+on the same queries differ by more than that noise: the mean of the per-query differences, its
+paired bootstrap interval, and a two-sided paired randomization test (the signs of the per-query
+differences flipped at random: Fisher's test, the one Smucker et al. 2007 recommend for IR).
+
+The randomization test is ``scipy.stats.permutation_test`` (exact when 2^n sign patterns are no
+more than the resamples; scipy comes with the eval extra); the bootstrap is numpy (see
+``confidence_interval``). Fixed seeds: the same inputs always give the same figures. The tests are per measure and per row, with no correction for
+comparing many: read a lone p = 0.04 among twenty comparisons as noise.
+
+Usage::
+
+    rerankd eval-compare docs/eval-scifact.json new.json             # same-named rows
+    rerankd eval-compare run.json run.json --pair hybrid hybrid+rerank@50
+    rerankd eval-compare base.json new.json --fail-if-worse          # exit 1 on a significant loss
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LEVEL = 0.95
+RESAMPLES = 10_000
+SEED = 0
+
+
+def confidence_interval(values: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
+                        seed: int = SEED) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (one value per query).
+
+    numpy, not ``scipy.stats.bootstrap``: ``rerankd eval`` computes it for every row and numpy is a
+    core dependency (scipy comes with the eval extra). It is scipy's ``method="percentile"`` (the
+    tests compare the two), drawn in chunks so that many queries do not need resamples x queries
+    indices at once.
+    """
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values: an interval needs at least one query")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // x.size)
+    for i in range(0, resamples, chunk):
+        m = min(chunk, resamples - i)
+        means[i:i + m] = x[rng.integers(0, x.size, size=(m, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``new`` minus ``base`` over the same queries."""
+
+    queries: int
+    base: float
+    new: float
+    delta: float
+    ci: tuple[float, float]
+    p_value: float
+
+    @property
+    def verdict(self) -> str:
+        """``better`` / ``worse`` when the interval of the difference excludes 0, else ``within noise``."""
+        if self.ci[0] > 0:
+            return "better"
+        if self.ci[1] < 0:
+            return "worse"
+        return "within noise"
+
+
+def paired(base: Mapping[str, float], new: Mapping[str, float], level: float = LEVEL,
+           resamples: int = RESAMPLES, seed: int = SEED) -> Paired:
+    """Compare two per-query scorings of the same queries (query id -> value)."""
+    import numpy as np
+
+    only_base, only_new = set(base) - set(new), set(new) - set(base)
+    if only_base or only_new:
+        raise ValueError(f"the runs scored different queries: {len(only_base)} only in the base run "
+                         f"(e.g. {sorted(only_base)[:3]}), {len(only_new)} only in the new run "
+                         f"(e.g. {sorted(only_new)[:3]})")
+    qids = sorted(base)
+    if not qids:
+        raise ValueError("no queries to compare")
+    b = np.array([base[q] for q in qids], dtype=np.float64)
+    n = np.array([new[q] for q in qids], dtype=np.float64)
+    d = n - b
+    lo, hi = confidence_interval(d, level, resamples, seed)
+    if np.all(d == 0):
+        p = 1.0
+    else:
+        try:
+            from scipy import stats
+        except ImportError:
+            raise ValueError("the randomization test needs scipy: pip install 'rerankd[eval]'") from None
+        r = stats.permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
+                                   n_resamples=resamples, vectorized=True, rng=np.random.default_rng(seed))
+        p = float(r.pvalue)
+    return Paired(len(qids), float(b.mean()), float(n.mean()), float(d.mean()), (lo, hi), p)
+
+
+def row_intervals(per_query: Mapping[str, Mapping[str, float]], measures: Sequence[str], level: float = LEVEL,
+                  resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, list[float]]:
+    """Each measure's interval for one eval row (``per_query``: query id -> measure -> value)."""
+    if not per_query:
+        return {}
+    return {m: list(confidence_interval([v[m] for v in per_query.values()], level, resamples, seed)) for m in measures}
+
+
+# -- rerankd eval-compare ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", type=Path, help="the baseline run: a `rerankd eval --json` file")
+    parser.add_argument("new", type=Path, help="the run compared with it (may be the same file, with --pair)")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("BASE_ROW", "NEW_ROW"), default=None,
+                        help="compare BASE_ROW of the base run with NEW_ROW of the new run (repeatable); "
+                             "default: every row name the two runs share")
+    parser.add_argument("--measures", nargs="+", default=None, metavar="M",
+                        help="measures to compare [default: every measure both runs report]")
+    parser.add_argument("--level", type=float, default=LEVEL, help=f"confidence level [default {LEVEL}]")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES,
+                        help=f"bootstrap and randomization resamples [default {RESAMPLES}]")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"resampling seed [default {SEED}]")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every comparison as JSON")
+    parser.add_argument("--fail-if-worse", action="store_true",
+                        help="exit 1 when any compared figure is significantly worse in the new run "
+                             "(its interval of the difference lies below 0): a gate for CI pipelines")
+
+
+def _load(path: Path, which: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{which} run {path}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or not isinstance(doc.get("meta"), dict):
+        raise ValueError(f"{which} run {path}: not a `rerankd eval --json` file (no meta and rows)")
+    for r in doc["rows"]:
+        if not isinstance(r, dict) or "name" not in r or not isinstance(r.get("per_query"), dict):
+            raise ValueError(f"{which} run {path}: a row without per-query figures (written by an older rerankd?)")
+    return doc
+
+
+def compare(base_doc: dict[str, Any], new_doc: dict[str, Any], pairs: Sequence[tuple[str, str]] | None = None,
+            measures: Sequence[str] | None = None, level: float = LEVEL, resamples: int = RESAMPLES,
+            seed: int = SEED) -> list[dict[str, Any]]:
+    """Every (row pair, measure) comparison, as plain dicts (the JSON output's ``comparisons``)."""
+    bm, nm = base_doc["meta"], new_doc["meta"]
+    for key in ("dataset", "split"):
+        if bm.get(key) != nm.get(key):
+            raise ValueError(f"meta.{key} differs: base {bm.get(key)!r}, new {nm.get(key)!r} "
+                             "(paired tests need the same queries)")
+    base_rows = {r["name"]: r for r in base_doc["rows"]}
+    new_rows = {r["name"]: r for r in new_doc["rows"]}
+    if pairs is None:
+        pairs = [(n, n) for n in base_rows if n in new_rows]
+        if not pairs:
+            raise ValueError(f"no row name in both runs (base: {sorted(base_rows)}, new: {sorted(new_rows)}); "
+                             "name the rows with --pair")
+    for b, n in pairs:
+        if b not in base_rows:
+            raise ValueError(f"--pair: no row {b!r} in the base run (it has {sorted(base_rows)})")
+        if n not in new_rows:
+            raise ValueError(f"--pair: no row {n!r} in the new run (it has {sorted(new_rows)})")
+    out = []
+    for b, n in pairs:
+        bq, nq = base_rows[b]["per_query"], new_rows[n]["per_query"]
+        have = [m for m in (bm.get("measures") or []) if m in (nm.get("measures") or [])]
+        ms = list(measures) if measures else have
+        for m in ms:
+            if m not in have:
+                raise ValueError(f"--measures: {m!r} is not reported by both runs (both have {have})")
+            try:
+                r = paired({q: v[m] for q, v in bq.items()}, {q: v[m] for q, v in nq.items()}, level, resamples, seed)
+            except ValueError as e:
+                raise ValueError(f"rows {b!r} / {n!r}: {e}") from None
+            out.append({"base_row": b, "new_row": n, "measure": m, "queries": r.queries, "base": r.base, "new": r.new,
+                        "delta": r.delta, "ci": list(r.ci), "p_value": r.p_value, "verdict": r.verdict})
+    return out
+
+
+def markdown(comparisons: Sequence[Mapping[str, Any]], level: float, resamples: int) -> str:
+    pct = f"{level * 100:g}%"
+    lines = [f"| base row | new row | measure | base | new | Δ | {pct} CI of Δ | p | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in comparisons:
+        rows = (c["base_row"], c["new_row"]) if c["base_row"] != c["new_row"] else (c["base_row"], "=")
+        lines.append(f"| {rows[0]} | {rows[1]} | {c['measure']} | {c['base']:.4f} | {c['new']:.4f} | {c['delta']:+.4f} "
+                     f"| {c['ci'][0]:+.4f} … {c['ci'][1]:+.4f} | {c['p_value']:.3g} | {c['verdict']} |")
+    n = comparisons[0]["queries"] if comparisons else 0
+    lines += ["", f"Paired over {n} queries: Δ = new − base (mean of per-query differences); CI: percentile bootstrap "
+                  f"({resamples} resamples); p: two-sided paired randomization test (sign flips). \"better\"/\"worse\": "
+                  "the interval excludes 0. No correction for multiple comparisons."]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.level < 1:
+        print(f"rerankd eval-compare: --level must be in (0, 1), got {args.level}", file=sys.stderr)
+        return 2
+    if args.resamples < 100:
+        print(f"rerankd eval-compare: --resamples must be at least 100, got {args.resamples}", file=sys.stderr)
+        return 2
+    try:
+        base, new = _load(args.base, "base"), _load(args.new, "new")
+        pairs = [tuple(p) for p in args.pair] if args.pair else None
+        comps = compare(base, new, pairs, args.measures, args.level, args.resamples, args.seed)
+    except ValueError as e:
+        print(f"rerankd eval-compare: {e}", file=sys.stderr)
+        return 2
+    print(markdown(comps, args.level, args.resamples))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"base": str(args.base), "new": str(args.new), "level": args.level,
+                                         "resamples": args.resamples, "seed": args.seed, "comparisons": comps},
+                                        indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    worse = [c for c in comps if c["verdict"] == "worse"]
+    if args.fail_if_worse and worse:
+        print("rerankd eval-compare: significantly worse: "
+              + ", ".join(f"{c['new_row']} {c['measure']} {c['delta']:+.4f}" for c in worse), file=sys.stderr)
+        return 1
+    return 0
+
