@@ -25,9 +25,9 @@ MEASURES = ["ndcg@10", "mrr@10"]
 
 
 def _run(path: Path, rows: dict[str, dict[str, float]], dataset: str = "toy", split: str = "test",
-         other: dict[str, float] | None = None) -> Path:
+         other: dict[str, float] | None = None, measures: list[str] = MEASURES) -> Path:
     """An eval JSON whose rows score query q with ndcg rows[name][q] (mrr = other[q] or the same)."""
-    doc = {"meta": {"dataset": dataset, "split": split, "measures": MEASURES},
+    doc = {"meta": {"dataset": dataset, "split": split, "measures": measures},
            "rows": [{"name": n, "metrics": {}, "per_query": {q: {"ndcg@10": v, "mrr@10": (other or pq)[q]}
                                                          for q, v in pq.items()}}
                     for n, pq in rows.items()]}
@@ -88,8 +88,30 @@ def test_a_clear_shift_is_significant_and_identical_runs_are_not():
 def test_paired_refuses_runs_over_other_queries():
     with pytest.raises(ValueError, match="1 only in the base run.*0 only in the new run"):
         sig.paired({"a": 1.0, "b": 0.0}, {"a": 1.0})
-    with pytest.raises(ValueError, match="no queries"):
+    with pytest.raises(ValueError, match="0 queries: a paired test needs at least 2"):
         sig.paired({}, {})
+    with pytest.raises(ValueError, match="1 queries"):
+        sig.paired({"a": 1.0}, {"a": 0.0})
+    with pytest.raises(ValueError, match="the new run has non-finite values for 1 queries"):
+        sig.paired({"a": 1.0, "b": 0.0}, {"a": 1.0, "b": float("nan")})
+    with pytest.raises(ValueError, match="non-finite"):
+        sig.confidence_interval([0.1, float("inf")])
+
+
+def test_queries_are_paired_by_id_not_by_position():
+    base = _scores(100, 1)
+    new = {q: base[q] + 0.05 for q in reversed(list(base))}  # the same ids, the other order
+    r = sig.paired(base, new)
+    assert r.delta == pytest.approx(0.05) and r.ci == pytest.approx((0.05, 0.05)) and r.verdict == "better"
+
+
+def test_a_handful_of_queries_is_never_significant_on_the_interval_alone():
+    # 3 queries, all better: the percentile interval lies above 0, the exact test gives p = 2/8
+    r = sig.paired({"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.4, "c": 0.6})
+    assert r.ci[0] > 0 and r.p_value == pytest.approx(0.25) and r.verdict == "within noise"
+    # with 12 the exact test rejects too (p = 2/4096)
+    twelve = sig.paired({f"q{i}": 0.1 for i in range(12)}, {f"q{i}": 0.3 + i / 100 for i in range(12)})
+    assert twelve.p_value < 0.001 and twelve.verdict == "better"
 
 
 def test_eval_compare_pairs_same_named_rows(tmp_path, capsys):
@@ -121,7 +143,9 @@ def test_eval_compare_pair_within_one_file_and_the_gate(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--pair", "nope", "hybrid"], "no row 'nope' in the base run"),
     (["--pair", "hybrid", "nope"], "no row 'nope' in the new run"),
-    (["--measures", "p@5"], "'p@5' is not reported by both runs"),
+    (["--pair", "hybrid", "hybrid", "--measures", "p@5"], "'p@5' is not reported by both runs"),
+    ([], "base and new are the same file: name the rows to compare with --pair"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--level", "95"], "--level must be in (0, 1)"),
     (["--resamples", "10"], "--resamples must be at least 100"),
 ])
@@ -138,7 +162,7 @@ def test_eval_compare_refuses_other_datasets_splits_and_query_sets(tmp_path, cap
     assert main(["eval-compare", str(a), str(_run(tmp_path / "c.json", {"hybrid": _scores(20, 1)}, dataset="nq"))]) == 2
     assert "meta.dataset differs" in capsys.readouterr().err
     assert main(["eval-compare", str(a), str(_run(tmp_path / "d.json", {"hybrid": _scores(25, 1)}))]) == 2
-    assert "rows 'hybrid' / 'hybrid': the runs scored different queries: 0 only in the base run" in capsys.readouterr().err
+    assert "rows 'hybrid' / 'hybrid', ndcg@10: the runs scored different queries: 0 only in the base run" in capsys.readouterr().err
     assert main(["eval-compare", str(a), str(_run(tmp_path / "e.json", {"dense": _scores(20, 1)}))]) == 2
     assert "no row name in both runs" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text('{"rows": []}')
@@ -147,6 +171,59 @@ def test_eval_compare_refuses_other_datasets_splits_and_query_sets(tmp_path, cap
     assert main(["eval-compare", str(a), str(tmp_path / "missing.json")]) == 2
     assert "new run" in capsys.readouterr().err
 
+
+def _doc(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_eval_compare_refuses_files_it_cannot_compare_faithfully(tmp_path, capsys):
+    a = _run(tmp_path / "a.json", {"hybrid": _scores(20, 1), "dense": _scores(20, 2)})
+    old = _doc(a)
+    del old["rows"][1]["per_query"]  # a row written before per-query figures existed
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["eval-compare", str(a), str(tmp_path / "old.json")]) == 2
+    assert "row 'dense' has no per-query figures" in capsys.readouterr().err
+    dup = _doc(a)
+    dup["rows"][1]["name"] = "hybrid"
+    (tmp_path / "dup.json").write_text(json.dumps(dup))
+    assert main(["eval-compare", str(a), str(tmp_path / "dup.json")]) == 2
+    assert "two rows named 'hybrid'" in capsys.readouterr().err
+    gap = _doc(a)
+    del gap["rows"][0]["per_query"]["q3"]["mrr@10"]  # listed in meta.measures, missing for one query
+    (tmp_path / "gap.json").write_text(json.dumps(gap))
+    assert main(["eval-compare", str(a), str(tmp_path / "gap.json"), "--fail-if-worse"]) == 2
+    assert "rows 'hybrid' / 'hybrid', mrr@10: the new run has no mrr@10 for query 'q3'" in capsys.readouterr().err
+    # no shared measure: nothing compared is an error, not a passed gate
+    other = _run(tmp_path / "other.json", {"hybrid": _scores(20, 9)}, measures=["p@5"])
+    assert main(["eval-compare", str(a), str(other), "--fail-if-worse"]) == 2
+    assert "nothing to compare: the runs share no measure" in capsys.readouterr().err
+
+
+def test_eval_compare_uses_the_measures_both_runs_report(tmp_path, capsys):
+    a = _run(tmp_path / "a.json", {"hybrid": _scores(30, 1)})
+    b = _run(tmp_path / "b.json", {"hybrid": _scores(30, 1)}, measures=["ndcg@10"])
+    out = tmp_path / "c.json"
+    assert main(["eval-compare", str(a), str(b), "--json", str(out)]) == 0
+    assert [c["measure"] for c in _doc(out)["comparisons"]] == ["ndcg@10"]
+
+
+def test_eval_compare_level_resamples_and_seed_reach_the_figures(tmp_path):
+    a = _run(tmp_path / "a.json", {"hybrid": _scores(200, 1)})
+    b = _run(tmp_path / "b.json", {"hybrid": _scores(200, 2)})
+
+    def ci(*extra):
+        out = tmp_path / "out.json"
+        assert main(["eval-compare", str(a), str(b), "--measures", "ndcg@10", "--json", str(out), *extra]) == 0
+        doc = _doc(out)
+        return doc, doc["comparisons"][0]["ci"]
+
+    doc95, wide = ci()
+    doc50, narrow = ci("--level", "0.5")
+    assert doc50["level"] == 0.5 and narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2
+    ref = sig.paired(_scores(200, 1), _scores(200, 2), level=0.5, resamples=500, seed=7)
+    doc, got = ci("--level", "0.5", "--resamples", "500", "--seed", "7")
+    assert got == pytest.approx(list(ref.ci), abs=1e-12) and doc["comparisons"][0]["p_value"] == pytest.approx(ref.p_value)
+    assert doc["resamples"] == 500 and doc["seed"] == 7
 
 def test_eval_rows_carry_their_intervals():
     from rerankd.evaluate import Row, _row_dict, markdown, score_row
@@ -157,6 +234,7 @@ def test_eval_rows_carry_their_intervals():
     assert row.metrics["ndcg@10"] == pytest.approx(0.5)
     lo, hi = row.ci95["ndcg@10"]
     assert 0.3 < lo < 0.5 < hi < 0.7
+    assert (lo, hi) == sig.confidence_interval([v["ndcg@10"] for v in row.per_query.values()])  # the defaults
     assert set(_row_dict(row)["ci95"]) == set(row.metrics)
     meta = {"server": {}, "dataset": "toy", "split": "test", "queries": 40, "documents": 40}
     table = markdown([row], meta)
