@@ -9,8 +9,10 @@ differences flipped at random: Fisher's test, the one Smucker et al. 2007 recomm
 
 The randomization test is ``scipy.stats.permutation_test`` (exact when 2^n sign patterns are no
 more than the resamples; scipy comes with the eval extra); the bootstrap is numpy (see
-``confidence_interval``). Fixed seeds: the same inputs always give the same figures. The tests are per measure and per row, with no correction for
-comparing many: read a lone p = 0.04 among twenty comparisons as noise.
+``confidence_interval``). Fixed seeds: the same inputs always give the same figures. A
+difference is "better" / "worse" only when its interval excludes 0 and p < 1 - level (see
+``Paired.verdict``). The tests are per measure and per row, with no correction for comparing
+many: read a lone p = 0.04 among twenty comparisons as noise.
 
 Usage::
 
@@ -150,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every comparison as JSON")
     parser.add_argument("--fail-if-worse", action="store_true",
                         help="exit 1 when any compared figure is significantly worse in the new run "
-                             "(its interval of the difference lies below 0): a gate for CI pipelines")
+                             "(the interval of the difference lies below 0 and the randomization test's p is "
+                             "below 1 - --level): a gate for CI pipelines")
 
 
 def _load(path: Path, which: str) -> dict[str, Any]:
