@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -36,17 +37,20 @@ def main() -> None:
         claims = [json.loads(line)["text"] for _, line in zip(range(a.rounds + 1), f)]
     if len(docs) < a.passages or len(claims) < a.rounds + 1:
         ap.error("the dataset has too few documents or queries for --passages / --rounds")
+    if a.budgets[0] == a.budgets[1]:
+        ap.error("--budgets: give two different budgets")
 
     def items(i: int) -> list[dict]:
         window = docs[(i * a.passages) % (len(docs) - a.passages + 1):][:a.passages]
         return [{"id": d["_id"], "text": f"{d.get('title', '')} {d['text']}".strip()} for d in window]
 
     servers = {}
+    dirs = []
     try:
         for b in a.budgets:
+            dirs.append(Path(tempfile.mkdtemp(prefix="rerank-budget-")))
             s = cfg.embedded_settings(cfg.Settings()).replace(
-                model={"models_dir": a.models_dir}, index={"data_dir": Path(tempfile.mkdtemp(prefix="rerank-budget-"))},
-                batch={"max_batch_tokens": b})
+                model={"models_dir": a.models_dir}, index={"data_dir": dirs[-1]}, batch={"max_batch_tokens": b})
             srv = EmbeddedServer(s)
             srv.start()
             servers[b] = (srv, Client(srv.target, timeout=600, retries=0))
@@ -68,6 +72,8 @@ def main() -> None:
         for srv, client in servers.values():
             client.close()
             srv.stop()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ def test_a_handful_of_queries_is_never_significant_on_the_interval_alone():
     # with 12 the exact test rejects too (p = 2/4096)
     twelve = sig.paired({f"q{i}": 0.1 for i in range(12)}, {f"q{i}": 0.3 + i / 100 for i in range(12)})
     assert twelve.p_value < 0.001 and twelve.verdict == "better"
+    # "p < 0.05" means it: exactly 0.05 is noise (1 - 0.95 is 0.05000000000000004 in floats)
+    assert sig.Paired(10, 0.0, 0.1, 0.1, (0.01, 0.2), 0.05).verdict == "within noise"
+    assert sig.Paired(10, 0.0, 0.1, 0.1, (0.01, 0.2), 0.0499).verdict == "better"
 
 
 def test_eval_compare_pairs_same_named_rows(tmp_path, capsys):

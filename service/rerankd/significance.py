@@ -83,7 +83,7 @@ class Paired:
         Both, because the percentile interval is too narrow on a handful of queries: 3 queries
         that all moved the same way give an interval above 0, while the exact test says p = 0.25.
         """
-        if self.p_value >= 1 - self.level:
+        if self.p_value >= round(1 - self.level, 12):  # 1 - 0.95 is 0.05000000000000004
             return "within noise"
         if self.ci[0] > 0:
             return "better"
