@@ -197,14 +197,15 @@ def compare(base_doc: dict[str, Any], new_doc: dict[str, Any], pairs: Sequence[t
             raise ValueError(f"--pair: no row {b!r} in the base run (it has {sorted(base_rows)})")
         if n not in new_rows:
             raise ValueError(f"--pair: no row {n!r} in the new run (it has {sorted(new_rows)})")
+    have = [m for m in (bm.get("measures") or []) if m in (nm.get("measures") or [])]
+    for m in measures or ():
+        if m not in have:
+            raise ValueError(f"--measures: {m!r} is not reported by both runs (both have {have})")
+    ms = list(measures) if measures else have
     out = []
     for b, n in pairs:
         bq, nq = base_rows[b]["per_query"], new_rows[n]["per_query"]
-        have = [m for m in (bm.get("measures") or []) if m in (nm.get("measures") or [])]
-        ms = list(measures) if measures else have
         for m in ms:
-            if m not in have:
-                raise ValueError(f"--measures: {m!r} is not reported by both runs (both have {have})")
             try:
                 r = paired(_column(bq, m, "base"), _column(nq, m, "new"), level, resamples, seed)
             except ValueError as e:
