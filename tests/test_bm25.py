@@ -176,12 +176,87 @@ def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
     src.add(_corpus(rng, 50))
     idx.mark_dirty()
     with pytest.raises(MemoryError):
-        idx.search("w1 w2", 5)
+        idx.refresh()
+    assert idx.failures == 1 and idx.stale and "MemoryError" in idx.last_error
     monkeypatch.setattr(bm25_mod._Grow, "extend", real_extend)
     src.delete(sorted(src.docs)[:10])
     idx.mark_dirty()
+    idx._retry_at = 0.0  # the backoff has passed
     _assert_matches_bm25s(idx, src, ["w1 w2", "aspirin stroke w5", "w399"])
     assert src.calls[-1][0] == 0  # rebuilt from the start of the log
+    assert idx.failures == 0 and not idx.stale and idx.last_error is None and idx.refresh_failures_total == 1
+
+
+def test_a_failing_refresh_leaves_searches_on_the_last_good_index_and_backs_off(monkeypatch):
+    """A refresh that keeps failing (out of memory, say) made every Search fail and start a full
+    rebuild of its own, and so did every write. Searches now read the last good snapshot, and a
+    new attempt waits for a doubling backoff (1, 2, 4 ... 60 s)."""
+    rng = np.random.default_rng(6)
+    src, idx = _built_index(rng, 200)
+    before = idx.search("w1 w2", 10)
+    seq_before = idx.applied_seq
+    now = [1000.0]
+    monkeypatch.setattr(bm25_mod.time, "monotonic", lambda: now[0])
+    real_add = BM25Index._add
+    attempts = []
+
+    def failing_add(self, labels, texts):
+        attempts.append(len(labels))
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(BM25Index, "_add", failing_add)
+    new = src.add(["w1 w2 w1 w2 w1 w2"])  # would be the best match for "w1 w2"
+    idx.mark_dirty()
+    got = idx.search("w1 w2", 10)  # the refresh fails: the search reads the old snapshot
+    assert [a.tolist() for a in got] == [a.tolist() for a in before] and new[0] not in got[0].tolist()
+    assert idx.failures == 1 and idx.retry_in() == pytest.approx(1.0) and len(attempts) == 1
+    for _ in range(5):  # within the backoff: no new attempt, the same answer
+        assert idx.search("w1 w2", 10)[0].tolist() == before[0].tolist()
+    assert len(attempts) == 1
+    waits = []
+    for _ in range(8):  # each failed retry doubles the wait, up to 60 s
+        now[0] += idx.retry_in()
+        idx.search("w1 w2", 10)
+        waits.append(idx.retry_in())
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0] and len(attempts) == 9
+    assert idx.applied_seq == seq_before and idx.refresh_failures_total == 9
+    monkeypatch.setattr(BM25Index, "_add", real_add)  # the cause went away
+    now[0] += 30
+    assert idx.search("w1 w2", 10)[0].tolist() == before[0].tolist()  # still backing off
+    now[0] += 30
+    assert idx.search("w1 w2", 10)[0].tolist()[0] == new[0]  # retried: rebuilt and up to date
+    assert idx.failures == 0 and idx.retry_in() == 0.0
+    _assert_matches_bm25s(idx, src, ["w1 w2", "w399"])
+
+
+def test_a_search_does_not_wait_for_a_retry_running_in_another_thread():
+    """While recovering from a failed refresh (a full rebuild: minutes at a million documents),
+    a search reads the old snapshot instead of queueing behind the rebuild. A search of a healthy
+    index still waits for a refresh in progress, so it sees the writes acknowledged before it."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    src, idx = _built_index(rng, 50)
+    expected = idx.search("w1", 5)[0].tolist()
+    src.add(["w1 w1 w1"])
+    idx.mark_dirty()
+    idx.failures, idx._retry_at = 1, 0.0  # a failed refresh whose retry is due
+    assert idx._lock.acquire(timeout=5)  # another thread is retrying
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(idx.search("w1", 5)[0].tolist()))
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and out == [expected]
+        idx.failures = 0  # healthy: a search waits for the refresh in progress
+        t = threading.Thread(target=lambda: out.append(idx.search("w1", 5)[0].tolist()))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()
+    finally:
+        idx._lock.release()
+    t.join(10)
+    assert not t.is_alive() and out[1][0] == max(src.docs)  # caught up once the lock was free
 
 
 def _pause_merges(monkeypatch):

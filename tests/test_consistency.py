@@ -535,3 +535,68 @@ def test_an_unchanged_upsert_waits_for_a_write_still_updating_the_indexes(models
             await p.close()
 
     asyncio.run(run())
+
+
+def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(models_dir, tmp_path, monkeypatch):
+    """The background BM25 refresh after a write fails (out of memory, say): BM25 Searches keep
+    answering from the last good index (the new document is missing from that leg), the
+    failure shows in /metrics, and the refresh is retried after its backoff without waiting for
+    another write or a Search."""
+    from rerankd import pipeline as pipeline_mod
+    from rerankd.metrics import Metrics
+    from rerankd.pipeline import Document, Pipeline, SearchParams
+    from rerankd.stages import bm25 as bm25_mod
+    from rerankd.stages.bm25 import BM25Index
+
+    monkeypatch.setattr(bm25_mod, "RETRY_FIRST_S", 0.3)
+    monkeypatch.setattr(pipeline_mod, "BM25_RETRY_NAP_S", 0.02)
+    real_add = BM25Index._add
+    failing = [False]
+
+    def add(self, labels, texts):
+        if failing[0]:
+            raise MemoryError("simulated")
+        return real_add(self, labels, texts)
+
+    monkeypatch.setattr(BM25Index, "_add", add)
+
+    async def until(cond, timeout=20.0) -> None:
+        for _ in range(int(timeout / 0.02)):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    def bm25_ids(r) -> list[str]:
+        return [h.id for h in r.hits]
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))
+        await p.start()
+        m = Metrics()
+        m.bind(p)
+        gauge = lambda name: m.registry.get_sample_value(name)  # noqa: E731
+        try:
+            await p.upsert([Document("a", "aspirin and colon cancer")])
+            await until(lambda: p.bm25.applied_seq == p.store.last_seq())
+            assert gauge("rerankd_bm25_failed_refreshes") == 0
+            failing[0] = True
+            await p.upsert([Document("b", "aspirin lowers the risk of stroke")])
+            await until(lambda: p.bm25.failures >= 1)
+            assert gauge("rerankd_bm25_failed_refreshes") >= 1
+            assert gauge("rerankd_bm25_applied_sequence") < p.store.last_seq()
+            r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
+            assert bm25_ids(r) == ["a"]  # stale, but answered
+            # the dense leg still sees the new document, so a hybrid Search finds it
+            r = await p.search(SearchParams(query="aspirin stroke", rerank=False))
+            assert "b" in bm25_ids(r)
+            await until(lambda: p.bm25.failures >= 2)  # retried with no write since
+            failing[0] = False
+            await until(lambda: p.bm25.failures == 0)  # ... until it succeeds, with no Search either
+            assert p.bm25.applied_seq == p.store.last_seq() and gauge("rerankd_bm25_failed_refreshes") == 0
+            r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
+            assert sorted(bm25_ids(r)) == ["a", "b"]
+        finally:
+            await p.close()
+
+    asyncio.run(run())

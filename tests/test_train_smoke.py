@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -269,6 +270,20 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
                                           cache_dir=None, holdout=True, rrf_k=20, leg_depth=30, bm25_stem=True)
     assert served["bm25_stem"] is True and "BM25 (bm25s, stemmed)" in served["first_stage_desc"]
     assert 0.0 <= served["candidate_recall"] <= 1.0 and res["bm25_stem"] is False
+    # a second checkpoint with the same held-out claims (the EMA copy) scores the same pairs;
+    # paired with itself, every ensemble orders the candidates as the model alone does
+    ens = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
+                                       cache_dir=None, holdout=True, ensemble_with=ema_out)
+    assert ens["reranked"] == res["reranked"] and ens["ensemble"]["partner"] == str(ema_out)
+    assert set(ens["ensemble"]) == {"partner", "logit_correlation", "partner_alone", *quick_eval.ENSEMBLES}
+    alone = quick_eval.evaluate_reranker(ema_out, data, "train", depth=10, max_length=64, device="cpu",
+                                         cache_dir=None, holdout=True)
+    assert ens["ensemble"]["partner_alone"] == alone["reranked"]
+    same = quick_eval.evaluate_reranker(out, data, "train", depth=10, max_length=64, device="cpu",
+                                        cache_dir=None, holdout=True, ensemble_with=out)
+    assert same["ensemble"]["logit_correlation"] == 1.0
+    for how in ("partner_alone", *quick_eval.ENSEMBLES):
+        assert same["ensemble"][how] == same["reranked"], how
     quick_eval.update_card(out, res)
     quick_eval.update_card(out, deep)
     quick_eval.update_card(out, served)
@@ -288,6 +303,10 @@ def test_train_reranker_smoke(tmp_path, monkeypatch):
                               "--cache-dir", "none"])
     assert train_reranker.run_train(args) == 0
     r2 = json.loads((cont / "config.json").read_text())["rerankd"]
+    # it held out other claims: no dev ensemble with the first checkpoint
+    with pytest.raises(ValueError, match="held out other claims"):
+        quick_eval.evaluate_reranker(out, data, "train", cache_dir=None, holdout=True, device="cpu",
+                                     ensemble_with=cont)
     assert r2["holdout_qids"] == ["q3"] and r2["train_only_qids"] == ["q1", "q2", "q3"]
     assert r2["train_claims"] == 2 and r2["claim_groups"] == 2 and r2["pseudo_queries"] == 0
     assert r2["base_rerankd_recipe"] is not None  # continued from a rerankd checkpoint
@@ -384,6 +403,28 @@ def test_holdout_draw():
         ["--dataset", "x", "--seed", "43", "--holdout-queries", "3", "--holdout-seed", "42"]))
     assert "--holdout-queries 3" in cmd and "--holdout-seed 42" in cmd and "--seed 43" in cmd
     assert "holdout" not in train_reranker.canonical_command(parser.parse_args(["--dataset", "x"]))
+
+
+def test_combine_scores_ensembles():
+    from rerankd_export.quick_eval import combine_scores
+
+    a = np.array([3.0, 1.0, 2.0])
+    b = np.array([10.0, 40.0, 20.0])  # another scale, another order
+    # raw logits: the larger scale decides
+    assert np.argsort(-combine_scores(a, b, "raw_mean")).tolist() == [1, 2, 0]
+    # z-scores: scale-free; a + b's z-scores
+    za, zb = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    np.testing.assert_allclose(combine_scores(a, b, "z_mean"), za + zb)
+    np.testing.assert_allclose(combine_scores(a, b * 1000 + 5, "z_mean"), za + zb)
+    # a model with one score for everything adds nothing (no division by zero)
+    np.testing.assert_allclose(combine_scores(a, np.full(3, 7.0), "z_mean"), za)
+    # reciprocal ranks with k = 60: ranks (1, 3, 2) and (3, 1, 2)
+    np.testing.assert_allclose(combine_scores(a, b, "rr_mean"),
+                               [1 / 61 + 1 / 63, 1 / 63 + 1 / 61, 2 / 62])
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        combine_scores(a, b, "max")
+    with pytest.raises(ValueError, match="different lengths"):
+        combine_scores(a, b[:2], "z_mean")
 
 
 def test_quick_eval_metrics_without_ir_measures(monkeypatch):

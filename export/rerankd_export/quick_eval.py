@@ -193,6 +193,7 @@ def evaluate_reranker(
     rrf_k: int | None = None,
     leg_depth: int | None = None,
     bm25_stem: bool = False,
+    ensemble_with=None,
 ) -> dict:
     """Hybrid first stage -> rerank top-``depth`` -> metrics for both runs.
 
@@ -211,6 +212,10 @@ def evaluate_reranker(
     ``passage_windows``: also score a second window (title + end of the text, ``tail_window``)
     of every passage the pair truncates, and report the run ordered by the first window alone,
     the max and the mean of the two windows, under ``"windows"``.
+    ``ensemble_with``: a second checkpoint scoring the same pairs; reports it alone and the
+    score-level ensembles of the two (``combine_scores``: per-query z-scores summed, raw logits
+    summed, reciprocal ranks summed) under ``"ensemble"``. With ``holdout`` both must have held out
+    the same claims.
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -221,6 +226,9 @@ def evaluate_reranker(
         held, trained_split = _holdout_qids(model_dir)
         if split != trained_split:
             raise ValueError(f"--holdout: the model held out {trained_split!r} claims, not {split!r}")
+        if ensemble_with is not None and _same_claims(_holdout_qids(ensemble_with)) != _same_claims((held, trained_split)):
+            raise ValueError(f"--holdout: {ensemble_with} held out other claims than {model_dir}: "
+                             "one of them was trained on the other's dev claims")
     dev = resolve_device(device)
     use_bf16 = resolve_bf16(bf16, dev)
     n_threads = set_threads(threads)
@@ -267,17 +275,7 @@ def evaluate_reranker(
             pairs.append((queries[q], corpus.full_text(d)))
             owners.append((q, corpus.ids[d]))
             doc_index.append(d)
-    resume = None
-    if cache_dir:
-        h = hashlib.sha256()
-        for name in ("config.json", "model.safetensors"):
-            f = Path(model_dir) / name
-            if f.exists():
-                h.update(f.read_bytes())
-        h.update(f"{max_length};{use_bf16};{batch_size}".encode())
-        for q, d in pairs:
-            h.update(q.encode() + b"\0" + d.encode() + b"\1")
-        resume = Path(cache_dir) / f"rerank-scores-{h.hexdigest()[:24]}.npz"
+    resume = _resume_path(cache_dir, model_dir, pairs, f"{max_length};{use_bf16};{batch_size}")
     stats: dict = {}
     t1 = time.time()
     scores = score_pairs(
@@ -299,6 +297,29 @@ def evaluate_reranker(
             fused = rerank_fusion([s for _, _, s in rows], [r for _, r, _ in rows], float(w))
             fused_run[q] = {d: float(f) for (d, _, _), f in zip(rows, fused)}
         fusion[f"{float(w):g}"] = _metrics(qrels, fused_run)
+    ensemble = {}
+    if ensemble_with is not None:
+        tok2 = AutoTokenizer.from_pretrained(str(ensemble_with))
+        model2 = AutoModelForSequenceClassification.from_pretrained(
+            str(ensemble_with), dtype=torch.float32
+        ).to(dev).eval()
+        other = score_pairs(
+            model2, tok2, pairs, device=dev, bf16=use_bf16, batch_size=batch_size, max_length=max_length,
+            desc="rerank (ensemble partner)",
+            resume=_resume_path(cache_dir, ensemble_with, pairs, f"{max_length};{use_bf16};{batch_size}"),
+        )
+        del model2
+        rows_of: dict[str, list[int]] = {}
+        for i, (q, _) in enumerate(owners):
+            rows_of.setdefault(q, []).append(i)
+        ensemble = {"partner": str(ensemble_with),
+                    "logit_correlation": round(float(np.corrcoef(scores, other)[0, 1]), 4) if len(pairs) > 1 else None}
+        for how in ("partner", "z_mean", "raw_mean", "rr_mean"):
+            erun: dict[str, dict[str, float]] = {q: {} for q in qids}
+            for q, idx in rows_of.items():
+                combined = other[idx] if how == "partner" else combine_scores(scores[idx], other[idx], how)
+                erun[q] = {owners[i][1]: float(v) for i, v in zip(idx, combined)}
+            ensemble["partner_alone" if how == "partner" else how] = _metrics(qrels, erun)
     windows = {}
     if passage_windows:
         cut = []
@@ -334,6 +355,7 @@ def evaluate_reranker(
         "reranked": _metrics(qrels, rerun),
         **({"fusion": fusion} if fusion else {}),
         **({"windows": windows} if windows else {}),
+        **({"ensemble": ensemble} if ensemble else {}),
         **({"holdout": True} if holdout else {}),
         "rrf_k": fusion_k,
         "leg_depth": legs,
@@ -353,9 +375,57 @@ def evaluate_reranker(
     return result
 
 
+def _resume_path(cache_dir, model_dir, pairs, settings: str) -> Path | None:
+    """Where ``score_pairs`` keeps partial scores of this model on these pairs (None: no cache)."""
+    if not cache_dir:
+        return None
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        f = Path(model_dir) / name
+        if f.exists():
+            h.update(f.read_bytes())
+    h.update(settings.encode())
+    for q, d in pairs:
+        h.update(q.encode() + b"\0" + d.encode() + b"\1")
+    return Path(cache_dir) / f"rerank-scores-{h.hexdigest()[:24]}.npz"
+
+
+ENSEMBLES = ("z_mean", "raw_mean", "rr_mean")
+RR_K = 60  # reciprocal-rank constant of the rr_mean ensemble (as in RRF)
+
+
+def combine_scores(a: np.ndarray, b: np.ndarray, how: str) -> np.ndarray:
+    """One query's candidates scored by two rerankers -> one score per candidate (higher first).
+
+    ``z_mean``: each model's scores z-scored over the candidates, summed (scale-free; a model
+    whose scores are all equal contributes 0). ``raw_mean``: the logits summed. ``rr_mean``:
+    1/(60 + rank) under each model, summed (ties share the better rank's order by position)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"two score lists of different lengths: {a.shape} vs {b.shape}")
+    if how == "raw_mean":
+        return a + b
+    if how == "z_mean":
+        def z(x: np.ndarray) -> np.ndarray:
+            sd = x.std()
+            return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+        return z(a) + z(b)
+    if how == "rr_mean":
+        def rr(x: np.ndarray) -> np.ndarray:
+            rank = np.empty(len(x))
+            rank[np.argsort(-x, kind="stable")] = np.arange(1, len(x) + 1)
+            return 1.0 / (RR_K + rank)
+        return rr(a) + rr(b)
+    raise ValueError(f"unknown ensemble {how!r}: one of {', '.join(ENSEMBLES)}")
+
+
 def _ranks(hits) -> list[int]:
     """1-based first-stage ranks, flattened in the same order as the rerank pairs."""
     return [r for h in hits for r in range(1, len(h) + 1)]
+
+
+def _same_claims(held: tuple[list[str], str]) -> tuple[frozenset, str]:
+    return frozenset(held[0]), held[1]
 
 
 def _holdout_qids(model_dir) -> tuple[list[str], str]:
@@ -446,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bm25-stem", action="store_true",
                    help="stem the BM25 leg (English Snowball) as the service does [default: off, "
                         "as the trainer mines]")
+    p.add_argument("--ensemble-with", type=Path, default=None, metavar="CHECKPOINT",
+                   help="also score the pairs with this second cross-encoder and report it alone "
+                        "and the score-level ensembles of the two (z-score, logit and "
+                        "reciprocal-rank sums)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--update-card", action="store_true",
                    help="write the metrics into the checkpoint's README.md and config.json")
@@ -460,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device, bf16=a.bf16, batch_size=a.batch_size, threads=a.threads,
         cache_dir=cache, limit_queries=a.limit_queries, holdout=a.holdout,
         fusion_weights=a.fusion_weights, passage_windows=a.passage_windows,
-        rrf_k=a.rrf_k, leg_depth=a.leg_depth, bm25_stem=a.bm25_stem,
+        rrf_k=a.rrf_k, leg_depth=a.leg_depth, bm25_stem=a.bm25_stem, ensemble_with=a.ensemble_with,
     )
     print(json.dumps(res, indent=2))
     print(metrics_markdown(res), file=sys.stderr)

@@ -39,6 +39,13 @@ class Metrics:
         self.padding_efficiency = Gauge("rerankd_padding_efficiency", "Real tokens / padded tokens since start", ["model"], registry=r)
         self.queue_depth = Gauge("rerankd_queue_depth", "Sequences waiting in a model's batcher", ["model"], registry=r)
         self.documents = Gauge("rerankd_index_documents", "Documents in the index", registry=r)
+        self.bm25_failed_refreshes = Gauge(
+            "rerankd_bm25_failed_refreshes",
+            "BM25 refreshes failed in a row (0: up to date with the last write it saw). Above 0, BM25 legs read the "
+            "last good index (documents written since are missing from them) while it retries with backoff",
+            registry=r)
+        self.bm25_applied_seq = Gauge(
+            "rerankd_bm25_applied_sequence", "Store sequence the searchable BM25 index covers", registry=r)
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -72,6 +79,8 @@ class Metrics:
             self.queue_depth.labels(name).set_function(_getter(lambda b=batcher: b.queue_depth))
             self.padding_efficiency.labels(name).set_function(_getter(lambda b=batcher: b.stats.padding_efficiency))
         self.documents.set_function(_getter(lambda: len(pipeline.dense)))
+        self.bm25_failed_refreshes.set_function(_getter(lambda: pipeline.bm25.failures))
+        self.bm25_applied_seq.set_function(_getter(lambda: pipeline.bm25.applied_seq))
 
     def serve(self, listen: str) -> int:
         """Start the /metrics HTTP server on ``host:port``; returns the bound port."""

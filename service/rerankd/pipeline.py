@@ -47,6 +47,7 @@ from .validation import (
 )
 
 log = logging.getLogger(__name__)
+BM25_RETRY_NAP_S = 0.25  # how often the background BM25 task looks at its retry time and at shutdown
 
 
 # -- domain types ---------------------------------------------------------------------------------
@@ -718,12 +719,19 @@ class Pipeline:
 
     async def _background_bm25(self) -> None:
         while self._bm25_pending and not self._closing:
+            wait = self.bm25.retry_in()
+            if wait > 0:  # after a failed refresh: its retry is not due yet (short naps: close() waits for us)
+                await asyncio.sleep(min(wait, BM25_RETRY_NAP_S))
+                continue
             self._bm25_pending = False
             try:
                 await asyncio.to_thread(self.bm25.refresh)
-            except Exception:  # the next Search refreshes (and reports) it again
-                log.exception("background BM25 refresh failed (the next Search retries it)")
-                return
+            except Exception:
+                # Searches read the last good index meanwhile; this task retries after the
+                # backoff even if no write comes (a write only sets the flag again).
+                log.exception("background BM25 refresh failed: searches use the index as of seq %d; "
+                              "retry in %.0f s", self.bm25.applied_seq, self.bm25.retry_in())
+                self._bm25_pending = True
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         """Start a background snapshot once ``snapshot_every`` changes piled up (event loop)."""

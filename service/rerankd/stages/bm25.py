@@ -63,6 +63,10 @@ COMPACT_DEAD_FRACTION = 0.25
 COMPACT_MIN_DEAD = 1024
 TOKENIZE_CHUNK = 20_000  # documents tokenized at a time (bounds the memory of a large first build)
 PROGRESS_MIN_DOCS = 50_000
+# After a failed refresh (out of memory, say) the next attempt waits 1, 2, 4 ... up to 60 s: a
+# failure that persists costs one rebuild attempt per minute, not one per Search and per write.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 SAVE_FORMAT = "rerankd-bm25/1"
@@ -214,6 +218,11 @@ class BM25Index:
         self._seq = 0  # last store sequence applied
         self._vocab: dict[str, int] = {}
         self.merges = 0  # main-segment rebuilds (for tests and stats)
+        # refresh failures in a row (0: the last refresh succeeded), when the next may start, why
+        self.failures = 0
+        self.refresh_failures_total = 0
+        self._retry_at = 0.0
+        self.last_error: str | None = None
         self._reset_arrays()
         self._snap = self._publish()
 
@@ -258,42 +267,88 @@ class BM25Index:
         s = self._snap
         return set(s.labels[s.alive].tolist())
 
-    def refresh(self) -> None:
-        """Apply the store's changes since the last refresh (if a write happened since)."""
-        with self._lock:
-            gen = self._generation
-            if self._built_generation == gen:
-                return
-            try:
-                last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
-            except ChangesPruned:
-                # A snapshot pruned the log past this index's position (writes since the last
-                # search): take the new documents as usual, and the deletes as "every label held
-                # that the store no longer has" -- one pass over the live labels, no re-tokenizing.
-                last, labels, texts, live = self._source.text_changes_and_live_after(self._seq)
-                held = self._labels.view()[self._alive]
-                gone = held[~np.isin(held, live)].tolist()
-            try:
-                if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
-                    # Cannot happen with the store (labels only grow); a source that breaks the rule
-                    # gets a full rebuild rather than a silently wrong index.
-                    log.warning("BM25: a changed label is not newer than the indexed ones; rebuilding from the store")
-                    self._start_over()
-                    last, labels, texts, gone = self._source.text_changes_after(0)
-                self._delete(np.asarray(gone, dtype=np.int64))
-                self._add(np.asarray(labels, dtype=np.int64), texts)
-                texts = None  # noqa: F841 -- freed before the merge: on a first build they are every
-                # document's text (~1.6 GB per 1M SciFact abstracts), beside the merge's own peak
-                self._maybe_merge()
-            except BaseException:
-                # A failure part-way (out of memory in a merge, say) may leave the writer's arrays
-                # out of step with each other. Searches keep the last published snapshot; the
-                # next refresh rebuilds everything from the store instead of building on them.
+    def retry_in(self) -> float:
+        """Seconds until a refresh may be tried again after a failed one (0: any time)."""
+        return max(0.0, self._retry_at - time.monotonic()) if self.failures else 0.0
+
+    @property
+    def stale(self) -> bool:
+        """Searches are served from the last good index while a failed refresh is retried."""
+        return self.failures > 0
+
+    def refresh(self, blocking: bool = True) -> bool:
+        """Apply the store's changes since the last refresh (if a write happened since).
+
+        Raises what the refresh raised; the index then starts over from the store on the next
+        attempt, and ``failures`` / ``retry_in()`` say when that should be. ``blocking=False``:
+        return False at once if another refresh holds the lock (nothing done)."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            self._refresh_locked()
+        except Exception as e:
+            self.failures += 1
+            self.refresh_failures_total += 1
+            self._retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise
+        else:
+            if self.failures:
+                log.info("BM25 index caught up at seq %d after %d failed refreshes", self._seq, self.failures)
+            self.failures, self.last_error = 0, None
+        finally:
+            self._lock.release()
+        return True
+
+    def _catch_up(self) -> None:
+        """Before a search: refresh. If that fails, or a failed refresh's retry is not due, the
+        search reads the last good snapshot -- stale (documents written since are missing from
+        this leg; deleted ones are dropped by the caller's store read), but a Search does not
+        fail and does not start a rebuild of its own each time. While recovering, a search never
+        waits for another thread's rebuild: it reads the old snapshot instead."""
+        if self.failures and self.retry_in() > 0:
+            return
+        try:
+            self.refresh(blocking=not self.failures)
+        except Exception:
+            log.exception("BM25 refresh failed: searches use the index as of seq %d; retry in %.0f s",
+                          self._snap.seq, self.retry_in())
+
+    def _refresh_locked(self) -> None:
+        """The body of ``refresh`` (its caller holds ``self._lock``)."""
+        gen = self._generation
+        if self._built_generation == gen:
+            return
+        try:
+            last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
+        except ChangesPruned:
+            # A snapshot pruned the log past this index's position (writes since the last
+            # search): take the new documents as usual, and the deletes as "every label held
+            # that the store no longer has" -- one pass over the live labels, no re-tokenizing.
+            last, labels, texts, live = self._source.text_changes_and_live_after(self._seq)
+            held = self._labels.view()[self._alive]
+            gone = held[~np.isin(held, live)].tolist()
+        try:
+            if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
+                # Cannot happen with the store (labels only grow); a source that breaks the rule
+                # gets a full rebuild rather than a silently wrong index.
+                log.warning("BM25: a changed label is not newer than the indexed ones; rebuilding from the store")
                 self._start_over()
-                raise
-            self._seq = last
-            self._snap = self._publish()
-            self._built_generation = gen
+                last, labels, texts, gone = self._source.text_changes_after(0)
+            self._delete(np.asarray(gone, dtype=np.int64))
+            self._add(np.asarray(labels, dtype=np.int64), texts)
+            texts = None  # noqa: F841 -- freed before the merge: on a first build they are every
+            # document's text (~1.6 GB per 1M SciFact abstracts), beside the merge's own peak
+            self._maybe_merge()
+        except BaseException:
+            # A failure part-way (out of memory in a merge, say) may leave the writer's arrays
+            # out of step with each other. Searches keep the last published snapshot; the
+            # next refresh rebuilds everything from the store instead of building on them.
+            self._start_over()
+            raise
+        self._seq = last
+        self._snap = self._publish()
+        self._built_generation = gen
 
     def _start_over(self) -> None:
         self._epoch += 1
@@ -569,7 +624,7 @@ class BM25Index:
         be returned -- the others' scores are zeroed before the top-k, so the k are the best
         matching documents, not what is left of an unfiltered top-k.
         """
-        self.refresh()
+        self._catch_up()
         s = self._snap
         if s.n_alive == 0 or s.total_len <= 0 or k <= 0:  # no live document has a term
             return _EMPTY_I, _EMPTY_F
