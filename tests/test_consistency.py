@@ -585,6 +585,9 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             await until(lambda: p.bm25.failures >= 1)
             assert gauge("rerankd_bm25_failed_refreshes") >= 1
             assert gauge("rerankd_bm25_applied_sequence") < p.store.last_seq()
+            st = p.stats()  # Stats says so too, and why
+            assert st["bm25_failed_refreshes"] >= 1 and st["bm25_sequence"] < st["sequence"]
+            assert st["bm25_last_error"] == "MemoryError: simulated"
             r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
             assert bm25_ids(r) == ["a"]  # stale, but answered
             # the dense leg still sees the new document, so a hybrid Search finds it
@@ -594,6 +597,8 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             failing[0] = False
             await until(lambda: p.bm25.failures == 0)  # ... until it succeeds, with no Search either
             assert p.bm25.applied_seq == p.store.last_seq() and gauge("rerankd_bm25_failed_refreshes") == 0
+            st = p.stats()
+            assert (st["bm25_failed_refreshes"], st["bm25_sequence"], st["bm25_last_error"]) == (0, st["sequence"], "")
             r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
             assert sorted(bm25_ids(r)) == ["a", "b"]
         finally:

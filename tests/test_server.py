@@ -250,6 +250,8 @@ def test_reupserting_identical_documents_writes_nothing(client):
     hits = client.search("kinase inhibitors updated", top_n=5, rerank=False, include_metadata=True,
                          filter={"v": "2"})
     assert [h["id"] for h in hits] == ["sync-3"]
+    st = client.stats()  # that hybrid Search brought BM25 up to the write it follows
+    assert st.bm25_sequence >= r.sequence and st.bm25_failed_refreshes == 0 and st.bm25_last_error == ""
     s = client.upsert_stream([docs[:2], changed[2:]])
     assert (s.upserted, s.replaced, s.unchanged) == (5, 1, 4)  # only sync-1 differs (back to its first text)
     # errors name the document's place in the request, not in the changed subset (the diff review)

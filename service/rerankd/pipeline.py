@@ -871,5 +871,8 @@ class Pipeline:
             "rerank_fusion_weight": self.settings.index.rerank_fusion_weight,
             "max_candidates": self.settings.limits.max_candidates,
             "max_top_n": self.settings.limits.max_top_n,
+            "bm25_sequence": self.bm25.applied_seq,
+            "bm25_failed_refreshes": self.bm25.failures,
+            "bm25_last_error": self.bm25.last_error or "",
         }
 

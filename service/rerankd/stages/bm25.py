@@ -290,7 +290,7 @@ class BM25Index:
             self.failures += 1
             self.refresh_failures_total += 1
             self._retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
-            self.last_error = f"{type(e).__name__}: {e}"
+            self.last_error = f"{type(e).__name__}: {e}"[:500]
             raise
         else:
             if self.failures:
