@@ -92,8 +92,9 @@ DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" "$W"
 for whl in "$G"/whl/*.whl; do  # one at a time: a CPU dry run on another Python skips the cp312 ones
   [ -e "$whl" ] || continue
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$whl" 2>/dev/null \
-    || echo "skipped $(basename "$whl"): not installable on $(python3 -V 2>&1) (a CPU dry run uses its own)"
+  if ! err=$(python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$whl" 2>&1); then
+    echo "skipped $(basename "$whl") on $(python3 -V 2>&1) (a CPU dry run uses its own): $(tail -n 1 <<<"$err")"
+  fi
 done
 export PYTHONPATH="$W/site:$PWD/service:$PWD/export${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # bm25s uses JAX for top-k when it is installed, and JAX would take 75% of the GPU: keep it on CPU

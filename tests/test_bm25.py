@@ -189,14 +189,17 @@ def test_a_refresh_that_fails_part_way_is_rebuilt_from_the_source(monkeypatch):
 
 def test_a_failing_refresh_leaves_searches_on_the_last_good_index_and_backs_off(monkeypatch):
     """A refresh that keeps failing (out of memory, say) made every Search fail and start a full
-    rebuild of its own, and so did every write. Searches now read the last good snapshot, and a
-    new attempt waits for a doubling backoff (1, 2, 4 ... 60 s)."""
+    rebuild of its own, and so did every write. Searches now read the last good snapshot and
+    never retry themselves (they tell the owner, ``on_stale``); the owner's attempts wait for a
+    doubling backoff (1, 2, 4 ... 60 s)."""
     rng = np.random.default_rng(6)
     src, idx = _built_index(rng, 200)
     before = idx.search("w1 w2", 10)
     seq_before = idx.applied_seq
     now = [1000.0]
-    monkeypatch.setattr(bm25_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(bm25_mod, "_now", lambda: now[0])
+    stale_calls = []
+    idx.on_stale = lambda: stale_calls.append(1)
     real_add = BM25Index._add
     attempts = []
 
@@ -207,26 +210,151 @@ def test_a_failing_refresh_leaves_searches_on_the_last_good_index_and_backs_off(
     monkeypatch.setattr(BM25Index, "_add", failing_add)
     new = src.add(["w1 w2 w1 w2 w1 w2"])  # would be the best match for "w1 w2"
     idx.mark_dirty()
-    got = idx.search("w1 w2", 10)  # the refresh fails: the search reads the old snapshot
+    got = idx.search("w1 w2", 10)  # the search's refresh fails: it reads the old snapshot
     assert [a.tolist() for a in got] == [a.tolist() for a in before] and new[0] not in got[0].tolist()
     assert idx.failures == 1 and idx.retry_in() == pytest.approx(1.0) and len(attempts) == 1
-    for _ in range(5):  # within the backoff: no new attempt, the same answer
+    assert len(stale_calls) == 1  # the owner is told, so that it retries
+    now[0] += 100  # long past the backoff: searches still do not retry (the owner does)
+    for _ in range(5):
         assert idx.search("w1 w2", 10)[0].tolist() == before[0].tolist()
-    assert len(attempts) == 1
+    assert len(attempts) == 1 and len(stale_calls) == 6
+    idx._retry_at = now[0] + 1.0
+    assert idx.refresh() is False and len(attempts) == 1  # the owner's attempt waits for the backoff
     waits = []
     for _ in range(8):  # each failed retry doubles the wait, up to 60 s
         now[0] += idx.retry_in()
-        idx.search("w1 w2", 10)
+        with pytest.raises(MemoryError):
+            idx.refresh()
         waits.append(idx.retry_in())
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0] and len(attempts) == 9
     assert idx.applied_seq == seq_before and idx.refresh_failures_total == 9
+    assert idx.search("w1 w2", 10)[0].tolist() == before[0].tolist()
     monkeypatch.setattr(BM25Index, "_add", real_add)  # the cause went away
     now[0] += 30
-    assert idx.search("w1 w2", 10)[0].tolist() == before[0].tolist()  # still backing off
-    now[0] += 30
-    assert idx.search("w1 w2", 10)[0].tolist()[0] == new[0]  # retried: rebuilt and up to date
-    assert idx.failures == 0 and idx.retry_in() == 0.0
+    assert idx.refresh() is False  # still backing off
+    assert idx.refresh(force=True) is True  # an explicit flush does not wait
+    assert idx.search("w1 w2", 10)[0].tolist()[0] == new[0]  # up to date
+    assert idx.failures == 0 and idx.retry_in() == 0.0 and idx.last_error is None
     _assert_matches_bm25s(idx, src, ["w1 w2", "w399"])
+
+
+def test_the_backoff_does_not_overflow_after_many_failures(monkeypatch):
+    """2 ** failures overflowed a float after 1,024 failures in a row (~17 hours of a persistent
+    failure at one a minute): the error escaped the handler and the backoff was gone for good."""
+    rng = np.random.default_rng(8)
+    src, idx = _built_index(rng, 20)
+    monkeypatch.setattr(bm25_mod, "_now", lambda: 50.0)
+    monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError("simulated")))
+    src.add(["w1"])
+    idx.mark_dirty()
+    idx.failures = 5000
+    with pytest.raises(MemoryError):
+        idx.refresh(force=True)
+    assert idx.failures == 5001 and idx.retry_in() == 60.0 and idx.last_error == "MemoryError: simulated"
+
+
+def test_searches_queued_behind_a_failing_refresh_do_not_each_retry_it(monkeypatch):
+    """Searches wait for a refresh in progress (so they see acknowledged writes). When that
+    refresh failed, each queued search ran its own attempt -- a full rebuild each, one after
+    another (a review). They now find the failure once they hold the lock and read the old index."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    src, idx = _built_index(rng, 100)
+    expected = idx.search("w1", 5)[0].tolist()
+    entered, release = threading.Event(), threading.Event()
+    attempts = []
+
+    def slow_failing_add(self, labels, texts):
+        attempts.append(1)
+        entered.set()
+        assert release.wait(30)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(BM25Index, "_add", slow_failing_add)
+    src.add(["w1 w1 w1"])
+    idx.mark_dirty()
+    owner = threading.Thread(target=lambda: pytest.raises(MemoryError, idx.refresh) and None)
+    owner.start()
+    assert entered.wait(10)
+    results = []
+    searches = [threading.Thread(target=lambda: results.append(idx.search("w1", 5)[0].tolist())) for _ in range(5)]
+    for t in searches:
+        t.start()
+    release.set()
+    owner.join(10)
+    for t in searches:
+        t.join(10)
+    assert not owner.is_alive() and not any(t.is_alive() for t in searches)
+    assert len(attempts) == 1 and idx.failures == 1
+    assert results == [expected] * 5
+
+
+def test_a_stale_index_masks_documents_deleted_since(monkeypatch):
+    """While a failed refresh is retried, documents deleted or replaced after the last good
+    snapshot still sat in it and took top-k places that the caller then dropped: most of a
+    small index replaced under new ids gave a BM25 Search no hits at all (a review)."""
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    labels = src.add([f"w1 doc{i}" for i in range(10)])
+    idx.mark_dirty()
+    idx.refresh()
+    monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError("simulated")))
+    gone = labels[:8]
+    src.delete(gone)  # replaced: the same texts under new labels, which the failing refresh misses
+    src.add([f"w1 doc{i}" for i in range(8)])
+    idx.mark_dirty(gone, len(src.log))
+    hits = idx.search("w1", 5)[0].tolist()
+    assert idx.failures == 1
+    assert sorted(hits) == labels[8:]  # the live ones it holds; none of the deleted
+    monkeypatch.undo()
+    idx.refresh(force=True)
+    assert len(idx.search("w1", 20)[0]) == 10 and not idx._tombstones  # covered: the masks are dropped
+
+
+def test_a_failure_before_the_arrays_change_does_not_discard_the_index(monkeypatch):
+    """Any failure made the next refresh rebuild the whole index from the store: a failed
+    64-document refresh became a full re-tokenization, needing more memory than the step that
+    failed (a review). A failure before the writer's arrays change (tokenizing, reading the
+    store) now leaves them as they were, and the next refresh goes on from the same sequence."""
+    rng = np.random.default_rng(10)
+    src, idx = _built_index(rng, 100)
+    seq = idx.applied_seq
+    real_tokenize = bm25_mod.tokenize
+    monkeypatch.setattr(bm25_mod, "tokenize", lambda texts: (_ for _ in ()).throw(MemoryError("simulated")))
+    src.add(["w1 w2", "w3"])
+    src.delete(sorted(src.docs)[:5])
+    idx.mark_dirty()
+    with pytest.raises(MemoryError):
+        idx.refresh()
+    monkeypatch.setattr(bm25_mod, "tokenize", real_tokenize)
+    assert idx.refresh(force=True)
+    assert src.calls[-1][0] == seq  # incremental, not from 0
+    _assert_matches_bm25s(idx, src, ["w1 w2", "w3", "w399"])
+
+
+def test_close_refreshes_stops_a_long_refresh_between_chunks(monkeypatch):
+    """Shutdown waited for a refresh in progress, a retry's full rebuild included (minutes at a
+    million documents). It now stops at the next tokenizing chunk, and no new one starts."""
+    monkeypatch.setattr(bm25_mod, "TOKENIZE_CHUNK", 2)
+    src = ChangeLogSource()
+    idx = BM25Index(src)
+    src.add([f"w{i} w1" for i in range(10)])
+    idx.mark_dirty()
+    real_chunk = BM25Index._add_chunk
+    chunks = []
+
+    def chunk(self, labels, texts):
+        chunks.append(len(labels))
+        real_chunk(self, labels, texts)
+        idx.close_refreshes()  # shutdown begins during the first chunk
+
+    monkeypatch.setattr(BM25Index, "_add_chunk", chunk)
+    with pytest.raises(bm25_mod.RefreshAborted):
+        idx.refresh()
+    assert chunks == [2]
+    assert idx.refresh(force=True) is False and chunks == [2]  # closing: nothing starts
+    assert idx.search("w1", 5)[0].tolist() == []  # the published (empty) snapshot, untouched
 
 
 def test_a_search_does_not_wait_for_a_retry_running_in_another_thread():
@@ -343,13 +471,17 @@ def test_merges_go_on_when_a_thread_cannot_start_or_the_index_started_over(monke
         assert started.wait(30)
         monkeypatch.setattr(bm25_mod, "_build_merge", real_build)
         real_delete = BM25Index._delete
-        monkeypatch.setattr(BM25Index, "_delete", lambda self, gone: (_ for _ in ()).throw(MemoryError("simulated")))
+        def torn_delete(self, gone):  # out of memory part-way through changing the arrays
+            self._torn = True
+            raise MemoryError("simulated")
+
+        monkeypatch.setattr(BM25Index, "_delete", torn_delete)
         src.delete(sorted(src.docs)[:5])
         idx.mark_dirty()
         with pytest.raises(MemoryError):
             idx.refresh()
         monkeypatch.setattr(BM25Index, "_delete", real_delete)
-        idx.refresh()  # rebuilt from the start of the log, merged in the foreground
+        idx.refresh(force=True)  # rebuilt from the start of the log, merged in the foreground
         snap = idx._snap
         assert len(snap.main_slot) > 0 and snap.tail_slot0 == len(snap.labels)
     finally:

@@ -539,35 +539,39 @@ def test_an_unchanged_upsert_waits_for_a_write_still_updating_the_indexes(models
 
 def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(models_dir, tmp_path, monkeypatch):
     """The background BM25 refresh after a write fails (out of memory, say): BM25 Searches keep
-    answering from the last good index (the new document is missing from that leg), the
-    failure shows in /metrics, and the refresh is retried after its backoff without waiting for
-    another write or a Search."""
+    answering from the last good index (the new document is missing from that leg), Stats and
+    /metrics say so, the retry waits for its backoff (on a frozen clock: no attempt at all), and
+    then runs without another write or Search; a failure a Search's own refresh hit is retried
+    the same way. close() is not held up by a pending retry."""
     from rerankd import pipeline as pipeline_mod
     from rerankd.metrics import Metrics
     from rerankd.pipeline import Document, Pipeline, SearchParams
     from rerankd.stages import bm25 as bm25_mod
     from rerankd.stages.bm25 import BM25Index
 
-    monkeypatch.setattr(bm25_mod, "RETRY_FIRST_S", 0.3)
-    monkeypatch.setattr(pipeline_mod, "BM25_RETRY_NAP_S", 0.02)
+    now = [0.0]
+    monkeypatch.setattr(bm25_mod, "_now", lambda: now[0])
+    monkeypatch.setattr(pipeline_mod, "BM25_RETRY_NAP_S", 0.01)
     real_add = BM25Index._add
     failing = [False]
+    attempts = []
 
     def add(self, labels, texts):
         if failing[0]:
+            attempts.append(len(labels))
             raise MemoryError("simulated")
         return real_add(self, labels, texts)
 
     monkeypatch.setattr(BM25Index, "_add", add)
 
     async def until(cond, timeout=20.0) -> None:
-        for _ in range(int(timeout / 0.02)):
+        for _ in range(int(timeout / 0.01)):
             if cond():
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
         raise AssertionError("timed out")
 
-    def bm25_ids(r) -> list[str]:
+    def ids(r) -> list[str]:
         return [h.id for h in r.hits]
 
     async def run() -> None:
@@ -576,32 +580,55 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
         m = Metrics()
         m.bind(p)
         gauge = lambda name: m.registry.get_sample_value(name)  # noqa: E731
+        bm25 = SearchParams(query="aspirin", first_stage="bm25", rerank=False)
         try:
-            await p.upsert([Document("a", "aspirin and colon cancer")])
+            await p.upsert([Document("a", "aspirin and colon cancer"), Document("c", "aspirin dosing")])
             await until(lambda: p.bm25.applied_seq == p.store.last_seq())
             assert gauge("rerankd_bm25_failed_refreshes") == 0
             failing[0] = True
             await p.upsert([Document("b", "aspirin lowers the risk of stroke")])
+            await p.delete(["c"])
             await until(lambda: p.bm25.failures >= 1)
-            assert gauge("rerankd_bm25_failed_refreshes") >= 1
+            assert gauge("rerankd_bm25_failed_refreshes") == 1
             assert gauge("rerankd_bm25_applied_sequence") < p.store.last_seq()
             st = p.stats()  # Stats says so too, and why
-            assert st["bm25_failed_refreshes"] >= 1 and st["bm25_sequence"] < st["sequence"]
+            assert st["bm25_failed_refreshes"] == 1 and st["bm25_sequence"] < st["sequence"]
             assert st["bm25_last_error"] == "MemoryError: simulated"
-            r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
-            assert bm25_ids(r) == ["a"]  # stale, but answered
-            # the dense leg still sees the new document, so a hybrid Search finds it
-            r = await p.search(SearchParams(query="aspirin stroke", rerank=False))
-            assert "b" in bm25_ids(r)
-            await until(lambda: p.bm25.failures >= 2)  # retried with no write since
+            assert ids(await p.search(bm25)) == ["a"]  # stale, but answered; the deleted one masked
+            # the dense leg sees the new document, so a hybrid Search finds it
+            assert "b" in ids(await p.search(SearchParams(query="aspirin stroke", rerank=False)))
+            n = len(attempts)
+            await asyncio.sleep(0.3)  # the clock stands still: the backoff never passes, no attempt
+            assert len(attempts) == n and p.bm25.failures == 1
+            now[0] += 1.0  # due: retried with no write or Search since
+            await until(lambda: p.bm25.failures == 2)
             failing[0] = False
-            await until(lambda: p.bm25.failures == 0)  # ... until it succeeds, with no Search either
+            now[0] += 2.0
+            await until(lambda: p.bm25.failures == 0)  # ... until it succeeds
             assert p.bm25.applied_seq == p.store.last_seq() and gauge("rerankd_bm25_failed_refreshes") == 0
             st = p.stats()
             assert (st["bm25_failed_refreshes"], st["bm25_sequence"], st["bm25_last_error"]) == (0, st["sequence"], "")
-            r = await p.search(SearchParams(query="aspirin", first_stage="bm25", rerank=False))
-            assert sorted(bm25_ids(r)) == ["a", "b"]
+            assert sorted(ids(await p.search(bm25))) == ["a", "b"]
+
+            # a failure that a Search's own refresh runs into is retried in the background too
+            failing[0] = True
+            await until(lambda: p._bm25_task is None or p._bm25_task.done())
+            p.bm25.mark_dirty()  # as the index repair does: no write, so no background refresh starts
+            assert sorted(ids(await p.search(bm25))) == ["a", "b"]  # its refresh fails: stale, answered
+            assert p.bm25.failures == 1
+            await until(lambda: p._bm25_task is not None and not p._bm25_task.done())  # on_stale started one
+            failing[0] = False
+            now[0] += 1.0
+            await until(lambda: p.bm25.failures == 0)
+
+            # a retry pending at shutdown: close() ends the task instead of waiting for the backoff
+            failing[0] = True
+            await p.upsert([Document("d", "aspirin again")])
+            await until(lambda: p.bm25.failures == 1)
+            task = p._bm25_task
+            assert task is not None and not task.done()
         finally:
             await p.close()
+        assert task.done()
 
     asyncio.run(run())

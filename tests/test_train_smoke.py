@@ -427,6 +427,35 @@ def test_combine_scores_ensembles():
         combine_scores(a, b[:2], "z_mean")
 
 
+def test_ensembles_combine_each_querys_candidates_on_their_own():
+    """z-scores and ranks are taken over one query's candidates: over all pairs at once, a query
+    whose logits all sit high would be ordered by the other model alone."""
+    from rerankd_export.quick_eval import ensemble_runs
+
+    owners = [("q1", "x"), ("q1", "y"), ("q2", "x"), ("q2", "z")]
+    a = np.array([10.0, 11.0, 0.0, 1.0])   # prefers y for q1 and z for q2, by 1 logit each
+    b = np.array([2.0, 0.0, 1.2, 1.0])     # prefers x for both: by 2 for q1, by 0.2 for q2
+    runs = ensemble_runs(owners, ["q1", "q2", "q3"], a, b)
+    assert set(runs) == {"partner_alone", "z_mean", "raw_mean", "rr_mean"}
+    best = {how: {q: max(r, key=r.get) for q, r in run.items() if r} for how, run in runs.items()}
+    # per query, two candidates: z-scores are +-1 for each model, a tie that the sum breaks
+    # nowhere -- so check the raw sum and the partner, which differ between the queries
+    assert best["partner_alone"] == {"q1": "x", "q2": "x"}
+    assert best["raw_mean"] == {"q1": "x", "q2": "z"}  # 12 vs 11 for q1; 1.2 vs 2.0 for q2
+    assert runs["z_mean"]["q1"] == pytest.approx({"x": 0.0, "y": 0.0})
+    assert runs["rr_mean"]["q2"] == pytest.approx({"x": 1 / 62 + 1 / 61, "z": 1 / 61 + 1 / 62})
+    assert runs["raw_mean"]["q3"] == {}  # a query without candidates stays, empty
+    # three candidates, where the z-sum must differ from z-scores taken over all pairs at once
+    owners3 = [("q1", d) for d in "uvw"] + [("q2", d) for d in "uvw"]
+    a3 = np.array([0.0, 1.0, 2.0, 100.0, 101.0, 102.0])
+    b3 = np.array([3.0, 0.0, 0.0, 3.0, 0.0, 0.0])
+    z = ensemble_runs(owners3, ["q1", "q2"], a3, b3)["z_mean"]
+    assert z["q1"] == pytest.approx(z["q2"])  # a's offset between the queries does not matter
+    # per query: a's z (-1.22, 0, 1.22) + b's (1.41, -0.71, -0.71) -> w; z over all six pairs
+    # would shrink a's spread within a query to ~0.02 and give u (b's pick)
+    assert max(z["q2"], key=z["q2"].get) == "w"
+
+
 def test_quick_eval_metrics_without_ir_measures(monkeypatch):
     """A bare GPU image has no ir_measures: the fallback (the service's own metrics) must agree."""
     from rerankd_export import quick_eval

@@ -309,17 +309,11 @@ def evaluate_reranker(
             resume=_resume_path(cache_dir, ensemble_with, pairs, f"{max_length};{use_bf16};{batch_size}"),
         )
         del model2
-        rows_of: dict[str, list[int]] = {}
-        for i, (q, _) in enumerate(owners):
-            rows_of.setdefault(q, []).append(i)
+        corr = float(np.corrcoef(scores, other)[0, 1]) if len(pairs) > 1 else float("nan")
         ensemble = {"partner": str(ensemble_with),
-                    "logit_correlation": round(float(np.corrcoef(scores, other)[0, 1]), 4) if len(pairs) > 1 else None}
-        for how in ("partner", "z_mean", "raw_mean", "rr_mean"):
-            erun: dict[str, dict[str, float]] = {q: {} for q in qids}
-            for q, idx in rows_of.items():
-                combined = other[idx] if how == "partner" else combine_scores(scores[idx], other[idx], how)
-                erun[q] = {owners[i][1]: float(v) for i, v in zip(idx, combined)}
-            ensemble["partner_alone" if how == "partner" else how] = _metrics(qrels, erun)
+                    "logit_correlation": round(corr, 4) if np.isfinite(corr) else None}  # None: a constant model
+        for how, erun in ensemble_runs(owners, qids, scores, other).items():
+            ensemble[how] = _metrics(qrels, erun)
     windows = {}
     if passage_windows:
         cut = []
@@ -380,7 +374,7 @@ def _resume_path(cache_dir, model_dir, pairs, settings: str) -> Path | None:
     if not cache_dir:
         return None
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):  # whichever exist
         f = Path(model_dir) / name
         if f.exists():
             h.update(f.read_bytes())
@@ -399,7 +393,7 @@ def combine_scores(a: np.ndarray, b: np.ndarray, how: str) -> np.ndarray:
 
     ``z_mean``: each model's scores z-scored over the candidates, summed (scale-free; a model
     whose scores are all equal contributes 0). ``raw_mean``: the logits summed. ``rr_mean``:
-    1/(60 + rank) under each model, summed (ties share the better rank's order by position)."""
+    1/(60 + rank) under each model, summed (tied scores get consecutive ranks in list order)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"two score lists of different lengths: {a.shape} vs {b.shape}")
@@ -417,6 +411,23 @@ def combine_scores(a: np.ndarray, b: np.ndarray, how: str) -> np.ndarray:
             return 1.0 / (RR_K + rank)
         return rr(a) + rr(b)
     raise ValueError(f"unknown ensemble {how!r}: one of {', '.join(ENSEMBLES)}")
+
+
+def ensemble_runs(owners, qids, a: np.ndarray, b: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
+    """Runs ({query: {doc: score}}) of the partner alone and of each ensemble, each combined over
+    one query's candidates at a time (``owners[i]`` = (query, doc) of pair i)."""
+    rows_of: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(owners):
+        rows_of.setdefault(q, []).append(i)
+    out = {}
+    for how in ("partner_alone", *ENSEMBLES):
+        run: dict[str, dict[str, float]] = {q: {} for q in qids}
+        for q, rows in rows_of.items():
+            idx = np.asarray(rows)
+            combined = b[idx] if how == "partner_alone" else combine_scores(a[idx], b[idx], how)
+            run[q] = {owners[i][1]: float(v) for i, v in zip(rows, combined)}
+        out[how] = run
+    return out
 
 
 def _ranks(hits) -> list[int]:

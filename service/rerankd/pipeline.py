@@ -28,7 +28,7 @@ from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings, check_settings
 from .errors import BackendError, CommittedNotIndexed, InvalidArgument, NotReady
-from .stages.bm25 import BM25Index
+from .stages.bm25 import BM25Index, RefreshAborted
 from .stages.embedder import Embedder
 from .stages.fusion import rerank_fusion, rrf
 from .stages.metadata_filter import FilterView, MetadataIndex, matches
@@ -203,6 +203,7 @@ class Pipeline:
             self.dense = snapshot.rebuild(self.store, self.dim, m=s.index.hnsw_m, ef_construction=s.index.ef_construction,
                                           ef_search=s.index.ef_search)
         self.bm25 = BM25Index(self.store)
+        self.bm25.on_stale = self._bm25_stale
         self.bm25_dir = data / "bm25"
         t0 = time.perf_counter()
         why = self.bm25.load(self.bm25_dir, self.store.store_id, self.store.last_seq())
@@ -302,6 +303,7 @@ class Pipeline:
     async def close(self, save_snapshot: bool = True) -> None:
         self.ready = False
         self._closing = True
+        self.bm25.close_refreshes()  # a BM25 refresh in progress (a retry's rebuild) stops at its next chunk
         await self.embedder.batcher.close()
         await self.reranker.batcher.close()
         for task in (self._compact_task, self._compact_now, self._compact_next, self._snapshot_task,
@@ -592,7 +594,7 @@ class Pipeline:
                 # New labels in, replaced ones out, under one index lock: a concurrent search sees
                 # the old or the new version (the retired row is gone from the store already).
                 self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
-                self.bm25.mark_dirty()
+                self.bm25.mark_dirty(retired, seq)
                 self.metadata_index.remove(retired)
             except Exception as e:
                 self._indexes_fell_behind(seq, e)
@@ -621,7 +623,7 @@ class Pipeline:
                 self.dense.delete(labels)
                 self.metadata_index.remove(labels)
                 if labels:
-                    self.bm25.mark_dirty()
+                    self.bm25.mark_dirty(labels, seq)
             except Exception as e:
                 self._indexes_fell_behind(seq, e)
                 raise _IndexesBehind(seq) from e
@@ -717,20 +719,34 @@ class Pipeline:
         if self._bm25_task is None or self._bm25_task.done():
             self._bm25_task = asyncio.get_running_loop().create_task(self._background_bm25())
 
+    def _bm25_stale(self) -> None:
+        """``BM25Index.on_stale`` (a search's thread): a search read a stale BM25 index; make sure
+        the background task is retrying (after a failure a Search's own refresh found)."""
+        loop = self._loop
+        if loop is None or self._closing or (self._bm25_task is not None and not self._bm25_task.done()):
+            return
+        try:
+            loop.call_soon_threadsafe(self._refresh_bm25_soon)
+        except RuntimeError:  # the loop is closed: shutting down
+            pass
+
     async def _background_bm25(self) -> None:
+        """Refresh BM25 while writes keep coming; after a failure, retry when the backoff allows
+        (searches read the last good index meanwhile) until one succeeds, writes or not."""
         while self._bm25_pending and not self._closing:
             wait = self.bm25.retry_in()
-            if wait > 0:  # after a failed refresh: its retry is not due yet (short naps: close() waits for us)
+            if wait > 0:  # short naps: close() waits for this task
                 await asyncio.sleep(min(wait, BM25_RETRY_NAP_S))
                 continue
             self._bm25_pending = False
             try:
                 await asyncio.to_thread(self.bm25.refresh)
+            except RefreshAborted:
+                return
             except Exception:
-                # Searches read the last good index meanwhile; this task retries after the
-                # backoff even if no write comes (a write only sets the flag again).
                 log.exception("background BM25 refresh failed: searches use the index as of seq %d; "
                               "retry in %.0f s", self.bm25.applied_seq, self.bm25.retry_in())
+            if self.bm25.failures:  # failed, or skipped as not due (a racing attempt failed)
                 self._bm25_pending = True
 
     def _maybe_snapshot(self, force: bool = False) -> None:
@@ -845,8 +861,9 @@ class Pipeline:
             log.exception("snapshot after %s failed (the previous one stays valid)", after)
 
     async def flush(self) -> None:
-        """Bring the BM25 index up to date now (otherwise done lazily on the next search)."""
-        await asyncio.to_thread(self.bm25.refresh)
+        """Bring the BM25 index up to date now (otherwise done lazily on the next search); after a
+        failed refresh, retry at once rather than after the backoff."""
+        await asyncio.to_thread(functools.partial(self.bm25.refresh, force=True))
 
     def stats(self) -> dict:
         info = self.snapshot_info

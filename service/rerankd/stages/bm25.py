@@ -67,6 +67,11 @@ PROGRESS_MIN_DOCS = 50_000
 # failure that persists costs one rebuild attempt per minute, not one per Search and per write.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
+_now = time.monotonic  # the backoff's clock (tests replace it here, not process-wide)
+
+
+class RefreshAborted(Exception):
+    """A refresh stopped between tokenizing chunks because the index is closing."""
 
 
 SAVE_FORMAT = "rerankd-bm25/1"
@@ -223,6 +228,15 @@ class BM25Index:
         self.refresh_failures_total = 0
         self._retry_at = 0.0
         self.last_error: str | None = None
+        # Called (from a search's thread) when a search read a stale index: the owner makes sure a
+        # retry is scheduled -- searches never run one themselves (a rebuild takes minutes at 1M).
+        self.on_stale: Callable[[], None] | None = None
+        self._closing = False
+        self._torn = False  # a writer-array update is part-way: a failure now must start over
+        # (store sequence, labels) of deletes and replacements not yet in the published snapshot:
+        # searches mask them, so a stale index never gives top-k places to documents that are gone
+        self._tombstones: list[tuple[int, np.ndarray]] = []
+        self._tomb_lock = threading.Lock()
         self._reset_arrays()
         self._snap = self._publish()
 
@@ -251,8 +265,28 @@ class BM25Index:
             fwd_tf=self._fwd_tf.view(), vocab=self._vocab, seq=self._seq,
         )
 
-    def mark_dirty(self) -> None:
+    def mark_dirty(self, gone=(), seq: int = 0) -> None:
+        """A write happened. ``gone``: the labels it deleted or replaced, at store sequence
+        ``seq``; searches leave them out until a published index covers ``seq``."""
+        if len(gone):
+            with self._tomb_lock:
+                self._tombstones.append((int(seq), np.asarray(gone, dtype=np.int64)))
         self._generation += 1
+
+    def _tombstones_after(self, seq: int) -> np.ndarray:
+        with self._tomb_lock:
+            parts = [a for q, a in self._tombstones if q > seq]
+        return np.concatenate(parts) if parts else _EMPTY_I
+
+    def _prune_tombstones(self) -> None:
+        covered = self._snap.seq
+        with self._tomb_lock:
+            self._tombstones = [(q, a) for q, a in self._tombstones if q > covered]
+
+    def close_refreshes(self) -> None:
+        """Shutting down: a refresh in progress stops at its next tokenizing chunk (raising
+        ``RefreshAborted``) and no new one starts. Searches and ``save`` go on."""
+        self._closing = True
 
     @property
     def applied_seq(self) -> int:
@@ -269,56 +303,68 @@ class BM25Index:
 
     def retry_in(self) -> float:
         """Seconds until a refresh may be tried again after a failed one (0: any time)."""
-        return max(0.0, self._retry_at - time.monotonic()) if self.failures else 0.0
+        return max(0.0, self._retry_at - _now()) if self.failures else 0.0
 
     @property
     def stale(self) -> bool:
         """Searches are served from the last good index while a failed refresh is retried."""
         return self.failures > 0
 
-    def refresh(self, blocking: bool = True) -> bool:
-        """Apply the store's changes since the last refresh (if a write happened since).
+    def refresh(self, blocking: bool = True, *, retry: bool = True, force: bool = False) -> bool:
+        """Apply the store's changes since the last refresh (if a write happened since); True
+        when it ran (or had nothing to do).
 
-        Raises what the refresh raised; the index then starts over from the store on the next
-        attempt, and ``failures`` / ``retry_in()`` say when that should be. ``blocking=False``:
-        return False at once if another refresh holds the lock (nothing done)."""
+        A failure is raised; ``failures`` / ``retry_in()`` then say when the next attempt is due
+        (backoff 1, 2, 4 ... 60 s), and until one succeeds searches read the last published
+        snapshot. After a failure, a call with ``retry=False`` (a search) does nothing and one
+        with ``retry=True`` (the owner's background task) attempts only once the backoff has
+        passed -- both checked again once the lock is held, so callers queued behind a failing
+        attempt do not each start another; ``force`` attempts at once. ``blocking=False``:
+        return False at once if another refresh holds the lock."""
         if not self._lock.acquire(blocking=blocking):
             return False
         try:
-            self._refresh_locked()
-        except Exception as e:
-            self.failures += 1
-            self.refresh_failures_total += 1
-            self._retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
-            self.last_error = f"{type(e).__name__}: {e}"[:500]
-            raise
-        else:
+            if self._closing or (self.failures and not force and (not retry or self.retry_in() > 0)):
+                return False
+            try:
+                self._refresh_locked()
+            except BaseException as e:
+                self.failures += 1
+                self.refresh_failures_total += 1
+                wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** min(self.failures - 1, 32))
+                self._retry_at = _now() + wait
+                self.last_error = f"{type(e).__name__}: {e}"[:500]
+                raise
             if self.failures:
                 log.info("BM25 index caught up at seq %d after %d failed refreshes", self._seq, self.failures)
             self.failures, self.last_error = 0, None
+            return True
         finally:
             self._lock.release()
-        return True
 
     def _catch_up(self) -> None:
-        """Before a search: refresh. If that fails, or a failed refresh's retry is not due, the
-        search reads the last good snapshot -- stale (documents written since are missing from
-        this leg; deleted ones are dropped by the caller's store read), but a Search does not
-        fail and does not start a rebuild of its own each time. While recovering, a search never
-        waits for another thread's rebuild: it reads the old snapshot instead."""
-        if self.failures and self.retry_in() > 0:
-            return
-        try:
-            self.refresh(blocking=not self.failures)
-        except Exception:
-            log.exception("BM25 refresh failed: searches use the index as of seq %d; retry in %.0f s",
-                          self._snap.seq, self.retry_in())
+        """Before a search: refresh, so the search sees every write acknowledged before it. After
+        a failed refresh the search reads the last good snapshot instead -- stale (documents
+        written since are missing from this leg; deleted ones are masked) -- and leaves the
+        retry to the owner (``on_stale``): a Search neither fails nor runs a rebuild."""
+        if not self.failures:
+            try:
+                self.refresh(retry=False)
+            except Exception:
+                log.exception("BM25 refresh failed: searches use the index as of seq %d until a retry succeeds",
+                              self._snap.seq)
+        if self.failures and self.on_stale is not None:
+            try:
+                self.on_stale()
+            except Exception:  # a search must not fail on the owner's hook
+                log.exception("BM25 on_stale hook failed")
 
     def _refresh_locked(self) -> None:
         """The body of ``refresh`` (its caller holds ``self._lock``)."""
         gen = self._generation
         if self._built_generation == gen:
             return
+        self._torn = False
         try:
             last, labels, texts, gone = self._source.text_changes_after(self._seq)  # a failure here changes nothing
         except ChangesPruned:
@@ -341,14 +387,20 @@ class BM25Index:
             # document's text (~1.6 GB per 1M SciFact abstracts), beside the merge's own peak
             self._maybe_merge()
         except BaseException:
-            # A failure part-way (out of memory in a merge, say) may leave the writer's arrays
-            # out of step with each other. Searches keep the last published snapshot; the
-            # next refresh rebuilds everything from the store instead of building on them.
-            self._start_over()
+            # A failure part-way through updating the writer's arrays (out of memory, say) may
+            # leave them out of step with each other: the next refresh rebuilds everything from
+            # the store instead of building on them. A failure before or between updates (in
+            # tokenizing, in reading the store) leaves them consistent: the next refresh goes on
+            # from the same sequence (deletes already applied are skipped; a batch added before
+            # the failure makes it start over, by the label-order check above). Searches keep the
+            # last published snapshot either way.
+            if self._torn:
+                self._start_over()
             raise
         self._seq = last
         self._snap = self._publish()
         self._built_generation = gen
+        self._prune_tombstones()
 
     def _start_over(self) -> None:
         self._epoch += 1
@@ -367,10 +419,13 @@ class BM25Index:
         ptr = self._fwd_ptr.view()
         starts, ends = ptr[slots], ptr[slots + 1]
         idx = _ranges(starts, ends)
-        np.subtract.at(self._df, self._fwd_term.view()[idx], 1)
+        terms = self._fwd_term.view()[idx]
+        self._torn = True
+        np.subtract.at(self._df, terms, 1)
         self._alive[slots] = False
         self._n_alive -= len(slots)
         self._total_len -= float(self._doc_len.view()[slots].sum(dtype=np.float64))
+        self._torn = False
 
     def _add(self, labels: np.ndarray, texts: list[str]) -> None:
         if not len(labels):
@@ -381,6 +436,8 @@ class BM25Index:
 
             chunks = tqdm(chunks, desc="BM25 index", unit="chunk", file=sys.stderr, dynamic_ncols=True)
         for i in chunks:
+            if self._closing:
+                raise RefreshAborted("the BM25 index is closing")
             self._add_chunk(labels[i:i + TOKENIZE_CHUNK], texts[i:i + TOKENIZE_CHUNK])
 
     def _add_chunk(self, labels: np.ndarray, texts: list[str]) -> None:
@@ -400,6 +457,7 @@ class BM25Index:
         d, term = key // vocab_size, (key % vocab_size).astype(np.int32)
         per_doc = np.bincount(d, minlength=len(texts))
         base = self._fwd_ptr.a[self._fwd_ptr.n - 1]
+        self._torn = True
         self._fwd_ptr.extend(base + np.cumsum(per_doc))
         self._fwd_term.extend(term)
         self._fwd_tf.extend(tf.astype(np.float32))
@@ -411,6 +469,7 @@ class BM25Index:
         self._df += np.bincount(term, minlength=len(self._df))
         self._n_alive += len(texts)
         self._total_len += float(doc_len.sum(dtype=np.float64))
+        self._torn = False
 
     def _maybe_merge(self) -> None:
         if self._merge_thread is not None and len(self._main_slot):  # one at a time; the next refresh looks again
@@ -613,6 +672,7 @@ class BM25Index:
             self._seq = seq
             self._snap = self._publish()
             self._built_generation = -1  # the next refresh catches up from seq
+        self._prune_tombstones()
         return None
 
     # -- reader side ---------------------------------------------------------------------------------
@@ -664,6 +724,9 @@ class BM25Index:
         contrib = np.concatenate(w_parts) * (tf / (np.float32(self.k1) * ((1 - np.float32(self.b)) + np.float32(self.b) * norm) + tf))
         scores = np.bincount(slots, weights=contrib, minlength=len(s.labels)).astype(np.float32)
         scores[~s.alive] = 0.0
+        gone = self._tombstones_after(s.seq)
+        if len(gone):  # deleted or replaced after this snapshot (a stale one, or a refresh racing)
+            scores[_slots_of(s.labels, gone)] = 0.0
         if allowed is not None:
             wanted = allowed()
             mask = np.zeros(len(s.labels), dtype=bool)
