@@ -261,6 +261,11 @@ def test_searches_queued_behind_a_failing_refresh_do_not_each_retry_it(monkeypat
 
     rng = np.random.default_rng(9)
     src, idx = _built_index(rng, 100)
+    idx.on_stale = lambda: None  # owned (the pipeline retries): searches never retry
+    # the clock reads 0 when the failure sets its backoff, and 1000 for everyone after: by the
+    # time the queued searches hold the lock the retry is due, and still they must not run it
+    reads = []
+    monkeypatch.setattr(bm25_mod, "_now", lambda: reads.append(1) or (0.0 if len(reads) == 1 else 1000.0))
     expected = idx.search("w1", 5)[0].tolist()
     entered, release = threading.Event(), threading.Event()
     attempts = []
@@ -333,6 +338,56 @@ def test_a_failure_before_the_arrays_change_does_not_discard_the_index(monkeypat
     _assert_matches_bm25s(idx, src, ["w1 w2", "w3", "w399"])
 
 
+def test_a_retry_resumes_a_batch_that_failed_part_way(monkeypatch):
+    """A refresh of several tokenizing chunks failed after the first (out of memory in the
+    second): the retry read the batch again, found its first chunk indexed, took that for a
+    broken label order and re-tokenized the whole store (a review). It now skips what is
+    indexed and adds the rest."""
+    monkeypatch.setattr(bm25_mod, "TOKENIZE_CHUNK", 5)
+    rng = np.random.default_rng(11)
+    src, idx = _built_index(rng, 100)
+    seq = idx.applied_seq
+    real_tokenize = bm25_mod.tokenize
+    calls = []
+
+    def tokenize(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise MemoryError("simulated")
+        return real_tokenize(texts)
+
+    monkeypatch.setattr(bm25_mod, "tokenize", tokenize)
+    src.add(_corpus(rng, 10))
+    idx.mark_dirty()
+    with pytest.raises(MemoryError):
+        idx.refresh()
+    assert calls == [5, 5]  # the first chunk went in
+    assert idx.refresh(force=True)
+    assert calls == [5, 5, 5]  # only the second chunk again
+    assert src.calls[-1] == (seq, 10)  # from the same sequence, not from 0
+    monkeypatch.setattr(bm25_mod, "tokenize", real_tokenize)
+    _assert_matches_bm25s(idx, src, ["w1 w2", "w3", "w399"])
+
+
+def test_an_index_without_an_owner_is_retried_by_its_searches(monkeypatch):
+    """Used on its own (no owner retrying in the background), the index would stay stale for
+    good if searches never retried: they retry once the backoff has passed, never waiting."""
+    rng = np.random.default_rng(12)
+    src, idx = _built_index(rng, 50)
+    now = [0.0]
+    monkeypatch.setattr(bm25_mod, "_now", lambda: now[0])
+    monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError("simulated")))
+    new = src.add(["w1 w1 w1 w1"])
+    idx.mark_dirty()
+    assert new[0] not in idx.search("w1", 5)[0].tolist() and idx.failures == 1
+    idx.search("w1", 5)
+    assert idx.failures == 1  # within the backoff: no attempt
+    monkeypatch.undo()
+    monkeypatch.setattr(bm25_mod, "_now", lambda: now[0])
+    now[0] += 1.0
+    assert idx.search("w1", 5)[0].tolist()[0] == new[0] and idx.failures == 0
+
+
 def test_close_refreshes_stops_a_long_refresh_between_chunks(monkeypatch):
     """Shutdown waited for a refresh in progress, a retry's full rebuild included (minutes at a
     million documents). It now stops at the next tokenizing chunk, and no new one starts."""
@@ -352,7 +407,7 @@ def test_close_refreshes_stops_a_long_refresh_between_chunks(monkeypatch):
     monkeypatch.setattr(BM25Index, "_add_chunk", chunk)
     with pytest.raises(bm25_mod.RefreshAborted):
         idx.refresh()
-    assert chunks == [2]
+    assert chunks == [2] and idx.failures == 0 and idx.last_error is None  # shutting down is no failure
     assert idx.refresh(force=True) is False and chunks == [2]  # closing: nothing starts
     assert idx.search("w1", 5)[0].tolist() == []  # the published (empty) snapshot, untouched
 

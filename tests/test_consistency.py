@@ -621,6 +621,30 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             now[0] += 1.0
             await until(lambda: p.bm25.failures == 0)
 
+            # while stale, documents deleted or replaced since are masked out of the BM25 leg, so
+            # they do not take the candidates' places (with one candidate: the only one)
+            await p.upsert([Document("e", "aspirin aspirin aspirin aspirin"), Document("f", "aspirin aspirin aspirin")])
+            await until(lambda: p.bm25.applied_seq == p.store.last_seq())
+            one = SearchParams(query="aspirin", first_stage="bm25", rerank=False, top_n=1, candidates=1)
+            assert ids(await p.search(one)) == ["e"]
+            failing[0] = True
+            await p.delete(["e"])
+            await until(lambda: p.bm25.failures == 1)
+            assert ids(await p.search(one)) == ["f"]
+            await p.upsert([Document("f", "a new text without the word")])  # replaced: f's old label goes
+            assert ids(await p.search(one)) != ["f"] and len((await p.search(one)).hits) == 1
+            # the loop naps between looks at a backoff that does not pass (a frozen clock)
+            looks = []
+            real_retry_in = p.bm25.retry_in
+            p.bm25.retry_in = lambda: looks.append(1) or real_retry_in()
+            await asyncio.sleep(0.3)
+            assert 0 < len(looks) < 100  # ~30 naps of 10 ms, not a busy loop
+            del p.bm25.retry_in
+            # an explicit flush retries at once, backoff or not
+            failing[0] = False
+            await p.flush()
+            assert p.bm25.failures == 0 and p.bm25.applied_seq == p.store.last_seq()
+
             # a retry pending at shutdown: close() ends the task instead of waiting for the backoff
             failing[0] = True
             await p.upsert([Document("d", "aspirin again")])
@@ -629,6 +653,48 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             assert task is not None and not task.done()
         finally:
             await p.close()
-        assert task.done()
+        assert task.done() and p.bm25._closing  # and a refresh still running would stop at its next chunk
+
+    asyncio.run(run())
+
+
+def test_a_failed_bm25_catch_up_at_start_serves_the_saved_index(models_dir, tmp_path, monkeypatch):
+    """The start loads the saved BM25 index and catches up with the writes after it. That
+    catch-up failing (out of memory) failed the whole start although a good index was loaded;
+    the server now starts on it (stale) and retries in the background."""
+    from rerankd.pipeline import Document, Pipeline, SearchParams
+    from rerankd.stages import bm25 as bm25_mod
+    from rerankd.stages.bm25 import BM25Index
+
+    now = [0.0]
+    monkeypatch.setattr(bm25_mod, "_now", lambda: now[0])
+    bm25 = SearchParams(query="aspirin", first_stage="bm25", rerank=False)
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))
+        await p.start()
+        await p.upsert([Document("a", "aspirin and colon cancer")])
+        await p.flush()
+        await asyncio.to_thread(p._save_bm25)
+        await p.upsert([Document("b", "aspirin and stroke")])
+        await p.close(save_snapshot=False)  # the saved BM25 index covers "a" only
+
+        real_add = BM25Index._add
+        monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError("simulated")))
+        p = Pipeline(settings_for(models_dir, tmp_path / "data"))  # does not raise
+        await p.start()
+        try:
+            assert p.bm25.failures == 1
+            assert [h.id for h in (await p.search(bm25)).hits] == ["a"]
+            monkeypatch.setattr(BM25Index, "_add", real_add)
+            now[0] += 1.0
+            for _ in range(2000):
+                if not p.bm25.failures:
+                    break
+                await asyncio.sleep(0.01)
+            assert p.bm25.failures == 0  # retried in the background, no write since
+            assert sorted(h.id for h in (await p.search(bm25)).hits) == ["a", "b"]
+        finally:
+            await p.close()
 
     asyncio.run(run())

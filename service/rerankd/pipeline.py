@@ -212,7 +212,14 @@ class Pipeline:
         elif why != "missing" or self.store.count():
             log.warning("BM25 index on disk unusable (%s): building it from the store", why)
         self._bm25_saved_seq = self.bm25.applied_seq if why is None else -1
-        self.bm25.refresh()
+        try:
+            self.bm25.refresh()
+        except Exception:
+            if why is not None:  # nothing to serve BM25 from: the start fails
+                raise
+            # the saved index loaded: serve it (stale) and retry in the background from start()
+            log.exception("BM25 catch-up after loading the saved index failed: serving the index as of seq %d "
+                          "and retrying in the background", self.bm25.applied_seq)
         self.metadata_index = MetadataIndex()
         self.metadata_index.add(*self.store.metadata())
         self._write_lock: asyncio.Lock | None = None
@@ -288,6 +295,8 @@ class Pipeline:
     async def start(self) -> None:
         self._write_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
+        if self.bm25.failures:  # the catch-up at load failed: retry it in the background
+            self._refresh_bm25_soon()
         await self.embedder.batcher.start()
         await self.reranker.batcher.start()
         # A rebuilt graph or a long replay: snapshot now so the next restart does not repeat it.
@@ -590,11 +599,11 @@ class Pipeline:
                 # The filter index gets new labels before the graph and loses retired ones after
                 # it: a filtered search reads it under the graph's lock, so it never misses the
                 # live version of a matching document (stale labels it still holds are not live).
+                self.bm25.mark_dirty(retired, seq)  # first: BM25 catches up even if the graph update fails
                 self.metadata_index.add(labels, [r.metadata for r in rows])
                 # New labels in, replaced ones out, under one index lock: a concurrent search sees
                 # the old or the new version (the retired row is gone from the store already).
                 self.dense.replace(np.asarray(labels, dtype=np.int64), vecs, retired)
-                self.bm25.mark_dirty(retired, seq)
                 self.metadata_index.remove(retired)
             except Exception as e:
                 self._indexes_fell_behind(seq, e)
@@ -620,10 +629,10 @@ class Pipeline:
             if labels:
                 self._applied_seq = max(self._applied_seq, seq)
             try:
+                if labels:
+                    self.bm25.mark_dirty(labels, seq)  # first: BM25 catches up even if the graph update fails
                 self.dense.delete(labels)
                 self.metadata_index.remove(labels)
-                if labels:
-                    self.bm25.mark_dirty(labels, seq)
             except Exception as e:
                 self._indexes_fell_behind(seq, e)
                 raise _IndexesBehind(seq) from e
@@ -723,7 +732,7 @@ class Pipeline:
         """``BM25Index.on_stale`` (a search's thread): a search read a stale BM25 index; make sure
         the background task is retrying (after a failure a Search's own refresh found)."""
         loop = self._loop
-        if loop is None or self._closing or (self._bm25_task is not None and not self._bm25_task.done()):
+        if loop is None or self._closing:
             return
         try:
             loop.call_soon_threadsafe(self._refresh_bm25_soon)

@@ -273,11 +273,6 @@ class BM25Index:
                 self._tombstones.append((int(seq), np.asarray(gone, dtype=np.int64)))
         self._generation += 1
 
-    def _tombstones_after(self, seq: int) -> np.ndarray:
-        with self._tomb_lock:
-            parts = [a for q, a in self._tombstones if q > seq]
-        return np.concatenate(parts) if parts else _EMPTY_I
-
     def _prune_tombstones(self) -> None:
         covered = self._snap.seq
         with self._tomb_lock:
@@ -328,6 +323,8 @@ class BM25Index:
                 return False
             try:
                 self._refresh_locked()
+            except RefreshAborted:
+                raise  # shutting down: not a failure of the index
             except BaseException as e:
                 self.failures += 1
                 self.refresh_failures_total += 1
@@ -347,13 +344,18 @@ class BM25Index:
         a failed refresh the search reads the last good snapshot instead -- stale (documents
         written since are missing from this leg; deleted ones are masked) -- and leaves the
         retry to the owner (``on_stale``): a Search neither fails nor runs a rebuild."""
-        if not self.failures:
+        owned = self.on_stale is not None
+        if not self.failures or not owned:
             try:
-                self.refresh(retry=False)
+                # healthy: wait for a refresh in progress. Without an owner to retry (the index used
+                # on its own), a search retries once the backoff allows, never waiting for another.
+                self.refresh(blocking=not self.failures, retry=not owned)
+            except RefreshAborted:
+                pass
             except Exception:
                 log.exception("BM25 refresh failed: searches use the index as of seq %d until a retry succeeds",
                               self._snap.seq)
-        if self.failures and self.on_stale is not None:
+        if self.failures and owned:
             try:
                 self.on_stale()
             except Exception:  # a search must not fail on the owner's hook
@@ -375,6 +377,7 @@ class BM25Index:
             held = self._labels.view()[self._alive]
             gone = held[~np.isin(held, live)].tolist()
         try:
+            labels, texts = self._skip_indexed(np.asarray(labels, dtype=np.int64), texts)
             if len(labels) and self._labels.n and int(labels[0]) <= int(self._labels.a[self._labels.n - 1]):
                 # Cannot happen with the store (labels only grow); a source that breaks the rule
                 # gets a full rebuild rather than a silently wrong index.
@@ -401,6 +404,22 @@ class BM25Index:
         self._snap = self._publish()
         self._built_generation = gen
         self._prune_tombstones()
+
+    def _skip_indexed(self, labels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Drop the documents a failed or aborted refresh already added (whole chunks, before it
+        failed: ``_seq`` did not move, so the retry reads them again). Labels are never reused,
+        so an indexed label is the same document; the retry goes on with the rest instead of
+        re-tokenizing the whole store."""
+        n = self._labels.n
+        if not len(labels) or not n or int(labels[0]) > int(self._labels.a[n - 1]):
+            return labels, texts
+        held = self._labels.view()
+        pos = np.minimum(np.searchsorted(held, labels), n - 1)
+        known = held[pos] == labels
+        if not known.any():
+            return labels, texts
+        keep = np.flatnonzero(~known)
+        return labels[keep], [texts[i] for i in keep.tolist()]
 
     def _start_over(self) -> None:
         self._epoch += 1
@@ -685,6 +704,8 @@ class BM25Index:
         matching documents, not what is left of an unfiltered top-k.
         """
         self._catch_up()
+        with self._tomb_lock:  # before the snapshot: a refresh publishing meanwhile prunes only what it covers
+            tombs = list(self._tombstones)
         s = self._snap
         if s.n_alive == 0 or s.total_len <= 0 or k <= 0:  # no live document has a term
             return _EMPTY_I, _EMPTY_F
@@ -724,7 +745,8 @@ class BM25Index:
         contrib = np.concatenate(w_parts) * (tf / (np.float32(self.k1) * ((1 - np.float32(self.b)) + np.float32(self.b) * norm) + tf))
         scores = np.bincount(slots, weights=contrib, minlength=len(s.labels)).astype(np.float32)
         scores[~s.alive] = 0.0
-        gone = self._tombstones_after(s.seq)
+        gone = [a for q, a in tombs if q > s.seq]
+        gone = np.concatenate(gone) if gone else _EMPTY_I
         if len(gone):  # deleted or replaced after this snapshot (a stale one, or a refresh racing)
             scores[_slots_of(s.labels, gone)] = 0.0
         if allowed is not None:
