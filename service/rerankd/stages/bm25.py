@@ -394,8 +394,8 @@ class BM25Index:
             # leave them out of step with each other: the next refresh rebuilds everything from
             # the store instead of building on them. A failure before or between updates (in
             # tokenizing, in reading the store) leaves them consistent: the next refresh goes on
-            # from the same sequence (deletes already applied are skipped; a batch added before
-            # the failure makes it start over, by the label-order check above). Searches keep the
+            # from the same sequence (deletes already applied are skipped, and so are the
+            # documents of chunks added before the failure: _skip_indexed). Searches keep the
             # last published snapshot either way.
             if self._torn:
                 self._start_over()
