@@ -596,10 +596,10 @@ class Pipeline:
             labels, replaced, seq, retired = self.store.upsert(rows)
             self._applied_seq = max(self._applied_seq, seq)
             try:
+                self.bm25.mark_dirty(retired, seq)  # first: BM25 catches up even if the graph update fails
                 # The filter index gets new labels before the graph and loses retired ones after
                 # it: a filtered search reads it under the graph's lock, so it never misses the
                 # live version of a matching document (stale labels it still holds are not live).
-                self.bm25.mark_dirty(retired, seq)  # first: BM25 catches up even if the graph update fails
                 self.metadata_index.add(labels, [r.metadata for r in rows])
                 # New labels in, replaced ones out, under one index lock: a concurrent search sees
                 # the old or the new version (the retired row is gone from the store already).
