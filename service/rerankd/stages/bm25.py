@@ -67,6 +67,7 @@ PROGRESS_MIN_DOCS = 50_000
 # failure that persists costs one rebuild attempt per minute, not one per Search and per write.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
+TOMBSTONE_ENTRIES = 64  # deletes/replacements noted since the published snapshot, before they are folded
 _now = time.monotonic  # the backoff's clock (tests replace it here, not process-wide)
 
 
@@ -271,6 +272,13 @@ class BM25Index:
         if len(gone):
             with self._tomb_lock:
                 self._tombstones.append((int(seq), np.asarray(gone, dtype=np.int64)))
+                if len(self._tombstones) > TOMBSTONE_ENTRIES:
+                    # a long outage under many writes: fold them into one sorted entry at the
+                    # latest sequence, so a stale search reads one array, not thousands. Kept until
+                    # a snapshot covers that sequence: masking labels it already has as deleted is
+                    # a no-op.
+                    merged = np.unique(np.concatenate([a for _, a in self._tombstones]))
+                    self._tombstones = [(max(q for q, _ in self._tombstones), merged)]
         self._generation += 1
 
     def _prune_tombstones(self) -> None:
