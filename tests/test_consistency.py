@@ -594,7 +594,9 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             st = p.stats()  # Stats says so too, and why
             assert st["bm25_failed_refreshes"] == 1 and st["bm25_sequence"] < st["sequence"]
             assert st["bm25_last_error"] == "MemoryError: simulated"
-            assert ids(await p.search(bm25)) == ["a"]  # stale, but answered; the deleted one masked
+            r = await p.search(bm25)
+            assert ids(r) == ["a"] and r.bm25_stale  # stale, but answered (and says so); the deleted one masked
+            assert not (await p.search(SearchParams(query="aspirin", first_stage="dense", rerank=False))).bm25_stale
             # the dense leg sees the new document, so a hybrid Search finds it
             assert "b" in ids(await p.search(SearchParams(query="aspirin stroke", rerank=False)))
             n = len(attempts)
@@ -608,7 +610,8 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             assert p.bm25.applied_seq == p.store.last_seq() and gauge("rerankd_bm25_failed_refreshes") == 0
             st = p.stats()
             assert (st["bm25_failed_refreshes"], st["bm25_sequence"], st["bm25_last_error"]) == (0, st["sequence"], "")
-            assert sorted(ids(await p.search(bm25))) == ["a", "b"]
+            r = await p.search(bm25)
+            assert sorted(ids(r)) == ["a", "b"] and not r.bm25_stale
 
             # a failure that a Search's own refresh runs into is retried in the background too
             failing[0] = True

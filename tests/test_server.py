@@ -250,6 +250,7 @@ def test_reupserting_identical_documents_writes_nothing(client):
     hits = client.search("kinase inhibitors updated", top_n=5, rerank=False, include_metadata=True,
                          filter={"v": "2"})
     assert [h["id"] for h in hits] == ["sync-3"]
+    assert client.search("kinase inhibitors", rerank=False, raw=True).bm25_stale is False  # healthy
     st = client.stats()  # that hybrid Search brought BM25 up to the write it follows
     assert st.bm25_sequence >= r.sequence and st.bm25_failed_refreshes == 0 and st.bm25_last_error == ""
     s = client.upsert_stream([docs[:2], changed[2:]])

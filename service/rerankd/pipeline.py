@@ -97,6 +97,7 @@ class SearchResult:
     reranker: str
     first_stage: str
     reranked: bool
+    bm25_stale: bool = False  # the BM25 leg read the last good index while a failed refresh is retried
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ class Pipeline:
         # its own index if a write changed the filter index since (see FilterView).
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
+        stale: list[bool] = []
 
         async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
@@ -378,6 +380,7 @@ class Pipeline:
         async def bm25_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
             labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed)
+            stale.append(self.bm25.stale)
             t.bm25_us = _us(time.perf_counter() - t0)
             return labels, scores
 
@@ -429,7 +432,8 @@ class Pipeline:
                 metadata=d.metadata if p.include_metadata else {}, rerank_score=rr_score,
             ))
         t.total_us = _us(time.perf_counter() - t_start)
-        return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank))
+        return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank),
+                            bm25_stale=any(stale))
 
     def _fetch(self, labels: list[int], conditions) -> dict:
         """Candidates' stored rows (deleted ones absent); with a filter, also re-checked against

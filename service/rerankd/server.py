@@ -352,7 +352,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     for h in r.hits
                 ],
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
-                first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked,
+                first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked, bm25_stale=r.bm25_stale,
             )
             # Say which arguments to change, rather than let grpc fail the send after the fact.
             limit = self.app.settings.server.max_message_bytes

@@ -104,20 +104,22 @@ class StageTimings(_message.Message):
     def __init__(self, embed_us: _Optional[int] = ..., ann_us: _Optional[int] = ..., bm25_us: _Optional[int] = ..., fusion_us: _Optional[int] = ..., rerank_us: _Optional[int] = ..., total_us: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked")
+    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
     RERANKER_MODEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_STAGE_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
+    BM25_STALE_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     timings: StageTimings
     embedder_model: str
     reranker_model: str
     first_stage: FirstStage
     reranked: bool
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ...) -> None: ...
+    bm25_stale: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "is_query")
