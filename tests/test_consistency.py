@@ -688,7 +688,9 @@ def test_a_failed_bm25_catch_up_at_start_serves_the_saved_index(models_dir, tmp_
         await p.start()
         try:
             assert p.bm25.failures == 1
-            assert [h.id for h in (await p.search(bm25)).hits] == ["a"]
+            assert p._bm25_task is not None and not p._bm25_task.done()  # retrying before any Search
+            r = await p.search(bm25)
+            assert [h.id for h in r.hits] == ["a"] and r.bm25_stale
             monkeypatch.setattr(BM25Index, "_add", real_add)
             now[0] += 1.0
             for _ in range(2000):

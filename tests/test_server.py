@@ -437,3 +437,24 @@ def test_hnsw_recall_vs_brute_force(server):
         hits += len(set(got.tolist()) & set(labels[ex].tolist()))
     recall = hits / (10 * len(queries))
     assert recall >= 0.95, recall
+
+
+def test_search_says_when_its_bm25_leg_is_stale(models_dir, tmp_path, monkeypatch):
+    """A BM25 refresh that fails (out of memory, say): the Search is answered from the last good
+    index and its response says so; Stats says why."""
+    from rerankd.stages import bm25 as bm25_mod
+    from rerankd.stages.bm25 import BM25Index
+
+    monkeypatch.setattr(bm25_mod, "_now", lambda: 0.0)  # the backoff never passes: stays stale
+    with EmbeddedServer(settings_for(models_dir, tmp_path)) as srv, Client(srv.target, timeout=120) as c:
+        c.upsert([{"id": "a", "text": "aspirin and colon cancer"}])
+        fresh = c.search("aspirin", first_stage="bm25", rerank=False, raw=True)
+        assert [h.id for h in fresh.hits] == ["a"] and fresh.bm25_stale is False
+        monkeypatch.setattr(BM25Index, "_add", lambda *a: (_ for _ in ()).throw(MemoryError("simulated")))
+        c.upsert([{"id": "b", "text": "aspirin and stroke"}])
+        r = c.search("aspirin", first_stage="bm25", rerank=False, raw=True)
+        assert [h.id for h in r.hits] == ["a"] and r.bm25_stale is True
+        assert c.search("aspirin", first_stage="dense", rerank=False, raw=True).bm25_stale is False
+        st = c.stats()
+        assert st.bm25_failed_refreshes >= 1 and st.bm25_last_error == "MemoryError: simulated"
+        assert st.bm25_sequence < st.sequence

@@ -379,8 +379,9 @@ class Pipeline:
 
         async def bm25_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
-            labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed)
-            stale.append(self.bm25.stale)
+            info: dict = {}
+            labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed, info)
+            stale.append(bool(info.get("stale")))
             t.bm25_us = _us(time.perf_counter() - t0)
             return labels, scores
 

@@ -67,7 +67,7 @@ PROGRESS_MIN_DOCS = 50_000
 # failure that persists costs one rebuild attempt per minute, not one per Search and per write.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
-TOMBSTONE_ENTRIES = 64  # deletes/replacements noted since the published snapshot, before they are folded
+TOMBSTONE_ENTRIES = 64  # chunks of deletes/replacements noted since the published snapshot, before they are joined
 _now = time.monotonic  # the backoff's clock (tests replace it here, not process-wide)
 
 
@@ -234,9 +234,10 @@ class BM25Index:
         self.on_stale: Callable[[], None] | None = None
         self._closing = False
         self._torn = False  # a writer-array update is part-way: a failure now must start over
-        # (store sequence, labels) of deletes and replacements not yet in the published snapshot:
-        # searches mask them, so a stale index never gives top-k places to documents that are gone
-        self._tombstones: list[tuple[int, np.ndarray]] = []
+        # (store sequences, labels) of deletes and replacements not yet in the published snapshot,
+        # as chunks of two parallel arrays: searches mask them, so a stale index never gives top-k
+        # places to documents that are gone
+        self._tombstones: list[tuple[np.ndarray, np.ndarray]] = []
         self._tomb_lock = threading.Lock()
         self._reset_arrays()
         self._snap = self._publish()
@@ -270,21 +271,28 @@ class BM25Index:
         """A write happened. ``gone``: the labels it deleted or replaced, at store sequence
         ``seq``; searches leave them out until a published index covers ``seq``."""
         if len(gone):
+            labels = np.asarray(gone, dtype=np.int64)
             with self._tomb_lock:
-                self._tombstones.append((int(seq), np.asarray(gone, dtype=np.int64)))
+                self._tombstones.append((np.full(len(labels), int(seq), dtype=np.int64), labels))
                 if len(self._tombstones) > TOMBSTONE_ENTRIES:
-                    # a long outage under many writes: fold them into one sorted entry at the
-                    # latest sequence, so a stale search reads one array, not thousands. Kept until
-                    # a snapshot covers that sequence: masking labels it already has as deleted is
-                    # a no-op.
-                    merged = np.unique(np.concatenate([a for _, a in self._tombstones]))
-                    self._tombstones = [(max(q for q, _ in self._tombstones), merged)]
+                    # many writes before a refresh publishes (a long outage): one pair of arrays,
+                    # so a search reads one, not thousands (a copy, no sort: O(n) under the lock);
+                    # each label keeps its own sequence, so pruning stays exact
+                    self._tombstones = [(np.concatenate([q for q, _ in self._tombstones]),
+                                         np.concatenate([a for _, a in self._tombstones]))]
         self._generation += 1
 
     def _prune_tombstones(self) -> None:
         covered = self._snap.seq
         with self._tomb_lock:
-            self._tombstones = [(q, a) for q, a in self._tombstones if q > covered]
+            kept = []
+            for q, a in self._tombstones:
+                later = q > covered
+                if later.all():
+                    kept.append((q, a))
+                elif later.any():
+                    kept.append((q[later], a[later]))
+            self._tombstones = kept
 
     def close_refreshes(self) -> None:
         """Shutting down: a refresh in progress stops at its next tokenizing chunk (raising
@@ -703,18 +711,24 @@ class BM25Index:
         return None
 
     # -- reader side ---------------------------------------------------------------------------------
-    def search(self, query: str, k: int, allowed: Callable[[], set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: str, k: int, allowed: Callable[[], set[int]] | None = None,
+               info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (labels, BM25 scores), best first; documents with score 0 are left out.
 
         ``allowed`` (a metadata filter: returns the matching labels; called after the index is
         brought up to date, so it is read no earlier than the index): only those documents can
         be returned -- the others' scores are zeroed before the top-k, so the k are the best
-        matching documents, not what is left of an unfiltered top-k.
+        matching documents, not what is left of an unfiltered top-k. ``info``: gets ``"stale"``,
+        whether this search read the last good index while a failed refresh is retried (read
+        before the snapshot: a retry succeeding meanwhile makes it say stale, never the reverse).
         """
         self._catch_up()
+        stale = self.failures > 0
         with self._tomb_lock:  # before the snapshot: a refresh publishing meanwhile prunes only what it covers
             tombs = list(self._tombstones)
         s = self._snap
+        if info is not None:
+            info["stale"] = stale
         if s.n_alive == 0 or s.total_len <= 0 or k <= 0:  # no live document has a term
             return _EMPTY_I, _EMPTY_F
         q = tokenize([query])
@@ -753,7 +767,7 @@ class BM25Index:
         contrib = np.concatenate(w_parts) * (tf / (np.float32(self.k1) * ((1 - np.float32(self.b)) + np.float32(self.b) * norm) + tf))
         scores = np.bincount(slots, weights=contrib, minlength=len(s.labels)).astype(np.float32)
         scores[~s.alive] = 0.0
-        gone = [a for q, a in tombs if q > s.seq]
+        gone = [a[q > s.seq] for q, a in tombs]
         gone = np.concatenate(gone) if gone else _EMPTY_I
         if len(gone):  # deleted or replaced after this snapshot (a stale one, or a refresh racing)
             scores[_slots_of(s.labels, gone)] = 0.0
