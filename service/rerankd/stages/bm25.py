@@ -723,7 +723,7 @@ class BM25Index:
         before the snapshot: a retry succeeding meanwhile makes it say stale, never the reverse).
         """
         self._catch_up()
-        stale = self.failures > 0
+        stale = self.stale
         with self._tomb_lock:  # before the snapshot: a refresh publishing meanwhile prunes only what it covers
             tombs = list(self._tombstones)
         s = self._snap
