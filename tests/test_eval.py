@@ -13,6 +13,7 @@ The machine is small and busy: the slice is tiny (8 queries, 80 docs, k in {5, 1
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from rerankd import irmetrics
+from rerankd.config import Settings
 from rerankd.evaluate import H, drop_self, hits_of, k_rows, load_dataset, load_qrels
 
 from util import settings_for
@@ -321,6 +323,44 @@ def test_eval_against_a_running_target(server, scifact, tmp_path):
     assert doc["meta"]["server"]["target"] == server.target and doc["meta"]["server"]["embedded"] is False
     assert doc["meta"]["documents"] == N_DOCS and doc["meta"]["indexing"] is None
     assert "| bm25 |" in buf.getvalue()
+
+
+def test_eval_budget_rows(server, scifact, tmp_path):
+    """--budgets-ms rows: real budgeted Searches; a budget that covers everything scores as the
+    unbudgeted rerank row, a 1 ms one reranks at most the one pair that measures the rate."""
+    from rerankd.cli import main
+
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["eval", "--dataset", str(scifact), "--target", server.target, "--skip-index",
+                   "--max-queries", "3", "--max-docs", str(N_DOCS), "--stages", "hybrid", "--ks", "5",
+                   "--budgets-ms", "1", "600000", "--budget-candidates", "5",
+                   "--latency-queries", "1", "--warmup-queries", "0", "--no-progress", "--json", str(out), "--plot", str(png)])
+    assert rc == 0, buf.getvalue()
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["hybrid", "hybrid+rerank@5", "hybrid+rerank@5 budget 1 ms", "hybrid+rerank@5 budget 600000 ms"]
+    wide, tight = rows["hybrid+rerank@5 budget 600000 ms"], rows["hybrid+rerank@5 budget 1 ms"]
+    assert wide["budget_ms"] == 600000 and wide["reranked_candidates"]["all"] == 3 and wide["reranked_candidates"]["min"] == 5
+    assert wide["per_query"] == rows["hybrid+rerank@5"]["per_query"]  # the same served order
+    assert tight["reranked_candidates"]["max"] <= 1 and tight["reranked_candidates"]["queries"] == 3
+    assert tight["latency"]["queries"] == 1 and rows["hybrid+rerank@5"]["budget_ms"] is None
+    assert "budget_ms=600000) per query; candidates reranked per query: mean 5.0" in buf.getvalue()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reranked_stats_and_budget_arguments():
+    from rerankd.evaluate import _check_args, reranked_stats
+
+    assert reranked_stats([5, 0, 3, 5], 5) == {"queries": 4, "mean": 3.25, "p50": 4.0, "min": 0, "max": 5, "all": 2}
+    assert reranked_stats([])["mean"] is None
+    args = argparse.Namespace(ks=[10], stages=[], skip_index=False, target=None, index__data_dir=None,
+                              max_queries=None, max_docs=None, budgets_ms=[0], budget_candidates=50)
+    assert "--budgets-ms" in _check_args(args, Settings())
+    args.budgets_ms, args.budget_candidates = [100], 5000
+    assert "--budget-candidates: 5000 exceeds --max-candidates 1000" == _check_args(args, Settings())
+    args.budget_candidates = 50
+    assert _check_args(args, Settings()) is None
 
 
 def test_eval_rejects_bad_arguments(scifact, capsys):

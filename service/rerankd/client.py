@@ -208,7 +208,7 @@ def _check_model(wanted: str | None, served: str) -> None:
 
 
 def _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                    fusion_weight, filter) -> pb.SearchRequest:  # noqa: A002 - the API's name
+                    fusion_weight, filter, budget_ms=None) -> pb.SearchRequest:  # noqa: A002 - the API's name
     conds = []
     for k, v in (filter or {}).items():
         values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
@@ -217,7 +217,7 @@ def _search_request(query, top_n, candidates, rerank, first_stage, include_text,
         conds.append(pb.MetadataMatch(key=k, values=values))
     return pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
                             include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
-                            filter=conds)
+                            filter=conds, budget_ms=budget_ms)
 
 
 def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[dict[str, Any]] | pb.SearchResponse:
@@ -327,11 +327,14 @@ class Client:
     def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None, rerank: bool | None = None,
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
                fusion_weight: float | None = None, filter: Mapping[str, str | Iterable[str]] | None = None,
-               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               budget_ms: int | None = None, timeout: float | None = None,
+               raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
-        (every key must match; a list means any of its values)."""
+        (every key must match; a list means any of its values). ``budget_ms``: soft latency
+        budget; the candidates it left unreranked follow the reranked ones in first-stage order,
+        without ``rerank_score`` (``raw=True``: ``reranked_candidates`` in the response)."""
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter)
+                              fusion_weight, filter, budget_ms)
         return _hits(self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
@@ -420,10 +423,10 @@ class AsyncClient:
     async def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None,
                      rerank: bool | None = None, first_stage: str | None = None, include_text: bool = False,
                      include_metadata: bool = False, fusion_weight: float | None = None,
-                     filter: Mapping[str, str | Iterable[str]] | None = None,
+                     filter: Mapping[str, str | Iterable[str]] | None = None, budget_ms: int | None = None,
                      timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter)
+                              fusion_weight, filter, budget_ms)
         return _hits(await self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     async def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,

@@ -121,6 +121,13 @@ class IndexConfig:
         "0 = reranker order alone, the default: for rerankers trained with the shipped recipe it gave no reliable "
         "gain on held-out train claims, see README (SearchRequest.fusion_weight overrides per call)",
     )
+    search_budget_ms: int = _f(
+        0,
+        "Soft latency budget of a reranked Search, in ms from its arrival: the cross-encoder scores the candidates in "
+        "first-stage order, a batch at a time, and starts no batch it expects to end past the budget; the rest follow "
+        "in first-stage order (SearchResponse.reranked_candidates says how many were reranked). 0 = no budget, rerank "
+        "every candidate (SearchRequest.budget_ms overrides per call)",
+    )
     filter_exact_max: int = _f(
         50000,
         "Metadata-filtered dense search: most matching documents it scores exactly (vectors read from the store, "
@@ -219,7 +226,7 @@ MINIMUM: dict[str, float] = {
     "threads": 0, "device_id": 0, "max_query_tokens": 1,
     "max_batch_tokens": 0, "max_queue": 1, "sort_window": 1,
     "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "rrf_k": 0, "hybrid_depth": 1, "filter_exact_max": 0,
-    "snapshot_every": 0, "auto_compact_ratio": 0,
+    "snapshot_every": 0, "auto_compact_ratio": 0, "search_budget_ms": 0,
     "max_candidates": 1, "max_top_n": 1, "max_items": 1, "max_text_bytes": 1, "max_query_bytes": 1,
     "max_id_bytes": 1, "max_metadata_bytes": 0,
 }
@@ -249,7 +256,7 @@ def check_settings(settings: "Settings") -> None:
     its ``MINIMUM``, a word outside its ``CHOICES``. Combinations (a precision a backend lacks)
     are checked by the backends as they are built."""
     from .errors import ConfigError, InvalidArgument
-    from .validation import check_fusion_weight
+    from .validation import check_budget, check_fusion_weight
 
     for section in SECTIONS:
         for f in dataclasses.fields(SECTIONS[section]):
@@ -266,6 +273,10 @@ def check_settings(settings: "Settings") -> None:
         check_fusion_weight(settings.index.rerank_fusion_weight, "rerank_fusion_weight")
     except InvalidArgument as e:
         raise ConfigError(f"{setting_name('rerank_fusion_weight')}: {e}") from None
+    try:
+        check_budget(settings.index.search_budget_ms, "search_budget_ms")
+    except InvalidArgument as e:
+        raise ConfigError(f"{setting_name('search_budget_ms')}: {e}") from None
     # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
     # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
     # items, an Upsert's documents) must fit an empty queue.

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="first stages evaluated alone (no rerank) [default dense bm25 hybrid]")
     g.add_argument("--rerank-stage", choices=STAGES, default="hybrid",
                    help="first stage feeding the reranker in the rerank rows [default hybrid]")
+    g.add_argument("--budgets-ms", type=int, nargs="*", default=[], metavar="MS",
+                   help="add a row per soft latency budget (SearchRequest.budget_ms): --rerank-stage + rerank of "
+                        "--budget-candidates candidates, as many as each budget lets the server rerank; quality, latency "
+                        "and the candidates reranked per query [default none]")
+    g.add_argument("--budget-candidates", type=int, default=50, metavar="K",
+                   help="candidates (k) of the --budgets-ms rows [default 50]")
     g.add_argument("--latency-queries", type=int, default=50, metavar="N",
                    help="queries timed per row (the first N; 0 = no latency) [default 50]")
     g.add_argument("--warmup-queries", type=int, default=3, metavar="N",
@@ -343,6 +349,8 @@ class Row:
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)
     ci95: dict[str, list[float]] = field(default_factory=dict)  # measure -> [low, high] (rerankd.significance)
     latency: dict[str, Any] | None = None
+    budget_ms: int = 0  # budget rows: the Search's soft latency budget (0: none, every candidate reranked)
+    reranked: list[int] = field(default_factory=list)  # budget rows: candidates reranked, per query
 
 
 class Evaluator:
@@ -360,9 +368,11 @@ class Evaluator:
 
         return tqdm(it, disable=not self.progress, file=sys.stderr, dynamic_ncols=True, **kw)
 
-    def search(self, query: str, *, stage: str, rerank: bool, candidates: int, top_n: int):
+    def search(self, query: str, *, stage: str, rerank: bool, candidates: int, top_n: int, budget_ms: int = 0):
+        # budget_ms 0 explicitly: a --target server's own --search-budget-ms would otherwise cut
+        # the ordinary rerank rows short (and the shared k-row call with them)
         return self.client.search(query, first_stage=stage, rerank=rerank, candidates=candidates, top_n=top_n,
-                                  raw=True, timeout=self.args.timeout)
+                                  budget_ms=budget_ms if rerank else None, raw=True, timeout=self.args.timeout)
 
     def _guarded(self, row: Row, qid: str, fn, retry: bool = True):
         """Run one Search. A query the server rejects (INVALID_ARGUMENT on ``query``, e.g. over
@@ -531,12 +541,32 @@ class Evaluator:
                     rows[k].run[qid] = ids
         return [rows[k] for k in ks]
 
+    def budget_rows(self) -> list[Row]:
+        """One row per ``--budgets-ms`` budget: a real budgeted Search(candidates=K, top_n=K) per
+        query, scored in the order served (reranked prefix first, the rest in first-stage order).
+        What a budget reranks depends on the machine and its load, so these rows measure this
+        server as it ran, not the model."""
+        stage, k = self.args.rerank_stage, self.args.budget_candidates
+        rows = []
+        for ms in self.args.budgets_ms:
+            row = Row(f"{stage}+rerank@{k} budget {ms} ms", stage, True, k, budget_ms=ms)
+            for qid, text in self._bar(self.ds.queries, desc=f"budget {ms} ms", unit="q"):
+                n = self._depth(k, qid)
+                resp = self._guarded(row, qid, lambda: self.search(text, stage=stage, rerank=True, candidates=n,
+                                                                    top_n=n, budget_ms=ms))
+                if resp is not None:
+                    row.run[qid] = [h.id for h in drop_self(hits_of(resp), qid)][:k]
+                    row.reranked.append(int(resp.reranked_candidates))
+            rows.append(row)
+        return rows
+
     # -- latency -----------------------------------------------------------------------------------------
     def latency(self, row: Row) -> dict[str, Any]:
         n, warm = self.args.latency_queries, self.args.warmup_queries
         queries = self.ds.queries[:n]
         top_n = min(LATENCY_TOP_N, row.candidates)
-        call = dict(stage=row.first_stage, rerank=row.rerank, candidates=row.candidates, top_n=top_n)
+        call = dict(stage=row.first_stage, rerank=row.rerank, candidates=row.candidates, top_n=top_n,
+                    budget_ms=row.budget_ms)
         scratch = Row(row.name, row.first_stage, row.rerank, row.candidates)
         for _, text in queries[:warm]:  # warmup: untimed
             self._guarded(scratch, "warmup", lambda: self.search(text, **call))
@@ -573,6 +603,17 @@ def score_row(row: Row, qrels: dict[str, dict[str, int]]) -> None:
 
 
 # -- output -------------------------------------------------------------------------------------------
+def reranked_stats(counts: Sequence[int], candidates: int | None = None) -> dict[str, Any]:
+    """How many candidates a budget row's Searches reranked (``all``: queries with every one of
+    ``candidates``; without it, the largest count seen)."""
+    if not counts:
+        return {"queries": 0, "mean": None, "p50": None, "min": None, "max": None, "all": 0}
+    xs = sorted(counts)
+    full = max(xs) if candidates is None else candidates
+    return {"queries": len(xs), "mean": sum(xs) / len(xs), "p50": percentiles(xs)["p50"], "min": xs[0],
+            "max": xs[-1], "all": sum(1 for x in xs if x >= full)}
+
+
 def _f(v: float | None, fmt: str = "{:.4f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -614,7 +655,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "Hits are scored in the order the server returned them; a hit whose id equals the query id is dropped (BEIR).",
     ]
     shared = [r.name for r in rows if r.rerank and r.k_rows_from != "direct"]
-    direct = [r.name for r in rows if r.rerank and r.k_rows_from == "direct"]
+    direct = [r.name for r in rows if r.rerank and r.k_rows_from == "direct" and not r.budget_ms]
     if shared:
         notes.append(
             f"Rerank rows ({', '.join(shared)}): one Search per query with candidates=top_n=max(k), rerank=True returns "
@@ -626,6 +667,13 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         notes.append(f"Rerank rows ({', '.join(direct)}): one real Search(candidates=k, top_n=k, rerank=True) per query.")
     if shared or direct:
         notes.append("Recall@100 of a rerank@k row is the first stage's recall@k (the reranker's ceiling).")
+    for r in rows:
+        if r.budget_ms and r.reranked:
+            st = reranked_stats(r.reranked, r.candidates)
+            notes.append(f"{r.name}: one real Search(candidates={r.candidates}, top_n={r.candidates}, budget_ms="
+                         f"{r.budget_ms}) per query; candidates reranked per query: mean {st['mean']:.1f}, p50 "
+                         f"{st['p50']:g}, min {st['min']}, all {r.candidates} in {st['all']} of {st['queries']} queries "
+                         "(the rest in first-stage order; depends on this machine's speed and load).")
     lat_failed = {r.name: r.latency["failed"] for r in rows if r.latency and r.latency.get("failed")}
     if lat_failed:
         notes.append(f"Latency calls the server shed or refused (left out of the percentiles, which read low under "
@@ -652,9 +700,13 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rr = [r for r in rows if r.rerank]
+    rr = [r for r in rows if r.rerank and not r.budget_ms]
     fs = [r for r in rows if not r.rerank]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    budget = [r for r in rows if r.budget_ms and r.latency and r.latency["total_ms"]["p50"] is not None]
+    if budget:  # a second panel: quality against latency, one point per budget
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), dpi=120)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     colors = {"dense": "tab:blue", "bm25": "tab:green", "hybrid": "tab:purple"}
     handles = []
     if rr:
@@ -680,6 +732,8 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
         handles += ax2.plot(ks, [r.latency["total_ms"]["p95"] for r in lat_rows], "^:", color="tab:orange", label="rerank p95 ms")
         ax2.set_ylabel("Search latency, ms (client wall time)")
         ax2.set_ylim(bottom=0)
+    if budget:
+        _budget_panel(bx, budget, rr, fs, colors)
     s = meta["server"]
     title = f"{meta['dataset']} {meta['split']} — {meta['queries']} queries, {meta['documents']} docs — {s.get('reranker_model')}"
     if s.get("reranker_trained") is False:
@@ -691,6 +745,30 @@ def plot(rows: list[Row], meta: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _budget_panel(ax, budget: list[Row], rr: list[Row], fs: list[Row], colors: dict[str, str]) -> None:
+    """NDCG@10 against p50 latency: the budget rows as a curve (each point labelled with its
+    budget and mean candidates reranked), the unbudgeted rerank rows and first stages as points."""
+    def p50(r: Row) -> float:
+        return r.latency["total_ms"]["p50"]
+
+    ax.plot([p50(r) for r in budget], [r.metrics["ndcg@10"] for r in budget], "o-", color="tab:brown",
+            label=f"{budget[0].first_stage}+rerank@{budget[0].candidates} with a budget")
+    for r in budget:
+        st = reranked_stats(r.reranked, r.candidates)
+        ax.annotate(f"{r.budget_ms} ms\n{st['mean'] or 0:.1f} reranked", (p50(r), r.metrics["ndcg@10"]),
+                    textcoords="offset points", xytext=(6, -14), fontsize=7)
+    for r in rr + fs:
+        if r.latency and r.latency["total_ms"]["p50"] is not None:
+            ax.plot([p50(r)], [r.metrics["ndcg@10"]], "s" if r.rerank else "D",
+                    color="tab:red" if r.rerank else colors.get(r.name, "gray"), label=r.name)
+    ax.set_xscale("log")
+    ax.set_xlabel("Search p50 latency, ms (client wall time, log scale)")
+    ax.set_ylabel("NDCG@10")
+    ax.set_title("quality vs latency: soft budgets (budget_ms)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _check_args(args: argparse.Namespace, settings: cfg.Settings, check_limits: bool = True) -> str | None:
@@ -707,6 +785,14 @@ def _check_args(args: argparse.Namespace, settings: cfg.Settings, check_limits: 
             return f"--stages: the first-stage rows ask for {FIRST_STAGE_DEPTH} hits (Recall@{FIRST_STAGE_DEPTH}), above {flag} {limit}"
     if args.skip_index and not args.target and args.index__data_dir is None:
         return "--skip-index needs --target or --data-dir (the default embedded server starts empty)"
+    if any(ms < 1 or ms > 3_600_000 for ms in args.budgets_ms):
+        return "--budgets-ms: every budget must be 1 to 3600000 ms"
+    if args.budgets_ms:
+        if args.budget_candidates < 1:
+            return "--budget-candidates must be at least 1"
+        for flag, limit in limits:
+            if args.budget_candidates > limit:
+                return f"--budget-candidates: {args.budget_candidates} exceeds {flag} {limit}"
     if args.max_queries is not None and args.max_queries < 1:
         return "--max-queries must be at least 1"
     if args.max_docs is not None and args.max_docs < 1:
@@ -797,6 +883,7 @@ def run(args: argparse.Namespace) -> int:
             rows = [ev.first_stage_row(s) for s in args.stages]
             if args.ks:
                 rows += ev.rerank_rows()
+            rows += ev.budget_rows()
             for r in rows:
                 score_row(r, ds.qrels)
             if args.latency_queries > 0:
@@ -825,6 +912,7 @@ def run(args: argparse.Namespace) -> int:
         "documents": indexing["documents"] if indexing else server["documents"],
         "max_queries": args.max_queries, "max_docs": args.max_docs, "docs_judged_for_kept_queries": ds.required_docs or None,
         "ks": sorted(set(args.ks)), "stages": list(args.stages), "rerank_stage": args.rerank_stage,
+        "budgets_ms": list(args.budgets_ms), "budget_candidates": args.budget_candidates if args.budgets_ms else None,
         "first_stage_candidates": FIRST_STAGE_DEPTH, "latency_queries": args.latency_queries,
         "warmup_queries": args.warmup_queries, "exact_k_rows": bool(args.exact_k_rows),
         "self_hit_queries": sorted(ev.self_ids),
@@ -851,7 +939,8 @@ def run(args: argparse.Namespace) -> int:
 def _row_dict(r: Row) -> dict[str, Any]:
     return {
         "name": r.name, "first_stage": r.first_stage, "rerank": r.rerank, "candidates": r.candidates,
-        "k_rows_from": r.k_rows_from if r.rerank else None,
+        "k_rows_from": r.k_rows_from if r.rerank else None, "budget_ms": r.budget_ms or None,
+        "reranked_candidates": reranked_stats(r.reranked, r.candidates) if r.budget_ms else None,
         "metrics": r.metrics, "ci95": r.ci95, "latency": r.latency, "failed_queries": r.failed,
         "per_query": r.per_query,
     }

@@ -46,6 +46,14 @@ class Metrics:
             registry=r)
         self.bm25_applied_seq = Gauge(
             "rerankd_bm25_applied_sequence", "Store sequence the searchable BM25 index covers", registry=r)
+        self.budgeted = Counter(
+            "rerankd_budgeted_searches",
+            "Reranked Searches with a latency budget, by how the rerank ended: done (every candidate), budget (the "
+            "next batch would have ended past the budget), overloaded (a later batch met a full queue)",
+            ["stop"], registry=r)
+        self.budget_reranked = Histogram(
+            "rerankd_budgeted_reranked_candidates", "Candidates a budgeted Search reranked",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -60,6 +68,10 @@ class Metrics:
         self.calls.labels(method, code.name).inc()
         if ran:
             self.call_seconds.labels(method, "true" if rerank else "false").observe(seconds)
+
+    def on_budget(self, stop: str, reranked: int) -> None:
+        self.budgeted.labels(stop).inc()
+        self.budget_reranked.observe(reranked)
 
     def on_stages(self, timings) -> None:
         for stage in ("embed", "ann", "bm25", "fusion", "rerank", "queue"):

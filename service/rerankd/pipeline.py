@@ -38,6 +38,7 @@ from .validation import (
     check_count,
     check_filter,
     check_first_stage,
+    check_budget,
     check_fusion_weight,
     check_ids,
     check_metadata,
@@ -63,6 +64,8 @@ class SearchParams:
     fusion_weight: float | None = None
     # Metadata filter: ((key, (value, ...)), ...), AND across conditions, OR within one.
     filter: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Soft latency budget in ms from arrival (None: the server's --search-budget-ms; 0: none).
+    budget_ms: int | None = None
 
 
 @dataclass
@@ -98,6 +101,8 @@ class SearchResult:
     first_stage: str
     reranked: bool
     bm25_stale: bool = False  # the BM25 leg read the last good index while a failed refresh is retried
+    reranked_candidates: int = 0  # candidates the cross-encoder scored (fewer than found when a budget cut it short)
+    budget_stop: str = ""  # budgeted reranks: "done" | "budget" | "overloaded"; "" without a budget
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class Pipeline:
         self.settings = settings
         s = settings
         check_settings(s)
+        self.clock = time.perf_counter  # budgeted Searches measure their budget with it (tests: a fake clock)
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
@@ -348,6 +354,7 @@ class Pipeline:
     # -- Search ---------------------------------------------------------------------------------------
     async def search(self, p: SearchParams, deadline: float | None = None) -> SearchResult:
         t_start = time.perf_counter()
+        arrival = self.clock()
         limits = self.settings.limits
         check_query(p.query, limits)
         top_n, k = resolve_search(p.top_n, p.candidates, limits)
@@ -356,6 +363,8 @@ class Pipeline:
         # the server's own weight was validated at start; only a per-call one needs checking
         fusion_weight = (self.settings.index.rerank_fusion_weight if p.fusion_weight is None
                          else check_fusion_weight(p.fusion_weight))
+        budget_ms = (self.settings.index.search_budget_ms if p.budget_ms is None
+                     else check_budget(p.budget_ms))
         q_ids = self.reranker.query_ids(p.query) if rerank else None
         conditions = check_filter(p.filter, limits)
         # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
@@ -363,6 +372,7 @@ class Pipeline:
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
         stale: list[bool] = []
+        budget_stop = ""
 
         async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
@@ -413,14 +423,20 @@ class Pipeline:
                 fresh = await self._searching(self.reranker.passage_ids, [docs[cands[i][0]].full_text for i in missing])
                 for i, ids in zip(missing, fresh):
                     passages[i] = ids
-            scores, queued = await self.reranker.score_cached(
-                p.query, q_ids, passages, [docs[lb].full_text for lb, _, _ in cands], deadline
-            )
+            texts = [docs[lb].full_text for lb, _, _ in cands]
+            if budget_ms:
+                b = await self.reranker.score_within(p.query, q_ids, passages, texts, arrival + budget_ms / 1e3,
+                                                     deadline, self.clock)
+                scores, queued, budget_stop = b.scores, b.queued, b.stop
+            else:
+                scores, queued = await self.reranker.score_cached(p.query, q_ids, passages, texts, deadline)
             t.rerank_us = _us(time.perf_counter() - t0)
             t.queue_us += _us(queued)
-            final = rerank_fusion(scores, [c[2] for c in cands], fusion_weight)
-            order = sorted(range(len(cands)), key=lambda i: (-float(final[i]), cands[i][2]))
-            ranked = [(cands[i], float(final[i]), float(scores[i])) for i in order]
+            m = len(scores)  # a budget may have cut the rerank to the first m candidates
+            final = rerank_fusion(scores, [c[2] for c in cands[:m]], fusion_weight) if m else scores
+            order = sorted(range(m), key=lambda i: (-float(final[i]), cands[i][2]))
+            # the candidates a budget left unscored follow in first-stage order, with their own score
+            ranked = [(cands[i], float(final[i]), float(scores[i])) for i in order] + [(c, float(c[1]), None) for c in cands[m:]]
         else:
             ranked = [(c, float(c[1]), None) for c in cands]
 
@@ -433,8 +449,10 @@ class Pipeline:
                 metadata=d.metadata if p.include_metadata else {}, rerank_score=rr_score,
             ))
         t.total_us = _us(time.perf_counter() - t_start)
-        return SearchResult(hits, t, self.embedder.name, self.reranker.name if rerank else "", stage, bool(rerank),
-                            bm25_stale=any(stale))
+        reranked = sum(1 for r in ranked if r[2] is not None)
+        on = bool(rerank) and (reranked > 0 or not cands)  # off too when a budget left no time for one batch
+        return SearchResult(hits, t, self.embedder.name, self.reranker.name if on else "", stage, on,
+                            bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop)
 
     def _fetch(self, labels: list[int], conditions) -> dict:
         """Candidates' stored rows (deleted ones absent); with a filter, also re-checked against

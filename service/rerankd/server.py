@@ -341,9 +341,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 first_stage=_stage_name(request.first_stage),
                 fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
                 filter=tuple((m.key, tuple(m.values)) for m in request.filter),
+                budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
             )
             r = await p.search(params, deadline)
             self.app.metrics.on_stages(r.timings)
+            if r.budget_stop:
+                self.app.metrics.on_budget(r.budget_stop, r.reranked_candidates)
             resp = pb.SearchResponse(
                 hits=[
                     pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
@@ -353,6 +356,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 ],
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
                 first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked, bm25_stale=r.bm25_stale,
+                reranked_candidates=r.reranked_candidates,
             )
             # Say which arguments to change, rather than let grpc fail the send after the fact.
             limit = self.app.settings.server.max_message_bytes
@@ -364,8 +368,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
-        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search",
-                               size=_search_size(request, self.app.settings.limits))
+        budget = request.budget_ms if request.HasField("budget_ms") else self.app.settings.index.search_budget_ms
+        # A budgeted Search's latency is its budget's, not its size's: it is never refused early
+        # on the estimate of unbudgeted ones, nor does it move that estimate (size None).
+        size = None if rerank and budget else _search_size(request, self.app.settings.limits)
+        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search", size=size)
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):

@@ -99,6 +99,16 @@ def check_fusion_weight(weight: float, field: str = "fusion_weight") -> float:
     return w
 
 
+MAX_BUDGET_MS = 3_600_000
+
+
+def check_budget(ms: int, field: str = "budget_ms") -> int:
+    """A Search's soft latency budget in ms (0 = none)."""
+    if not 0 <= ms <= MAX_BUDGET_MS:
+        raise InvalidArgument(field, f"must be 0 (no budget) to {MAX_BUDGET_MS} ms, got {ms}")
+    return int(ms)
+
+
 def check_first_stage(name: str, field: str = "first_stage") -> str:
     if name not in FIRST_STAGES:
         raise InvalidArgument(field, f"unknown first stage {name!r}; valid: {', '.join(FIRST_STAGES)}")

@@ -7,6 +7,9 @@ a rerank tokenizes only the query and assembles pairs from the cached ids.
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -14,8 +17,24 @@ from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
 from ..config import BatchConfig
-from ..errors import BackendError, InvalidArgument
+from ..errors import BackendError, InvalidArgument, Overloaded
 from ..tokenization import PairTokenizer
+
+# Budgeted reranks: weight of the newest chunk in the server-wide seconds-per-token estimate.
+RATE_EWMA = 0.3
+# ... and when the estimate says not even one pair fits a call's budget, one pair is scored anyway
+# if the estimate has had no news for this long: a load spike would otherwise leave an estimate
+# so high that no call reranks again, and none would ever bring it down.
+RATE_PROBE_S = 1.0
+
+
+@dataclass
+class Budgeted:
+    """A budgeted rerank's outcome: scores of the first ``len(scores)`` passages."""
+    scores: np.ndarray
+    queued: float  # seconds its chunks waited in the batcher
+    chunks: int
+    stop: str  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a later chunk was refused)
 
 
 class Reranker:
@@ -39,6 +58,10 @@ class Reranker:
             bundle.tokenizer_path, bundle.max_length, st["cls_id"], st["sep_id"], max_query_tokens
         )
         self.backend = backend
+        # Budgeted reranks: seconds per padded token of their recent chunks, wall time from
+        # submit to result (so queueing behind other calls counts); None until the first one.
+        self.seconds_per_token: float | None = None
+        self._rate_news: float | None = None  # clock() of its last update (or probe)
         self.batcher = Batcher(
             "reranker",
             self._forward,
@@ -75,6 +98,76 @@ class Reranker:
         pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
         rows, queued = await self.batcher.submit(pairs, deadline)
         return np.asarray(rows, dtype=np.float32), queued
+
+    def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:
+        """End (exclusive) of the next budgeted chunk from ``start``: as many pairs, in order, as
+        one batch holds (``max_rows`` of their padded length) and, with an estimate ``rate``
+        (seconds per padded token), as are expected to finish within ``seconds_left``. Without an
+        estimate, one pair (it measures the rate). ``start`` itself when nothing fits."""
+        if seconds_left <= 0:
+            return start
+        if rate is None:
+            return start + 1
+        b = self.batcher
+        end, longest = start, 0
+        while end < len(lengths):
+            longest = max(longest, lengths[end])
+            padded = b.seq_bucket(longest)
+            rows = end - start + 1
+            if rows > b.max_rows(padded) or rows * padded * rate > seconds_left:
+                break
+            end += 1
+        return end
+
+    async def score_within(
+        self, query: str, query_ids: np.ndarray, passages: list[np.ndarray], texts: list[str] | None,
+        soft_end: float, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter,
+    ) -> Budgeted:
+        """Score a prefix of ``passages`` (first-stage order) within a soft budget: one batch-sized
+        chunk at a time, each started only when it is expected to end by ``soft_end`` (a
+        ``clock()`` time), so the budget is overrun by at most one chunk's misestimate. The
+        expectation is this call's last chunk's rate, else the server-wide estimate; the very
+        first budgeted chunk after a start is one pair, which measures it. When not even one
+        pair is expected to fit, one is scored anyway if the estimate has had no news for
+        ``RATE_PROBE_S`` (at most one such probe a second, server-wide).
+
+        Written here rather than by the batcher: the batcher orders sequences by length across
+        calls, so a deadline there would leave an arbitrary subset scored, not a prefix of the
+        first stage's order. Chunks of one call are sequential; other calls fill the batches
+        between them. A full queue (``Overloaded``) on the first chunk is raised; on a later one
+        the prefix scored so far is returned (``stop`` "overloaded")."""
+        pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
+        lengths = [len(p.input_ids) for p in pairs]
+        scores: list[float] = []
+        queued, chunks, local, stop = 0.0, 0, None, "done"
+        while len(scores) < len(pairs):
+            start = len(scores)
+            now = clock()
+            end = self.chunk_ends(lengths, start, soft_end - now, local if local is not None else self.seconds_per_token)
+            if end <= start and not scores and soft_end > now and (
+                    self._rate_news is None or now - self._rate_news >= RATE_PROBE_S):
+                end = start + 1  # probe: the estimate may be stale (see RATE_PROBE_S)
+            if end <= start:
+                stop = "budget"
+                break
+            self._rate_news = now
+            t0 = clock()
+            try:
+                rows, q = await self.batcher.submit(pairs[start:end], deadline)
+            except Overloaded:
+                if not scores:
+                    raise
+                stop = "overloaded"
+                break
+            tokens = (end - start) * self.batcher.seq_bucket(max(lengths[start:end]))
+            local = max(clock() - t0, 0.0) / tokens
+            old = self.seconds_per_token
+            self.seconds_per_token = local if old is None else (1 - RATE_EWMA) * old + RATE_EWMA * local
+            self._rate_news = clock()
+            scores.extend(float(x) for x in rows)
+            queued += q
+            chunks += 1
+        return Budgeted(np.asarray(scores, dtype=np.float32), queued, chunks, stop)
 
     async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
                           field: str = "items") -> tuple[np.ndarray, float]:

@@ -35,7 +35,7 @@ class MetadataMatch(_message.Message):
     def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter")
+    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class SearchRequest(_message.Message):
     INCLUDE_METADATA_FIELD_NUMBER: _ClassVar[int]
     FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_n: int
     candidates: int
@@ -54,7 +55,8 @@ class SearchRequest(_message.Message):
     include_metadata: bool
     fusion_weight: float
     filter: _containers.RepeatedCompositeFieldContainer[MetadataMatch]
-    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ...) -> None: ...
+    budget_ms: int
+    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score")
@@ -104,7 +106,7 @@ class StageTimings(_message.Message):
     def __init__(self, embed_us: _Optional[int] = ..., ann_us: _Optional[int] = ..., bm25_us: _Optional[int] = ..., fusion_us: _Optional[int] = ..., rerank_us: _Optional[int] = ..., total_us: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale")
+    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale", "reranked_candidates")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class SearchResponse(_message.Message):
     FIRST_STAGE_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
     BM25_STALE_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     timings: StageTimings
     embedder_model: str
@@ -119,7 +122,8 @@ class SearchResponse(_message.Message):
     first_stage: FirstStage
     reranked: bool
     bm25_stale: bool
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ...) -> None: ...
+    reranked_candidates: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ..., reranked_candidates: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "is_query")

@@ -1,0 +1,239 @@
+"""Budgeted Searches (SearchRequest.budget_ms, --search-budget-ms): the cross-encoder scores a
+first-stage prefix of the candidates, a batch at a time, within a soft latency budget.
+
+Time is a fake clock that only the reranker's backend moves (one second per pair scored), so the
+expected prefixes are exact and nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rerankd.client import Client
+from rerankd.config import Settings
+from rerankd.embedded import EmbeddedServer
+from rerankd.errors import ConfigError, Overloaded
+from rerankd.metrics import Metrics
+from rerankd.pipeline import Document, Pipeline, SearchParams
+from util import assert_invalid, settings_for
+
+# Twelve passages of one shape, so every (query, passage) pair has the same length: a chunk of r
+# pairs then costs r fake seconds, and the estimate per padded token predicts exactly that.
+DOCS = [Document(f"d{c}", f"aspirin trial {c} reduced colon cancer risk") for c in "abcdefghijkl"]
+QUERY = "aspirin colon cancer risk"
+# batch_sizes (1, 2): a budgeted chunk is at most two pairs
+BATCH = {"warmup": False, "batch_sizes": (1, 2)}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _rig(p: Pipeline, monkeypatch) -> FakeClock:
+    """The pipeline's clock becomes fake; each reranker batch advances it by one second per pair."""
+    clock = FakeClock()
+    p.clock = clock
+    real = p.reranker.backend.run
+
+    def run(ids, mask, types):
+        clock.t += ids.shape[0]
+        return real(ids, mask, types)
+
+    monkeypatch.setattr(p.reranker.backend, "run", run)
+    p.reranker.seconds_per_token, p.reranker._rate_news = None, None
+    return clock
+
+
+def _check_order(r, m: int) -> None:
+    """The first m hits are the reranked first-stage prefix in the reranker's order; the rest
+    follow in first-stage order without a rerank score."""
+    head, tail = r.hits[:m], r.hits[m:]
+    assert sorted(h.first_stage_rank for h in head) == list(range(1, m + 1))
+    assert all(h.rerank_score is not None for h in head)
+    assert [h.rerank_score for h in head] == sorted((h.rerank_score for h in head), reverse=True)
+    assert [h.score for h in head] == [h.rerank_score for h in head]
+    assert [h.first_stage_rank for h in tail] == list(range(m + 1, m + 1 + len(tail)))
+    assert all(h.rerank_score is None and h.score == h.first_stage_score for h in tail)
+    assert [h.rank for h in r.hits] == list(range(1, len(r.hits) + 1))
+
+
+def test_budget_reranks_the_prefix_that_fits(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path, batch=BATCH, index={"data_dir": tmp_path, "search_budget_ms": 4500}))
+        await p.start()
+        try:
+            await p.upsert(DOCS)
+            clock = _rig(p, monkeypatch)
+            full = SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=0)  # 0: no budget
+            r = await p.search(full)
+            assert r.reranked and r.reranked_candidates == 12 and r.budget_stop == ""
+            assert clock.t == 12 and p.reranker.seconds_per_token is None  # unbudgeted: no estimate
+
+            # The server's budget (4.5 s), estimate cold: a one-pair chunk measures the rate
+            # (t=1), then a full chunk of two fits (t=3), then one (t=4); 0.5 s is left, too
+            # little for one more pair.
+            clock.t = 100.0
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
+            assert (r.reranked_candidates, r.budget_stop, r.reranked) == (4, "budget", True)
+            assert clock.t == 104.0
+            _check_order(r, 4)
+            assert r.reranker == p.reranker.name and len(r.hits) == 12
+            # The same four candidates score as in the unbudgeted Search.
+            whole = {h.id: h.rerank_score for h in (await p.search(full)).hits}
+            clock.t = 200.0
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
+            assert all(h.rerank_score == pytest.approx(whole[h.id], abs=1e-4) for h in r.hits[:4])
+            assert r.reranked_candidates == 4 and clock.t == 204.0  # warm estimate: two chunks of two
+            # top_n below the reranked prefix: only reranked hits come back
+            clock.t = 300.0
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=3))
+            assert len(r.hits) == 3 and all(h.rerank_score is not None for h in r.hits)
+            # A per-call budget that covers everything: stop "done"
+            clock.t = 400.0
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000))
+            assert (r.reranked_candidates, r.budget_stop) == (12, "done")
+            _check_order(r, 12)
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_spent_budget_gives_first_stage_order_and_a_stale_estimate_is_probed(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path, batch=BATCH))
+        await p.start()
+        try:
+            await p.upsert(DOCS)
+            clock = _rig(p, monkeypatch)
+            await p.search(SearchParams(query=QUERY, candidates=12, budget_ms=3000))  # warms the estimate
+            assert p.reranker.seconds_per_token is not None
+            # 0.5 s cannot hold one pair (1 s) and the estimate just had news: nothing is reranked
+            t0 = clock.t
+            small = SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=500)
+            r = await p.search(small)
+            assert (r.reranked_candidates, r.budget_stop, r.reranked, r.reranker) == (0, "budget", False, "")
+            assert clock.t == t0
+            _check_order(r, 0)
+            plain = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, rerank=False))
+            assert [h.id for h in r.hits] == [h.id for h in plain.hits]
+            # An estimate without news for a second is probed with one pair, so a load spike's
+            # estimate cannot keep every later call from reranking.
+            clock.t += 1.5
+            r = await p.search(small)
+            assert (r.reranked_candidates, r.reranked) == (1, True)
+            # ... once a second at most: the next call within it does not probe
+            r = await p.search(small)
+            assert r.reranked_candidates == 0
+            # A budget the first stage already spent reranks nothing, and no probe overruns it.
+            clock.t += 5.0
+            real_embed = p.embedder.backend.run
+
+            def slow_embed(*a):
+                clock.t += 2.0  # the query's embedding takes 2 s
+                return real_embed(*a)
+
+            monkeypatch.setattr(p.embedder.backend, "run", slow_embed)
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=1500))
+            assert (r.reranked_candidates, r.budget_stop) == (0, "budget")
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=3500))
+            assert r.reranked_candidates == 1  # 1.5 s left after the first stage: one pair
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_a_full_queue_ends_a_budgeted_rerank_with_its_prefix(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path, batch=BATCH))
+        await p.start()
+        m = Metrics()
+        try:
+            await p.upsert(DOCS)
+            _rig(p, monkeypatch)
+            real = p.reranker.batcher.submit
+            calls = []
+
+            async def submit(seqs, deadline=None, **kw):
+                calls.append(len(seqs))
+                if len(calls) in fail:
+                    raise Overloaded("queue full", retry_after_s=0.1)
+                return await real(seqs, deadline, **kw)
+
+            monkeypatch.setattr(p.reranker.batcher, "submit", submit)
+            fail = {3}
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000))
+            assert calls == [1, 2, 2] and (r.reranked_candidates, r.budget_stop) == (3, "overloaded")
+            _check_order(r, 3)
+            m.on_budget(r.budget_stop, r.reranked_candidates)
+            assert m.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "overloaded"}) == 1
+            # refused on its first chunk: nothing was done, so the caller gets the refusal
+            calls.clear()
+            fail = {1}
+            with pytest.raises(Overloaded):
+                await p.search(SearchParams(query=QUERY, candidates=12, budget_ms=60_000))
+            # an unbudgeted Search is all or nothing, as before
+            calls.clear()
+            with pytest.raises(Overloaded):
+                await p.search(SearchParams(query=QUERY, candidates=12, budget_ms=0))
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_chunk_planner(models_dir, tmp_path):
+    p = Pipeline(settings_for(models_dir, tmp_path, batch={"warmup": False, "max_batch_tokens": 512,
+                                                          "batch_sizes": (1, 2, 4, 8)}))
+    try:
+        assert p.reranker.batcher.seq_bucket(60) == 64  # dynamic shapes: padded to a multiple of 8
+        plan = p.reranker.chunk_ends
+        # no estimate: one pair; no time left: nothing
+        assert plan([40] * 10, 0, 5.0, None) == 1
+        assert plan([40] * 10, 3, 0.0, 1.0) == 3 and plan([40] * 10, 3, -1.0, None) == 3
+        # rows are capped by the batch: 512 tokens hold 8 rows of 64, 4 of 128
+        assert plan([60] * 20, 0, 1e9, 1e-9) == 8
+        assert plan([60, 60, 120, 60, 60, 60], 0, 1e9, 1e-9) == 4  # the third pads the chunk to 120
+        # time: at 1 ms per padded token, 40-token pairs (padded 40) cost 40 ms each
+        assert plan([40] * 10, 0, 0.125, 1e-3) == 3
+        assert plan([40] * 10, 8, 0.125, 1e-3) == 10  # the end of the list
+        # a longer pair later raises the chunk's padded length for all of it
+        assert plan([40, 40, 200], 0, 0.200, 1e-3) == 2
+    finally:
+        asyncio.run(p.close(save_snapshot=False))
+
+
+def test_budget_through_grpc(models_dir, tmp_path):
+    s = settings_for(models_dir, tmp_path, batch=BATCH)
+    with EmbeddedServer(s) as srv, Client(srv.target, timeout=120) as c:
+        c.upsert([{"id": d.id, "text": d.text} for d in DOCS])
+        full = c.search(QUERY, candidates=12, top_n=12, raw=True)
+        assert full.reranked and full.reranked_candidates == 12
+        first = c.search(QUERY, candidates=12, top_n=12, rerank=False, raw=True)
+        assert first.reranked_candidates == 0 and not first.reranked
+        # a budget of 1 ms on a real CPU: after the one-pair measurement, at most that pair;
+        # the proto carries the count and the hits without a rerank score
+        r = c.search(QUERY, candidates=12, top_n=12, budget_ms=1, raw=True)
+        n = r.reranked_candidates
+        assert n <= 1 and r.reranked == (n == 1)
+        assert sum(h.HasField("rerank_score") for h in r.hits) == n
+        assert [h.first_stage_rank for h in r.hits[n:]] == list(range(n + 1, 13))
+        hits = c.search(QUERY, candidates=12, top_n=12, budget_ms=1)
+        assert sum("rerank_score" in h for h in hits) <= 1
+        assert_invalid(lambda: c.search(QUERY, budget_ms=3_600_001), "budget_ms")
+        text = srv.app.metrics.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "budget"})
+        assert text is not None and text >= 1
+
+
+@pytest.mark.parametrize("bad", [-1, 3_600_001])
+def test_bad_server_budget_fails_at_start(models_dir, tmp_path, bad):
+    with pytest.raises(ConfigError, match="search-budget-ms"):
+        Pipeline(settings_for(models_dir, tmp_path, index={"data_dir": tmp_path, "search_budget_ms": bad}))
+
+    assert Settings().index.search_budget_ms == 0  # off unless asked for
