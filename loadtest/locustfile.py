@@ -55,6 +55,8 @@ def _add_arguments(parser) -> None:
                    help="Search: first-stage candidates; Score: items per call")
     g.add_argument("--top-n", type=int, env_var="RERANKD_TOP_N", default=10, help="Search: hits returned")
     g.add_argument("--encode-batch", type=int, env_var="RERANKD_ENCODE_BATCH", default=8, help="Encode: items per call")
+    g.add_argument("--budget-ms", type=int, env_var="RERANKD_BUDGET_MS", default=-1,
+                   help="Search: soft latency budget (SearchRequest.budget_ms); -1 = the server's default")
     g.add_argument("--rpc-timeout", type=float, env_var="RERANKD_RPC_TIMEOUT", default=10.0,
                    help="per-call deadline, seconds")
     g.add_argument("--allow-remote", action="store_true", env_var="RERANKD_ALLOW_REMOTE", default=False,
@@ -78,6 +80,7 @@ def _on_init(environment, **_kw) -> None:
         "candidates": int(getattr(opts, "candidates", 50)),
         "top_n": int(getattr(opts, "top_n", 10)),
         "encode_batch": int(getattr(opts, "encode_batch", 8)),
+        "budget_ms": None if int(getattr(opts, "budget_ms", -1)) < 0 else int(opts.budget_ms),
     }
 
 

@@ -562,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-rss-growth-mb", type=float, default=100.0, help="RSS after minus before, at most")
     p.add_argument("--no-rerank", dest="rerank", action="store_false", default=None,
                    help="Search: first stage only (SearchRequest.rerank = false)")
+    p.add_argument("--budget-ms", type=int, default=None,
+                   help="Search: soft latency budget (SearchRequest.budget_ms; default: the server's)")
     return p
 
 
@@ -611,7 +613,8 @@ def _validate(args, p: argparse.ArgumentParser) -> list[str]:
 async def _amain(args, rpcs: list[str]) -> dict:
     ds = load_dataset(args.dataset)
     payloads = Payloads(ds, candidates=args.candidates, top_n=args.top_n, encode_batch=args.encode_batch,
-                        encode_queries=args.encode_queries, seed=args.seed, rerank=args.rerank)
+                        encode_queries=args.encode_queries, seed=args.seed, rerank=args.rerank,
+                        budget_ms=args.budget_ms)
     tgt = GrpcTarget(args.target, args.channels)
     report: dict = {
         "tool": "rerankd-openloop",
@@ -622,7 +625,7 @@ async def _amain(args, rpcs: list[str]) -> dict:
         "params": {"candidates": args.candidates, "top_n": min(args.top_n, args.candidates),
                    "encode_batch": args.encode_batch, "encode_queries": args.encode_queries,
                    "max_inflight": args.max_inflight, "timeout_s": args.timeout, "channels": args.channels,
-                   "seed": args.seed, "rerank": args.rerank},
+                   "seed": args.seed, "rerank": args.rerank, "budget_ms": args.budget_ms},
         "runs": [],
     }
     try:

@@ -118,7 +118,8 @@ class Payloads:
     """Builds requests for one RPC from a dataset, deterministically for a given seed."""
 
     def __init__(self, ds: Dataset, *, candidates: int = 50, top_n: int = 10, encode_batch: int = 8,
-                 encode_queries: bool = False, seed: int = 0, rerank: bool | None = None) -> None:
+                 encode_queries: bool = False, seed: int = 0, rerank: bool | None = None,
+                 budget_ms: int | None = None) -> None:
         if candidates < 1 or top_n < 1 or encode_batch < 1:
             raise ValueError("candidates, top_n and encode_batch must be >= 1")
         self.ds = ds
@@ -127,12 +128,15 @@ class Payloads:
         self.encode_batch = encode_batch
         self.encode_queries = encode_queries
         self.rerank = rerank  # Search: None = the server's default (rerank on), False = first stage only
+        self.budget_ms = budget_ms  # Search: soft latency budget (None = the server's default)
         self.rng = random.Random(seed)
 
     def search(self) -> pb.SearchRequest:
         req = pb.SearchRequest(query=self.rng.choice(self.ds.queries), top_n=self.top_n, candidates=self.candidates)
         if self.rerank is not None:
             req.rerank = self.rerank
+        if self.budget_ms is not None:
+            req.budget_ms = self.budget_ms
         return req
 
     def score(self) -> pb.ScoreRequest:

@@ -441,6 +441,15 @@ def test_early_deadline_check_compares_calls_of_about_the_same_size():
     assert _search_size(pb.SearchRequest(query="q"), limits) == _search_size(pb.SearchRequest(query="q", candidates=50), limits) == 50
     assert _search_size(pb.SearchRequest(query="q", top_n=80), limits) == 80
     assert _search_size(pb.SearchRequest(query="q", candidates=0), limits) == 0  # invalid: left to validation
+    # A budgeted reranked Search is not judged (nor learnt from) by its candidates: its budget sets its latency.
+    from rerankd.server import _admission_size
+
+    budgeted = Settings().replace(index={"search_budget_ms": 300})
+    assert _admission_size(pb.SearchRequest(query="q"), Settings()) == 50
+    assert _admission_size(pb.SearchRequest(query="q", budget_ms=300), Settings()) is None
+    assert _admission_size(pb.SearchRequest(query="q"), budgeted) is None  # the server's default budget
+    assert _admission_size(pb.SearchRequest(query="q", budget_ms=0), budgeted) == 50  # 0: no budget for this call
+    assert _admission_size(pb.SearchRequest(query="q", budget_ms=300, rerank=False), Settings()) == 50
     # Score and reranked Search share a lane (one limit) but not an estimate: a Score of 50 items
     # was judged by 50-candidate Searches, which add the first stage (README "Not done", session 13).
     from rerankd.server import RERANK_LANE

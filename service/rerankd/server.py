@@ -368,11 +368,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
-        budget = request.budget_ms if request.HasField("budget_ms") else self.app.settings.index.search_budget_ms
-        # A budgeted Search's latency is its budget's, not its size's: it is never refused early
-        # on the estimate of unbudgeted ones, nor does it move that estimate (size None).
-        size = None if rerank and budget else _search_size(request, self.app.settings.limits)
-        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search", size=size)
+        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search",
+                               size=_admission_size(request, self.app.settings))
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):
@@ -488,6 +485,15 @@ def _search_size(request: pb.SearchRequest, limits) -> int:
                               request.candidates if request.HasField("candidates") else None, limits)[1]
     except errors.InvalidArgument:
         return 0
+
+
+def _admission_size(request: pb.SearchRequest, settings: Settings) -> int | None:
+    """A Search's size for the early deadline check. None for a budgeted reranked Search: its
+    latency is its budget's, not its candidates', so it is never refused on the estimate of
+    unbudgeted ones, nor does it move that estimate."""
+    rerank = request.rerank if request.HasField("rerank") else True
+    budget = request.budget_ms if request.HasField("budget_ms") else settings.index.search_budget_ms
+    return None if rerank and budget else _search_size(request, settings.limits)
 
 
 def _documents(request: pb.UpsertRequest) -> list[Document]:
