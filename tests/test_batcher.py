@@ -1011,3 +1011,36 @@ def test_arrival_order_keeps_the_token_budget_when_a_later_call_is_longer():
 def test_unknown_batch_order_is_rejected():
     with pytest.raises(ValueError, match="batch_order"):
         make(FakeForward(), batch_order="random")
+
+
+def test_rate_and_backlog_for_budgeted_callers():
+    """seconds_per_token: model time per padded token over every batch (an EWMA, timed with the
+    batcher's clock); backlog_tokens: the batches prepared or running plus the queued sequences
+    at the caller's padded length. Budgeted Searches plan their chunks with both."""
+    fake = FakeForward()
+    b = make(fake, batch_sizes=(1, 2), max_batch_tokens=128)
+    ticks = iter([10.0, 12.0, 12.0, 20.0, 21.0, 21.0, 30.0, 30.0, 30.0])
+    b.clock = lambda: next(ticks, 30.0)
+
+    async def main():
+        await b.start()
+        try:
+            assert b.seconds_per_token is None and b.backlog_tokens(64) == 0
+            await b.submit([seq(30), seq(30)])  # one batch of 2 x 32 padded tokens, timed 10 -> 12 s
+            assert b.seconds_per_token == pytest.approx(2.0 / 64) and b.last_batch_at == 12.0
+            await b.submit([seq(16)])  # 1 x 16 tokens, 20 -> 21 s: 1/16 s per token, EWMA 0.2
+            assert b.seconds_per_token == pytest.approx(0.8 * 2.0 / 64 + 0.2 / 16)
+            fake.hold()
+            first = asyncio.ensure_future(b.submit([seq(30), seq(30)]))  # runs, parked in the fake
+            await wait_until(lambda: fake.entered.is_set(), "the first batch running")
+            second = asyncio.ensure_future(b.submit([seq(60), seq(60)]))  # prepared: 2 x 64 padded
+            third = asyncio.ensure_future(b.submit([seq(10)] * 3))  # queued (the two slots are taken)
+            await wait_until(lambda: b.queue_depth == 3, "three sequences queued")
+            assert b.backlog_tokens(40) == 2 * 32 + 2 * 64 + 3 * 40
+            fake.release()
+            await asyncio.gather(first, second, third)
+            assert b.backlog_tokens(40) == 0
+        finally:
+            await b.close()
+
+    run(main)

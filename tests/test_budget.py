@@ -1,8 +1,9 @@
 """Budgeted Searches (SearchRequest.budget_ms, --search-budget-ms): the cross-encoder scores a
 first-stage prefix of the candidates, a batch at a time, within a soft latency budget.
 
-Time is a fake clock that only the reranker's backend moves (one second per pair scored), so the
-expected prefixes are exact and nothing here depends on the machine's speed."""
+Time is a fake clock that only the reranker's backend moves (one second per pair scored; the
+pipeline and the batcher read it), so the expected prefixes are exact and nothing here depends
+on the machine's speed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rerankd.embedded import EmbeddedServer
 from rerankd.errors import ConfigError, Overloaded
 from rerankd.metrics import Metrics
 from rerankd.pipeline import Document, Pipeline, SearchParams
+from rerankd.stages.fusion import rerank_fusion
 from util import assert_invalid, settings_for
 
 # Twelve passages of one shape, so every (query, passage) pair has the same length: a chunk of r
@@ -35,9 +37,10 @@ class FakeClock:
 
 
 def _rig(p: Pipeline, monkeypatch) -> FakeClock:
-    """The pipeline's clock becomes fake; each reranker batch advances it by one second per pair."""
+    """The pipeline's and the reranker batcher's clocks become fake; each reranker batch advances
+    it by one second per pair. The rate estimate starts cold."""
     clock = FakeClock()
-    p.clock = clock
+    p.clock = p.reranker.batcher.clock = clock
     real = p.reranker.backend.run
 
     def run(ids, mask, types):
@@ -45,7 +48,8 @@ def _rig(p: Pipeline, monkeypatch) -> FakeClock:
         return real(ids, mask, types)
 
     monkeypatch.setattr(p.reranker.backend, "run", run)
-    p.reranker.seconds_per_token, p.reranker._rate_news = None, None
+    b = p.reranker.batcher
+    b.seconds_per_token, b.last_batch_at, p.reranker._probed_at = None, None, None
     return clock
 
 
@@ -69,35 +73,56 @@ def test_budget_reranks_the_prefix_that_fits(models_dir, tmp_path, monkeypatch):
         try:
             await p.upsert(DOCS)
             clock = _rig(p, monkeypatch)
-            full = SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=0)  # 0: no budget
-            r = await p.search(full)
-            assert r.reranked and r.reranked_candidates == 12 and r.budget_stop == ""
-            assert clock.t == 12 and p.reranker.seconds_per_token is None  # unbudgeted: no estimate
-
-            # The server's budget (4.5 s), estimate cold: a one-pair chunk measures the rate
-            # (t=1), then a full chunk of two fits (t=3), then one (t=4); 0.5 s is left, too
-            # little for one more pair.
-            clock.t = 100.0
+            # The server's budget (4.5 s), no estimate yet: a one-pair chunk (t=1) whose batch
+            # measures the rate, then a full chunk of two (t=3), then one (t=4); 0.5 s is left,
+            # too little for one more pair.
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
             assert (r.reranked_candidates, r.budget_stop, r.reranked) == (4, "budget", True)
-            assert clock.t == 104.0
+            assert clock.t == 4.0
             _check_order(r, 4)
             assert r.reranker == p.reranker.name and len(r.hits) == 12
-            # The same four candidates score as in the unbudgeted Search.
-            whole = {h.id: h.rerank_score for h in (await p.search(full)).hits}
+            # The same four candidates score as in an unbudgeted Search (budget_ms 0 overrides the server's).
+            full = SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=0)
+            whole = await p.search(full)
+            assert whole.reranked and whole.reranked_candidates == 12 and whole.budget_stop == ""
+            scores = {h.id: h.rerank_score for h in whole.hits}
+            assert all(h.rerank_score == pytest.approx(scores[h.id], abs=1e-4) for h in r.hits[:4])
+            # Warm estimate (every batch, the unbudgeted ones too, feeds it): two chunks of two.
+            clock.t = 100.0
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
+            assert r.reranked_candidates == 4 and clock.t == 104.0
+            # Work ahead in the batcher counts: with two pairs' worth of backlog, 2.5 s remain for
+            # this call, one chunk of two.
+            pair = p.reranker.batcher.seconds_per_token
+            monkeypatch.setattr(p.reranker.batcher, "backlog_tokens", lambda padded: int(round(2 / pair)))
             clock.t = 200.0
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
-            assert all(h.rerank_score == pytest.approx(whole[h.id], abs=1e-4) for h in r.hits[:4])
-            assert r.reranked_candidates == 4 and clock.t == 204.0  # warm estimate: two chunks of two
-            # top_n below the reranked prefix: only reranked hits come back
+            assert r.reranked_candidates == 2 and clock.t == 202.0
+            monkeypatch.undo()
+            clock = _rig(p, monkeypatch)
             clock.t = 300.0
+            await p.search(full)  # warm again
+            # top_n below the reranked prefix: only reranked hits come back
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=3))
             assert len(r.hits) == 3 and all(h.rerank_score is not None for h in r.hits)
             # A per-call budget that covers everything: stop "done"
-            clock.t = 400.0
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000))
             assert (r.reranked_candidates, r.budget_stop) == (12, "done")
             _check_order(r, 12)
+            # Rerank fusion over a partial prefix: fused over the reranked candidates' own ranks.
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, fusion_weight=1.0))
+            head = r.hits[:r.reranked_candidates]
+            assert r.reranked_candidates == 4
+            fused = rerank_fusion([h.rerank_score for h in head], [h.first_stage_rank for h in head], 1.0)
+            assert [h.score for h in head] == pytest.approx(sorted(fused.tolist(), reverse=True), abs=1e-5)
+            assert sorted(h.first_stage_rank for h in head) == [1, 2, 3, 4]
+            # The call's gRPC deadline caps the budget: 3 s (real) left, so one chunk of two
+            # plans to end by then, and the next would not; nothing is lost to DeadlineExceeded.
+            loop = asyncio.get_running_loop()
+            t0 = clock.t
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000),
+                               deadline=loop.time() + 3.0)
+            assert (r.reranked_candidates, r.budget_stop) == (2, "budget") and clock.t == t0 + 2
         finally:
             await p.close()
 
@@ -112,8 +137,8 @@ def test_spent_budget_gives_first_stage_order_and_a_stale_estimate_is_probed(mod
             await p.upsert(DOCS)
             clock = _rig(p, monkeypatch)
             await p.search(SearchParams(query=QUERY, candidates=12, budget_ms=3000))  # warms the estimate
-            assert p.reranker.seconds_per_token is not None
-            # 0.5 s cannot hold one pair (1 s) and the estimate just had news: nothing is reranked
+            assert p.reranker.batcher.seconds_per_token is not None
+            # 0.5 s cannot hold one pair (1 s) and a batch just ran: nothing is reranked
             t0 = clock.t
             small = SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=500)
             r = await p.search(small)
@@ -122,8 +147,8 @@ def test_spent_budget_gives_first_stage_order_and_a_stale_estimate_is_probed(mod
             _check_order(r, 0)
             plain = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, rerank=False))
             assert [h.id for h in r.hits] == [h.id for h in plain.hits]
-            # An estimate without news for a second is probed with one pair, so a load spike's
-            # estimate cannot keep every later call from reranking.
+            # With no batch for a second, one pair is probed, so an estimate left high by CPU
+            # contention cannot keep every later call from reranking.
             clock.t += 1.5
             r = await p.search(small)
             assert (r.reranked_candidates, r.reranked) == (1, True)
@@ -173,11 +198,12 @@ def test_a_full_queue_ends_a_budgeted_rerank_with_its_prefix(models_dir, tmp_pat
             _check_order(r, 3)
             m.on_budget(r.budget_stop, r.reranked_candidates)
             assert m.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "overloaded"}) == 1
-            # refused on its first chunk: nothing was done, so the caller gets the refusal
+            # refused on its first chunk: a budgeted Search answers in first-stage order
             calls.clear()
             fail = {1}
-            with pytest.raises(Overloaded):
-                await p.search(SearchParams(query=QUERY, candidates=12, budget_ms=60_000))
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000))
+            assert (r.reranked_candidates, r.budget_stop, r.reranked) == (0, "overloaded", False)
+            _check_order(r, 0)
             # an unbudgeted Search is all or nothing, as before
             calls.clear()
             with pytest.raises(Overloaded):
@@ -205,6 +231,12 @@ def test_chunk_planner(models_dir, tmp_path):
         assert plan([40] * 10, 8, 0.125, 1e-3) == 10  # the end of the list
         # a longer pair later raises the chunk's padded length for all of it
         assert plan([40, 40, 200], 0, 0.200, 1e-3) == 2
+        # five 64-token pairs fit the time; a static-shape backend would run them as 4 + 1
+        assert plan([60] * 20, 0, 5 * 64 * 1e-3 + 1e-6, 1e-3) == 5
+        p.reranker.batcher.static = True
+        assert p.reranker.batcher.seq_bucket(60) == 64  # the (32, 64, 128, ...) buckets
+        assert plan([60] * 20, 0, 5 * 64 * 1e-3 + 1e-6, 1e-3) == 4
+        assert plan([60] * 20, 0, 1e9, 1e-9) == 8
     finally:
         asyncio.run(p.close(save_snapshot=False))
 
@@ -237,3 +269,46 @@ def test_bad_server_budget_fails_at_start(models_dir, tmp_path, bad):
         Pipeline(settings_for(models_dir, tmp_path, index={"data_dir": tmp_path, "search_budget_ms": bad}))
 
     assert Settings().index.search_budget_ms == 0  # off unless asked for
+
+
+def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, tmp_path):
+    """--max-concurrent-search 1, held by a Score whose batch is parked in the model thread: an
+    unbudgeted reranked Search is refused (RESOURCE_EXHAUSTED), a budgeted one answers from the
+    first stage (reranked false, stop "shed")."""
+    import threading
+
+    import grpc
+
+    s = settings_for(models_dir, tmp_path, batch=BATCH, server={"listen": "127.0.0.1:0", "max_concurrent_search": 1})
+    with EmbeddedServer(s) as srv, Client(srv.target, timeout=120, retries=0) as c:
+        c.upsert([{"id": d.id, "text": d.text} for d in DOCS])
+        backend = srv.app.pipeline.reranker.backend
+        real, running, release = backend.run, threading.Event(), threading.Event()
+
+        def parked(*a):
+            running.set()
+            assert release.wait(60)
+            return real(*a)
+
+        backend.run = parked
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(c.score(QUERY, ["aspirin trial", "colon cancer risk"])))
+        t.start()
+        try:
+            assert running.wait(60)
+            with pytest.raises(grpc.RpcError) as ei:
+                c.search(QUERY, candidates=12)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            r = c.search(QUERY, candidates=12, top_n=12, budget_ms=500, raw=True)
+            assert not r.reranked and r.reranked_candidates == 0 and r.reranker_model == ""
+            assert [h.first_stage_rank for h in r.hits] == list(range(1, 13))
+            assert not any(h.HasField("rerank_score") for h in r.hits)
+        finally:
+            release.set()
+            t.join(60)
+            backend.run = real
+        assert len(out) == 1 and len(out[0]) == 2  # the Score that held the lane finished
+        m = srv.app.metrics.registry.get_sample_value
+        assert m("rerankd_budgeted_searches_total", {"stop": "shed"}) == 1
+        # the lane free again: the budgeted Search reranks
+        assert c.search(QUERY, candidates=12, top_n=12, budget_ms=60_000, raw=True).reranked_candidates == 12

@@ -140,6 +140,12 @@ class Batcher:
         self._queued = 0
         self._urgent_queued = 0  # live priority sequences queued (their own max_queue budget)
         self._seconds_per_seq = 0.0  # EWMA of batch time per row (the queue-full retry hint)
+        # EWMA of model time per padded token over every batch (budgeted Searches plan with it),
+        # the clock time of the last batch, and the padded tokens of the batches prepared or running.
+        self.seconds_per_token: float | None = None
+        self.last_batch_at: float | None = None
+        self._batch_tokens = 0
+        self.clock = time.perf_counter  # times batches (tests: a fake clock)
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Queue[Prepared] | None = None
@@ -185,6 +191,12 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return self._queued
+
+    def backlog_tokens(self, padded_len: int) -> int:
+        """Padded tokens a call submitted now waits behind: the batches prepared or running, plus
+        each queued sequence counted at ``padded_len`` (queued lengths are not tracked; the caller
+        passes its own). Priority work that would go first is counted too."""
+        return self._batch_tokens + self._queued * padded_len
 
     # -- shapes ---------------------------------------------------------------------------------
     def seq_bucket(self, length: int) -> int:
@@ -422,6 +434,7 @@ class Batcher:
                 continue
             if any(it.call.priority for it in batch):
                 self._urgent_ready += 1
+            self._batch_tokens += int(prepared.input_ids.size)
             self._ready.put_nowait(prepared)
 
     async def _runner(self) -> None:
@@ -442,7 +455,7 @@ class Batcher:
                 for it in prepared.items:
                     if it.call.started is None:
                         it.call.started = now
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 try:
                     out = await loop.run_in_executor(
                         self._executor, self._forward, prepared.input_ids, prepared.attention_mask, prepared.token_type_ids
@@ -455,7 +468,7 @@ class Batcher:
                     err = e if isinstance(e, BackendError) else BackendError(f"{self.name}: batch failed: {e}")
                     self._fail(prepared.items, err)
                     continue
-                seconds = time.perf_counter() - t0
+                seconds = self.clock() - t0
                 self._record(prepared, seconds)
                 for row, it in zip(out, prepared.items):
                     call = it.call
@@ -469,11 +482,16 @@ class Batcher:
                 self._fail(prepared.items, BackendError(f"{self.name}: shutting down"))
                 raise
             finally:
+                self._batch_tokens -= int(prepared.input_ids.size)
                 self._slots.release()
 
     def _record(self, p: Prepared, seconds: float) -> None:
         per_seq = seconds / max(1, len(p.items))
         self._seconds_per_seq = per_seq if self.stats.batches == 0 else 0.8 * self._seconds_per_seq + 0.2 * per_seq
+        per_token = seconds / max(1, int(p.input_ids.size))
+        old = self.seconds_per_token
+        self.seconds_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        self.last_batch_at = self.clock()
         s = self.stats
         s.batches += 1
         s.sequences += len(p.items)

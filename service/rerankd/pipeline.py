@@ -167,6 +167,11 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+# A budgeted Search plans its last rerank chunk to end this long before the call's gRPC deadline
+# (what is left: ordering the hits, building and sending the response).
+DEADLINE_MARGIN_S = 0.01
+
+
 class Pipeline:
     def __init__(self, settings: Settings, on_batch=None) -> None:
         """Blocking: loads the model bundles, opens the store, brings the indexes up to date."""
@@ -425,8 +430,11 @@ class Pipeline:
                     passages[i] = ids
             texts = [docs[lb].full_text for lb, _, _ in cands]
             if budget_ms:
-                b = await self.reranker.score_within(p.query, q_ids, passages, texts, arrival + budget_ms / 1e3,
-                                                     deadline, self.clock)
+                soft_end = arrival + budget_ms / 1e3
+                if deadline is not None:  # the hard deadline caps the budget: a chunk past it would lose the prefix
+                    left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
+                    soft_end = min(soft_end, self.clock() + left)
+                b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock)
                 scores, queued, budget_stop = b.scores, b.queued, b.stop
             else:
                 scores, queued = await self.reranker.score_cached(p.query, q_ids, passages, texts, deadline)

@@ -222,7 +222,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self._fresh[key] = time.perf_counter()
 
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None,
-                   size: int | None = 1):
+                   size: int | None = 1, learn: bool = True):
         """Admission, deadline, error mapping and logging around one call.
 
         ``lane`` groups calls that share a concurrency limit and a latency estimate (default: the
@@ -231,7 +231,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         (which the early deadline check reads). ``size`` is the call's amount of work (items,
         documents, ids, a Search's candidates with the default resolved): the early deadline check compares a
         call only with calls of its lane of about the same size (same power of two). None: no
-        size known up front (a client stream, Compact), never refused early."""
+        size known up front (a client stream, Compact), never refused early. ``learn`` False: the
+        call's latency moves no estimate (a budgeted Search: its budget, not its work, sets it)."""
         app = self.app
         lane = lane or method
         kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
@@ -282,8 +283,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
-            self._observe(lane, kind, size, took)
-            if solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
+            if learn:
+                self._observe(lane, kind, size, took)
+            if learn and solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
                 est, n = self._solo.get(lane, (took, 0))
                 self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)
             return result
@@ -330,12 +332,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        shed = False
+
         async def fn(p: Pipeline, deadline):
             params = SearchParams(
                 query=request.query,
                 top_n=request.top_n if request.HasField("top_n") else None,
                 candidates=request.candidates if request.HasField("candidates") else None,
-                rerank=request.rerank if request.HasField("rerank") else None,
+                rerank=False if shed else request.rerank if request.HasField("rerank") else None,
                 include_text=request.include_text,
                 include_metadata=request.include_metadata,
                 first_stage=_stage_name(request.first_stage),
@@ -344,6 +348,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
             )
             r = await p.search(params, deadline)
+            if shed:
+                r.budget_stop = "shed"
             self.app.metrics.on_stages(r.timings)
             if r.budget_stop:
                 self.app.metrics.on_budget(r.budget_stop, r.reranked_candidates)
@@ -368,8 +374,15 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return resp
 
         rerank = request.rerank if request.HasField("rerank") else True
-        return await self._run("Search", context, fn, lane=RERANK_LANE if rerank else "Search",
-                               size=_admission_size(request, self.app.settings))
+        size = _admission_size(request, self.app.settings)
+        budgeted = rerank and size is None
+        if budgeted and self._inflight.get(RERANK_LANE, 0) >= self._limit(RERANK_LANE):
+            # The rerank lane is full: a budgeted Search asked for an answer in time, so it gets
+            # the first stage's (in that lane, reranked=false, stop "shed") instead of
+            # RESOURCE_EXHAUSTED. No await between this check and _run's own.
+            shed = True
+        return await self._run("Search", context, fn, lane="Search" if shed or not rerank else RERANK_LANE,
+                               size=size, learn=not budgeted or shed)
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):

@@ -20,11 +20,9 @@ from ..config import BatchConfig
 from ..errors import BackendError, InvalidArgument, Overloaded
 from ..tokenization import PairTokenizer
 
-# Budgeted reranks: weight of the newest chunk in the server-wide seconds-per-token estimate.
-RATE_EWMA = 0.3
-# ... and when the estimate says not even one pair fits a call's budget, one pair is scored anyway
-# if the estimate has had no news for this long: a load spike would otherwise leave an estimate
-# so high that no call reranks again, and none would ever bring it down.
+# Budgeted reranks: when the estimate says not even one pair fits a call's budget, one pair is
+# scored anyway if no batch has run for this long: an estimate left high by a spell of CPU
+# contention would otherwise keep every budgeted call from reranking, and none would correct it.
 RATE_PROBE_S = 1.0
 
 
@@ -34,7 +32,7 @@ class Budgeted:
     scores: np.ndarray
     queued: float  # seconds its chunks waited in the batcher
     chunks: int
-    stop: str  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a later chunk was refused)
+    stop: str  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a chunk met a full queue)
 
 
 class Reranker:
@@ -58,10 +56,7 @@ class Reranker:
             bundle.tokenizer_path, bundle.max_length, st["cls_id"], st["sep_id"], max_query_tokens
         )
         self.backend = backend
-        # Budgeted reranks: seconds per padded token of their recent chunks, wall time from
-        # submit to result (so queueing behind other calls counts); None until the first one.
-        self.seconds_per_token: float | None = None
-        self._rate_news: float | None = None  # clock() of its last update (or probe)
+        self._probed_at: float | None = None  # budgeted reranks: clock() of the last probe (see RATE_PROBE_S)
         self.batcher = Batcher(
             "reranker",
             self._forward,
@@ -101,9 +96,10 @@ class Reranker:
 
     def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:
         """End (exclusive) of the next budgeted chunk from ``start``: as many pairs, in order, as
-        one batch holds (``max_rows`` of their padded length) and, with an estimate ``rate``
-        (seconds per padded token), as are expected to finish within ``seconds_left``. Without an
-        estimate, one pair (it measures the rate). ``start`` itself when nothing fits."""
+        one batch holds (``max_rows`` of their padded length; on a static-shape backend, a batch
+        size bucket) and, with an estimate ``rate`` (model seconds per padded token), as are
+        expected to finish within ``seconds_left``. Without an estimate, one pair (its batch
+        measures the rate). ``start`` itself when nothing fits."""
         if seconds_left <= 0:
             return start
         if rate is None:
@@ -117,6 +113,8 @@ class Reranker:
             if rows > b.max_rows(padded) or rows * padded * rate > seconds_left:
                 break
             end += 1
+        if b.static and end > start:  # a static backend runs 5 rows as 4 + 1: two batches
+            end = start + b.batch_bucket(end - start)
         return end
 
     async def score_within(
@@ -125,45 +123,44 @@ class Reranker:
     ) -> Budgeted:
         """Score a prefix of ``passages`` (first-stage order) within a soft budget: one batch-sized
         chunk at a time, each started only when it is expected to end by ``soft_end`` (a
-        ``clock()`` time), so the budget is overrun by at most one chunk's misestimate. The
-        expectation is this call's last chunk's rate, else the server-wide estimate; the very
-        first budgeted chunk after a start is one pair, which measures it. When not even one
-        pair is expected to fit, one is scored anyway if the estimate has had no news for
-        ``RATE_PROBE_S`` (at most one such probe a second, server-wide).
+        ``clock()`` time). The expectation is the batcher's model time per padded token (an
+        average over every batch it ran, whoever's) times the chunk's padded tokens plus the
+        backlog ahead of it (batches prepared or running, queued sequences), so a budget under
+        load reranks fewer candidates rather than answering late; the budget is overrun by at
+        most one chunk's misestimate. Before the reranker's first batch, the first chunk is one
+        pair. When not even one pair is expected to fit, one is scored anyway if no batch has
+        run for ``RATE_PROBE_S`` (at most one such probe a second, server-wide).
 
         Written here rather than by the batcher: the batcher orders sequences by length across
         calls, so a deadline there would leave an arbitrary subset scored, not a prefix of the
-        first stage's order. Chunks of one call are sequential; other calls fill the batches
-        between them. A full queue (``Overloaded``) on the first chunk is raised; on a later one
-        the prefix scored so far is returned (``stop`` "overloaded")."""
+        first stage's order. Chunks of one call are sequential (other calls fill the batches
+        between them), which costs the batcher's overlap of preparing one batch while another
+        runs. A full queue (``Overloaded``) ends the rerank with the prefix scored so far (stop
+        "overloaded"), the first chunk included: a budgeted call answers rather than refuses."""
         pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
         lengths = [len(p.input_ids) for p in pairs]
+        b = self.batcher
         scores: list[float] = []
-        queued, chunks, local, stop = 0.0, 0, None, "done"
+        queued, chunks, stop = 0.0, 0, "done"
         while len(scores) < len(pairs):
             start = len(scores)
             now = clock()
-            end = self.chunk_ends(lengths, start, soft_end - now, local if local is not None else self.seconds_per_token)
-            if end <= start and not scores and soft_end > now and (
-                    self._rate_news is None or now - self._rate_news >= RATE_PROBE_S):
-                end = start + 1  # probe: the estimate may be stale (see RATE_PROBE_S)
+            rate = b.seconds_per_token
+            ahead = b.backlog_tokens(b.seq_bucket(lengths[start])) * rate if rate is not None else 0.0
+            end = self.chunk_ends(lengths, start, soft_end - now - ahead, rate)
+            if end <= start and not scores and soft_end > now:
+                last = max((t for t in (b.last_batch_at, self._probed_at) if t is not None), default=None)
+                if last is None or now - last >= RATE_PROBE_S:
+                    end = start + 1  # probe: the estimate may be stale (see RATE_PROBE_S)
+                    self._probed_at = now
             if end <= start:
                 stop = "budget"
                 break
-            self._rate_news = now
-            t0 = clock()
             try:
-                rows, q = await self.batcher.submit(pairs[start:end], deadline)
+                rows, q = await b.submit(pairs[start:end], deadline)
             except Overloaded:
-                if not scores:
-                    raise
                 stop = "overloaded"
                 break
-            tokens = (end - start) * self.batcher.seq_bucket(max(lengths[start:end]))
-            local = max(clock() - t0, 0.0) / tokens
-            old = self.seconds_per_token
-            self.seconds_per_token = local if old is None else (1 - RATE_EWMA) * old + RATE_EWMA * local
-            self._rate_news = clock()
             scores.extend(float(x) for x in rows)
             queued += q
             chunks += 1
