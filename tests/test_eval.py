@@ -345,6 +345,7 @@ def test_eval_budget_rows(server, scifact, tmp_path):
     assert wide["per_query"] == rows["hybrid+rerank@5"]["per_query"]  # the same served order
     assert tight["reranked_candidates"]["max"] <= 1 and tight["reranked_candidates"]["queries"] == 3
     assert tight["latency"]["queries"] == 1 and rows["hybrid+rerank@5"]["budget_ms"] is None
+    assert wide["latency"]["reranked_candidates"]["min"] == 5 and "reranked_candidates" not in rows["hybrid"]["latency"]
     assert "budget_ms=600000) per query; candidates reranked per query: mean 5.0" in buf.getvalue()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -572,6 +572,7 @@ class Evaluator:
             self._guarded(scratch, "warmup", lambda: self.search(text, **call))
         wall: list[float] = []
         server: dict[str, list[float]] = {f: [] for f in (*TIMING_FIELDS, "total")}
+        reranked: list[int] = []  # budget rows: candidates each timed call reranked
         failed = 0
         for qid, text in self._bar(queries, desc=f"{row.name} latency", unit="q"):
             t0 = time.perf_counter()
@@ -581,6 +582,7 @@ class Evaluator:
                 failed += 1
                 continue
             wall.append(dt * 1e3)
+            reranked.append(int(resp.reranked_candidates))
             t = resp.timings
             for f in TIMING_FIELDS:
                 server[f].append(getattr(t, f"{f}_us") / 1e3)
@@ -592,6 +594,8 @@ class Evaluator:
         }
         for f in TIMING_FIELDS:
             out[f"{f}_ms"] = percentiles(server[f])
+        if row.budget_ms:  # what the timed calls reranked (the quality run's counts are the row's)
+            out["reranked_candidates"] = reranked_stats(reranked, row.candidates)
         out["samples_ms"] = {"total": wall, **{f"server_{k}": v for k, v in server.items()}}
         return out
 
