@@ -1040,6 +1040,20 @@ def test_rate_and_backlog_for_budgeted_callers():
             fake.release()
             await asyncio.gather(first, second, third)
             assert b.backlog_tokens(40) == 0
+            # a failed batch and a batch dropped for its passed deadline leave no backlog behind
+            with pytest.raises(BackendError):
+                await b.submit([seq(8, FAIL_ID)])
+            fake.hold()
+            parked = asyncio.ensure_future(b.submit([seq(30)]))
+            await wait_until(lambda: fake.entered.is_set(), "a batch running")
+            late = asyncio.ensure_future(b.submit([seq(30)], asyncio.get_running_loop().time() + 0.05))
+            await asyncio.sleep(0.1)
+            fake.release()
+            await parked
+            with pytest.raises(DeadlineExceeded):
+                await late
+            await wait_until(lambda: b.backlog_tokens(40) == 0, "no backlog")
+            assert b.stats.failed_batches == 1
         finally:
             await b.close()
 

@@ -155,6 +155,15 @@ def test_spent_budget_gives_first_stage_order_and_a_stale_estimate_is_probed(mod
             # ... once a second at most: the next call within it does not probe
             r = await p.search(small)
             assert r.reranked_candidates == 0
+            # No probe while the reranker is busy: its batches keep the estimate current, and a
+            # probe would wait behind all of them (a review: 11 s for a 0.5 s budget behind a Score).
+            clock.t += 1.5
+            monkeypatch.setattr(p.reranker.batcher, "backlog_tokens", lambda padded: 10_000)
+            r = await p.search(small)
+            assert (r.reranked_candidates, r.budget_stop) == (0, "budget") and p.reranker._probed_at != clock.t
+            monkeypatch.setattr(p.reranker.batcher, "backlog_tokens", lambda padded: 0)
+            r = await p.search(small)
+            assert r.reranked_candidates == 1  # idle again: the probe goes
             # A budget the first stage already spent reranks nothing, and no probe overruns it.
             clock.t += 5.0
             real_embed = p.embedder.backend.run
@@ -312,3 +321,41 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
         assert m("rerankd_budgeted_searches_total", {"stop": "shed"}) == 1
         # the lane free again: the budgeted Search reranks
         assert c.search(QUERY, candidates=12, top_n=12, budget_ms=60_000, raw=True).reranked_candidates == 12
+
+
+def test_budgeted_calls_move_no_admission_estimate_and_queue_wait_refusals_are_named():
+    """A budgeted Search's latency is its budget's: _run(learn=False) leaves every admission
+    estimate alone. refusal() is the one place admission decides (concurrency, queue wait); the
+    Search handler sheds a budgeted call to the first stage on either."""
+    import types
+
+    from rerankd.server import RERANK_LANE, RetrievalServicer
+
+    class Ctx:
+        def invocation_metadata(self):
+            return ()
+
+        def time_remaining(self):
+            return None
+
+    async def ok(_p, _deadline):
+        return "ok"
+
+    app = types.SimpleNamespace(settings=Settings(), pipeline=types.SimpleNamespace(ready=True), draining=False,
+                                load_error=None, metrics=types.SimpleNamespace(on_call=lambda *a, **k: None))
+    sv = RetrievalServicer(app)
+    assert asyncio.run(sv._run("Search", Ctx(), ok, lane=RERANK_LANE, size=None, learn=False)) == "ok"
+    assert not sv._ewma and not sv._solo and not sv._sized
+    asyncio.run(sv._run("Search", Ctx(), ok, lane=RERANK_LANE, size=50))
+    assert RERANK_LANE in sv._ewma and RERANK_LANE in sv._solo and sv._sized
+    # refusal(): None with room, "concurrency" at the limit, "queue_wait" with the ratio on
+    assert sv.refusal(RERANK_LANE, 0.0) is None
+    sv._inflight[RERANK_LANE] = Settings().server.max_concurrent_search
+    assert sv.refusal(RERANK_LANE, 0.0)[0] == "concurrency"
+    app.settings = Settings().replace(server={"max_queue_wait_ratio": 0.5, "max_concurrent_search": 4})
+    sv._inflight[RERANK_LANE] = 1
+    sv._solo[RERANK_LANE] = (1.0, 3)
+    sv._starts[RERANK_LANE] = {1: 100.0}
+    reason, err = sv.refusal(RERANK_LANE, 100.1)  # ~0.9 s left of the call in flight > 0.5 x 1 s
+    assert reason == "queue_wait" and "estimated wait" in str(err)
+    assert sv.refusal(RERANK_LANE, 100.8) is None  # 0.2 s left: admitted

@@ -185,6 +185,7 @@ class Batcher:
         while self._ready is not None and not self._ready.empty():
             self._fail(self._ready.get_nowait().items, err)
         self._queued = self._urgent_queued = 0
+        self._batch_tokens = 0
         # Wait for a batch still running in the model thread without blocking the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 

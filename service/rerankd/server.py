@@ -184,6 +184,25 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return None
         return sum(max(0.0, est - (now - t)) for t in self._starts.get(lane, {}).values())
 
+    def refusal(self, lane: str, now: float) -> tuple[str, errors.Overloaded] | None:
+        """Why admission would refuse a call in ``lane`` now -- (reason, error) -- or None:
+        the lane's concurrency limit, or (reranked calls, ``--max-queue-wait-ratio``) the
+        estimated wait behind the calls in flight."""
+        limit = self._limit(lane)
+        if self._inflight.get(lane, 0) >= limit:
+            est, _ = self._ewma.get(lane, (0.05, 0))
+            return "concurrency", errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later",
+                                                    retry_after_s=max(est, 0.01))
+        ratio = self.app.settings.server.max_queue_wait_ratio
+        if lane == RERANK_LANE and ratio > 0 and self._inflight.get(lane, 0) > 0:
+            wait = self.estimated_wait(lane, now)
+            solo = self._solo.get(lane, (0.0, 0))[0]
+            if wait is not None and wait > ratio * solo:
+                return "queue_wait", errors.Overloaded(
+                    f"{lane}: estimated wait {wait * 1e3:.0f} ms behind the calls in flight exceeds "
+                    f"{ratio:g} x one call ({solo * 1e3:.0f} ms); retry later", retry_after_s=max(wait, 0.01))
+        return None
+
     def _limit(self, lane: str) -> int:
         s = self.app.settings.server
         return s.max_concurrent_search if lane == RERANK_LANE else s.max_concurrent_calls
@@ -239,7 +258,6 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
-        limit = self._limit(lane)
         admitted = ran = False
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
@@ -248,19 +266,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 if app.load_error is not None:
                     raise errors.NotReady(f"models failed to load: {app.load_error}")
                 raise errors.NotReady("models are loading and warming up; retry shortly")
-            if self._inflight.get(lane, 0) >= limit:
-                app.shed(method, "concurrency")
-                est, _ = self._ewma.get(lane, (0.05, 0))
-                raise errors.Overloaded(f"{lane}: {limit} calls already in flight; retry later", retry_after_s=max(est, 0.01))
-            ratio = app.settings.server.max_queue_wait_ratio
-            if lane == RERANK_LANE and ratio > 0 and self._inflight.get(lane, 0) > 0:
-                wait = self.estimated_wait(lane, t0)
-                solo = self._solo.get(lane, (0.0, 0))[0]
-                if wait is not None and wait > ratio * solo:
-                    app.shed(method, "queue_wait")
-                    raise errors.Overloaded(
-                        f"{lane}: estimated wait {wait * 1e3:.0f} ms behind the calls in flight exceeds "
-                        f"{ratio:g} x one call ({solo * 1e3:.0f} ms); retry later", retry_after_s=max(wait, 0.01))
+            refusal = self.refusal(lane, t0)
+            if refusal is not None:
+                reason, err = refusal
+                app.shed(method, reason)
+                raise err
             solo_start = self._inflight.get(lane, 0) == 0
             self._inflight[lane] = self._inflight.get(lane, 0) + 1
             self._seq += 1
@@ -376,10 +386,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         rerank = request.rerank if request.HasField("rerank") else True
         size = _admission_size(request, self.app.settings)
         budgeted = rerank and size is None
-        if budgeted and self._inflight.get(RERANK_LANE, 0) >= self._limit(RERANK_LANE):
-            # The rerank lane is full: a budgeted Search asked for an answer in time, so it gets
-            # the first stage's (in that lane, reranked=false, stop "shed") instead of
-            # RESOURCE_EXHAUSTED. No await between this check and _run's own.
+        if budgeted and self.refusal(RERANK_LANE, time.perf_counter()) is not None:
+            # Admission would refuse it (the rerank lane is full, or its queue-wait estimate is
+            # over): a budgeted Search asked for an answer in time, so it gets the first stage's
+            # (in that lane, reranked=false, stop "shed") instead of RESOURCE_EXHAUSTED. No await
+            # between this check and _run's own.
             shed = True
         return await self._run("Search", context, fn, lane="Search" if shed or not rerank else RERANK_LANE,
                                size=size, learn=not budgeted or shed)

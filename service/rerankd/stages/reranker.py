@@ -31,7 +31,6 @@ class Budgeted:
     """A budgeted rerank's outcome: scores of the first ``len(scores)`` passages."""
     scores: np.ndarray
     queued: float  # seconds its chunks waited in the batcher
-    chunks: int
     stop: str  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a chunk met a full queue)
 
 
@@ -128,8 +127,9 @@ class Reranker:
         backlog ahead of it (batches prepared or running, queued sequences), so a budget under
         load reranks fewer candidates rather than answering late; the budget is overrun by at
         most one chunk's misestimate. Before the reranker's first batch, the first chunk is one
-        pair. When not even one pair is expected to fit, one is scored anyway if no batch has
-        run for ``RATE_PROBE_S`` (at most one such probe a second, server-wide).
+        pair. When not even one pair is expected to fit, one is scored anyway if the reranker is
+        idle and no batch has run for ``RATE_PROBE_S`` (at most one such probe a second,
+        server-wide); it can overrun the budget by one pair's time.
 
         Written here rather than by the batcher: the batcher orders sequences by length across
         calls, so a deadline there would leave an arbitrary subset scored, not a prefix of the
@@ -141,14 +141,16 @@ class Reranker:
         lengths = [len(p.input_ids) for p in pairs]
         b = self.batcher
         scores: list[float] = []
-        queued, chunks, stop = 0.0, 0, "done"
+        queued, stop = 0.0, "done"
         while len(scores) < len(pairs):
             start = len(scores)
             now = clock()
             rate = b.seconds_per_token
             ahead = b.backlog_tokens(b.seq_bucket(lengths[start])) * rate if rate is not None else 0.0
             end = self.chunk_ends(lengths, start, soft_end - now - ahead, rate)
-            if end <= start and not scores and soft_end > now:
+            # a probe only on an idle reranker: a busy one's batches keep the estimate current,
+            # and a probe queued behind them would wait for all of them
+            if end <= start and not scores and soft_end > now and b.backlog_tokens(0) == 0 and b.queue_depth == 0:
                 last = max((t for t in (b.last_batch_at, self._probed_at) if t is not None), default=None)
                 if last is None or now - last >= RATE_PROBE_S:
                     end = start + 1  # probe: the estimate may be stale (see RATE_PROBE_S)
@@ -163,8 +165,7 @@ class Reranker:
                 break
             scores.extend(float(x) for x in rows)
             queued += q
-            chunks += 1
-        return Budgeted(np.asarray(scores, dtype=np.float32), queued, chunks, stop)
+        return Budgeted(np.asarray(scores, dtype=np.float32), queued, stop)
 
     async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
                           field: str = "items") -> tuple[np.ndarray, float]:
