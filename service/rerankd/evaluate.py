@@ -18,6 +18,10 @@ first stage's top-k is a prefix of its top-K: always for bm25 (up to exact score
 while K <= --ef-search, for hybrid while K <= --hybrid-depth. Larger ks get their own Search
 calls; ``--exact-k-rows`` makes every k do so.
 
+``--budgets-ms`` adds one row per soft latency budget (``SearchRequest.budget_ms``): a real
+budgeted Search per query at candidates=top_n=``--budget-candidates``, scored in the order served
+(the reranked prefix, then the rest in first-stage order), with the candidates each reranked.
+
 Startup imports stay light (the CLI imports this module to build its parser for every command):
 grpc, tqdm and matplotlib are imported when ``run`` needs them.
 """
