@@ -268,6 +268,7 @@ def test_budget_through_grpc(models_dir, tmp_path):
         hits = c.search(QUERY, candidates=12, top_n=12, budget_ms=1)
         assert sum("rerank_score" in h for h in hits) <= 1
         assert_invalid(lambda: c.search(QUERY, budget_ms=3_600_001), "budget_ms")
+        assert c.stats().search_budget_ms == 0  # the server's default, in Stats
         text = srv.app.metrics.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "budget"})
         assert text is not None and text >= 1
 

@@ -905,6 +905,7 @@ def run(args: argparse.Namespace) -> int:
                 "reranker_trained": srv.app.pipeline.reranker.trained if srv is not None and srv.app and srv.app.pipeline else None,
                 "backend": stats.backend, "precision": stats.precision, "documents": stats.documents,
                 "dimension": stats.dimension, "rerank_fusion_weight": stats.rerank_fusion_weight,
+                "search_budget_ms": stats.search_budget_ms,  # the server's default; rows set their own
             }
     except grpc.RpcError as e:
         print(f"rerankd eval: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -35,10 +35,10 @@ from .stages.metadata_filter import FilterView, MetadataIndex, matches
 from .stages.reranker import Reranker, check_has_tokens
 from .store import DocumentStore, NewDocument, join_title
 from .validation import (
+    check_budget,
     check_count,
     check_filter,
     check_first_stage,
-    check_budget,
     check_fusion_weight,
     check_ids,
     check_metadata,
@@ -102,7 +102,7 @@ class SearchResult:
     reranked: bool
     bm25_stale: bool = False  # the BM25 leg read the last good index while a failed refresh is retried
     reranked_candidates: int = 0  # candidates the cross-encoder scored (fewer than found when a budget cut it short)
-    budget_stop: str = ""  # budgeted reranks: "done" | "budget" | "overloaded"; "" without a budget
+    budget_stop: str = ""  # budgeted reranks: "done" | "budget" | "overloaded" ("shed": set by the server); "" without a budget
 
 
 @dataclass(frozen=True)
@@ -926,6 +926,7 @@ class Pipeline:
             "hybrid_depth": self.settings.index.hybrid_depth,
             "rrf_k": self.settings.index.rrf_k,
             "rerank_fusion_weight": self.settings.index.rerank_fusion_weight,
+            "search_budget_ms": self.settings.index.search_budget_ms,
             "max_candidates": self.settings.limits.max_candidates,
             "max_top_n": self.settings.limits.max_top_n,
             "bm25_sequence": self.bm25.applied_seq,

@@ -245,7 +245,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error")
+    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error", "search_budget_ms")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,7 @@ class StatsResponse(_message.Message):
     BM25_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     BM25_FAILED_REFRESHES_FIELD_NUMBER: _ClassVar[int]
     BM25_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     documents: int
     dimension: int
     embedder_model: str
@@ -292,7 +293,8 @@ class StatsResponse(_message.Message):
     bm25_sequence: int
     bm25_failed_refreshes: int
     bm25_last_error: str
-    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ...) -> None: ...
+    search_budget_ms: int
+    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ..., search_budget_ms: _Optional[int] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
     __slots__ = ()
