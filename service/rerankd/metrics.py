@@ -49,8 +49,8 @@ class Metrics:
         self.budgeted = Counter(
             "rerankd_budgeted_searches",
             "Reranked Searches with a latency budget, by how the rerank ended: done (every candidate), budget (the "
-            "next batch would have ended past the budget), overloaded (a batch met a full queue), shed (the rerank "
-            "lane was full: first stage only)",
+            "next batch would have ended past the budget), overloaded (a batch met a full queue), shed (admission "
+            "would have refused the rerank: first stage only)",
             ["stop"], registry=r)
         self.budget_reranked = Histogram(
             "rerankd_budgeted_reranked_candidates", "Candidates a budgeted Search reranked",
