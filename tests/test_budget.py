@@ -8,6 +8,7 @@ on the machine's speed."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -73,6 +74,12 @@ def test_budget_reranks_the_prefix_that_fits(models_dir, tmp_path, monkeypatch):
         try:
             await p.upsert(DOCS)
             clock = _rig(p, monkeypatch)
+            # No estimate yet and the reranker busy (sequences queued): nothing is sent; the busy
+            # reranker's batches will give the estimate, and a pair would wait behind them.
+            p.reranker.batcher._queued = 3
+            r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12))
+            assert (r.reranked_candidates, r.budget_stop) == (0, "budget") and clock.t == 0.0
+            p.reranker.batcher._queued = 0
             # The server's budget (4.5 s), no estimate yet: a one-pair chunk (t=1) whose batch
             # measures the rate, then a full chunk of two (t=3), then one (t=4); 0.5 s is left,
             # too little for one more pair.
@@ -158,10 +165,10 @@ def test_spent_budget_gives_first_stage_order_and_a_stale_estimate_is_probed(mod
             # No probe while the reranker is busy: its batches keep the estimate current, and a
             # probe would wait behind all of them (a review: 11 s for a 0.5 s budget behind a Score).
             clock.t += 1.5
-            monkeypatch.setattr(p.reranker.batcher, "backlog_tokens", lambda padded: 10_000)
+            p.reranker.batcher._queued = 3  # another call's pairs queued
             r = await p.search(small)
             assert (r.reranked_candidates, r.budget_stop) == (0, "budget") and p.reranker._probed_at != clock.t
-            monkeypatch.setattr(p.reranker.batcher, "backlog_tokens", lambda padded: 0)
+            p.reranker.batcher._queued = 0
             r = await p.search(small)
             assert r.reranked_candidates == 1  # idle again: the probe goes
             # A budget the first stage already spent reranks nothing, and no probe overruns it.
@@ -251,10 +258,11 @@ def test_chunk_planner(models_dir, tmp_path):
 
 
 def test_budget_through_grpc(models_dir, tmp_path):
-    s = settings_for(models_dir, tmp_path, batch=BATCH)
+    s = settings_for(models_dir, tmp_path, batch=BATCH, index={"data_dir": tmp_path, "search_budget_ms": 250})
     with EmbeddedServer(s) as srv, Client(srv.target, timeout=120) as c:
         c.upsert([{"id": d.id, "text": d.text} for d in DOCS])
-        full = c.search(QUERY, candidates=12, top_n=12, raw=True)
+        assert c.stats().search_budget_ms == 250  # the server's default, in Stats
+        full = c.search(QUERY, candidates=12, top_n=12, budget_ms=0, raw=True)  # 0: no budget for this call
         assert full.reranked and full.reranked_candidates == 12
         first = c.search(QUERY, candidates=12, top_n=12, rerank=False, raw=True)
         assert first.reranked_candidates == 0 and not first.reranked
@@ -268,7 +276,6 @@ def test_budget_through_grpc(models_dir, tmp_path):
         hits = c.search(QUERY, candidates=12, top_n=12, budget_ms=1)
         assert sum("rerank_score" in h for h in hits) <= 1
         assert_invalid(lambda: c.search(QUERY, budget_ms=3_600_001), "budget_ms")
-        assert c.stats().search_budget_ms == 0  # the server's default, in Stats
         text = srv.app.metrics.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "budget"})
         assert text is not None and text >= 1
 
@@ -360,3 +367,72 @@ def test_budgeted_calls_move_no_admission_estimate_and_queue_wait_refusals_are_n
     reason, err = sv.refusal(RERANK_LANE, 100.1)  # ~0.9 s left of the call in flight > 0.5 x 1 s
     assert reason == "queue_wait" and "estimated wait" in str(err)
     assert sv.refusal(RERANK_LANE, 100.8) is None  # 0.2 s left: admitted
+
+
+def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_nothing():
+    """Through RetrievalServicer.Search (a fake pipeline): with the queue-wait estimate over its
+    limit, a budgeted Search runs first stage only (stop "shed") and moves no admission
+    estimate; an unbudgeted one is refused with RESOURCE_EXHAUSTED, reason queue_wait."""
+    import types
+
+    import grpc
+
+    from rerankd.pipeline import SearchResult, Timings
+    from rerankd.server import RERANK_LANE, RetrievalServicer
+    from rerankd.v1 import rerankd_pb2 as pb
+
+    seen = []
+
+    async def search(params, deadline):
+        seen.append(params.rerank)
+        return SearchResult([], Timings(), "e", "", "hybrid", False)
+
+    class Aborted(Exception):
+        pass
+
+    class Ctx:
+        code = None
+
+        def invocation_metadata(self):
+            return ()
+
+        def time_remaining(self):
+            return None
+
+        def set_trailing_metadata(self, md):
+            self.trailers = md
+
+        async def abort(self, code, details):
+            self.code, self.details = code, details
+            raise Aborted(details)
+
+    metrics = Metrics()
+    app = types.SimpleNamespace(
+        settings=Settings().replace(server={"max_queue_wait_ratio": 0.5, "max_concurrent_search": 4}),
+        pipeline=types.SimpleNamespace(ready=True, search=search), draining=False, load_error=None, metrics=metrics,
+        shed=lambda method, reason: metrics.rejected.labels(method, reason).inc())
+    sv = RetrievalServicer(app)
+    sv._inflight[RERANK_LANE] = 1
+    sv._solo[RERANK_LANE] = (1.0, 3)
+    sv._starts[RERANK_LANE] = {1: time.perf_counter()}  # a call in flight with ~1 s to go
+    before = (dict(sv._solo), dict(sv._sized), dict(sv._ewma))
+    resp = asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=300), Ctx()))
+    assert seen == [False] and not resp.reranked and resp.reranked_candidates == 0
+    assert metrics.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "shed"}) == 1
+    # the rerank lane's estimates are untouched (the shed call ran, and may teach, in the first-stage lane)
+    assert sv._solo[RERANK_LANE] == before[0][RERANK_LANE] and RERANK_LANE not in sv._ewma
+    assert not any(k[0].startswith(RERANK_LANE) for k in sv._sized)
+    ctx = Ctx()
+    with pytest.raises(Aborted):
+        asyncio.run(sv.Search(pb.SearchRequest(query="q"), ctx))
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "estimated wait" in ctx.details
+    assert metrics.registry.get_sample_value("rerankd_rejected_calls_total", {"method": "Search", "reason": "queue_wait"}) == 1
+    assert seen == [False]  # the refused call never ran
+    # admitted (no queue-wait limit): a budgeted Search reranks and teaches admission nothing
+    app.settings = Settings().replace(server={"max_concurrent_search": 4})
+    sv._inflight[RERANK_LANE] = 0
+    sv._solo.pop(RERANK_LANE)
+    asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=300), Ctx()))
+    assert seen == [False, None] and RERANK_LANE not in sv._solo and RERANK_LANE not in sv._ewma
+    asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=0), Ctx()))  # unbudgeted: it does
+    assert seen == [False, None, None] and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma

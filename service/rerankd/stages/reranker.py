@@ -127,7 +127,7 @@ class Reranker:
         backlog ahead of it (batches prepared or running, queued sequences), so a budget under
         load reranks fewer candidates rather than answering late; the budget is overrun by at
         most one chunk's misestimate. Before the reranker's first batch, the first chunk is one
-        pair. When not even one pair is expected to fit, one is scored anyway if the reranker is
+        pair if the reranker is idle, none if it is busy. When not even one pair is expected to fit, one is scored anyway if the reranker is
         idle and no batch has run for ``RATE_PROBE_S`` (at most one such probe a second,
         server-wide); it can overrun the budget by one pair's time.
 
@@ -146,11 +146,13 @@ class Reranker:
             start = len(scores)
             now = clock()
             rate = b.seconds_per_token
+            idle = b.backlog_tokens(1) == 0  # nothing prepared, running or queued
             ahead = b.backlog_tokens(b.seq_bucket(lengths[start])) * rate if rate is not None else 0.0
-            end = self.chunk_ends(lengths, start, soft_end - now - ahead, rate)
-            # a probe only on an idle reranker: a busy one's batches keep the estimate current,
-            # and a probe queued behind them would wait for all of them
-            if end <= start and not scores and soft_end > now and b.backlog_tokens(0) == 0 and b.queue_depth == 0:
+            # No estimate yet (after a start; warmup records none): one pair measures it, but only
+            # on an idle reranker -- a busy one will have one soon, and the pair would wait behind
+            # all of its work. The same holds for a probe.
+            end = self.chunk_ends(lengths, start, soft_end - now - ahead, rate) if rate is not None or idle else start
+            if end <= start and not scores and soft_end > now and idle and rate is not None:
                 last = max((t for t in (b.last_batch_at, self._probed_at) if t is not None), default=None)
                 if last is None or now - last >= RATE_PROBE_S:
                     end = start + 1  # probe: the estimate may be stale (see RATE_PROBE_S)
