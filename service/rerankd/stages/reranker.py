@@ -21,8 +21,9 @@ from ..errors import BackendError, InvalidArgument, Overloaded
 from ..tokenization import PairTokenizer
 
 # Budgeted reranks: when the estimate says not even one pair fits a call's budget, one pair is
-# scored anyway if no batch has run for this long: an estimate left high by a spell of CPU
-# contention would otherwise keep every budgeted call from reranking, and none would correct it.
+# scored anyway if the reranker is idle and no batch has run for this long: an estimate left high
+# by a spell of CPU contention would otherwise keep every budgeted call from reranking, and none
+# would correct it.
 RATE_PROBE_S = 1.0
 
 
@@ -127,9 +128,10 @@ class Reranker:
         backlog ahead of it (batches prepared or running, queued sequences), so a budget under
         load reranks fewer candidates rather than answering late; the budget is overrun by at
         most one chunk's misestimate. Before the reranker's first batch, the first chunk is one
-        pair if the reranker is idle, none if it is busy. When not even one pair is expected to fit, one is scored anyway if the reranker is
-        idle and no batch has run for ``RATE_PROBE_S`` (at most one such probe a second,
-        server-wide); it can overrun the budget by one pair's time.
+        pair if the reranker is idle, none if it is busy. When not even one pair is expected to
+        fit, one is scored anyway if the reranker is idle and no batch has run for
+        ``RATE_PROBE_S`` (at most one such probe a second, server-wide); it can overrun the
+        budget by one pair's time.
 
         Written here rather than by the batcher: the batcher orders sequences by length across
         calls, so a deadline there would leave an arbitrary subset scored, not a prefix of the
