@@ -56,7 +56,7 @@ def _add_arguments(parser) -> None:
     g.add_argument("--top-n", type=int, env_var="RERANKD_TOP_N", default=10, help="Search: hits returned")
     g.add_argument("--encode-batch", type=int, env_var="RERANKD_ENCODE_BATCH", default=8, help="Encode: items per call")
     g.add_argument("--budget-ms", type=int, env_var="RERANKD_BUDGET_MS", default=-1,
-                   help="Search: soft latency budget (SearchRequest.budget_ms); -1 = the server's default")
+                   help="Search and Score: soft latency budget (budget_ms); -1 = unset (Search: the server's default)")
     g.add_argument("--rpc-timeout", type=float, env_var="RERANKD_RPC_TIMEOUT", default=10.0,
                    help="per-call deadline, seconds")
     g.add_argument("--allow-remote", action="store_true", env_var="RERANKD_ALLOW_REMOTE", default=False,

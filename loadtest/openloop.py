@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", dest="rerank", action="store_false", default=None,
                    help="Search: first stage only (SearchRequest.rerank = false)")
     p.add_argument("--budget-ms", type=int, default=None,
-                   help="Search: soft latency budget (SearchRequest.budget_ms; default: the server's)")
+                   help="Search and Score: soft latency budget (budget_ms; default: unset, Search: the server's)")
     return p
 
 

@@ -128,7 +128,7 @@ class Payloads:
         self.encode_batch = encode_batch
         self.encode_queries = encode_queries
         self.rerank = rerank  # Search: None = the server's default (rerank on), False = first stage only
-        self.budget_ms = budget_ms  # Search: soft latency budget (None = the server's default)
+        self.budget_ms = budget_ms  # Search and Score: soft latency budget (None = Search: the server's default; Score: none)
         self.rng = random.Random(seed)
 
     def search(self) -> pb.SearchRequest:
@@ -142,8 +142,11 @@ class Payloads:
     def score(self) -> pb.ScoreRequest:
         n = min(self.candidates, len(self.ds.docs))
         picked = self.rng.sample(self.ds.docs, n)
-        return pb.ScoreRequest(query=self.rng.choice(self.ds.queries),
-                               items=[pb.Item(id=doc_id, text=text) for doc_id, text in picked])
+        req = pb.ScoreRequest(query=self.rng.choice(self.ds.queries),
+                              items=[pb.Item(id=doc_id, text=text) for doc_id, text in picked])
+        if self.budget_ms is not None:
+            req.budget_ms = self.budget_ms
+        return req
 
     def encode(self) -> pb.EncodeRequest:
         if self.encode_queries:

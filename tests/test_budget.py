@@ -320,6 +320,13 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
             assert not r.reranked and r.reranked_candidates == 0 and r.reranker_model == ""
             assert [h.first_stage_rank for h in r.hits] == list(range(1, 13))
             assert not any(h.HasField("rerank_score") for h in r.hits)
+            # Score the same: unbudgeted refused, budgeted answered unscored in the order given
+            with pytest.raises(grpc.RpcError) as ei:
+                c.score(QUERY, ["aspirin trial", "colon cancer risk"])
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            r = c.score(QUERY, ["aspirin trial", "colon cancer risk", "aspirin"], budget_ms=500, raw=True)
+            assert r.scored_items == 0 and [e.index for e in r.scores] == [0, 1, 2]
+            assert all(e.score == float("-inf") for e in r.scores) and [e.rank for e in r.scores] == [1, 2, 3]
         finally:
             release.set()
             t.join(60)
@@ -327,8 +334,14 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
         assert len(out) == 1 and len(out[0]) == 2  # the Score that held the lane finished
         m = srv.app.metrics.registry.get_sample_value
         assert m("rerankd_budgeted_searches_total", {"stop": "shed"}) == 1
-        # the lane free again: the budgeted Search reranks
+        assert m("rerankd_budgeted_scores_total", {"stop": "shed"}) == 1
+        assert m("rerankd_budgeted_scored_items_count") == 1
+        # the lane free again: the budgeted Search reranks, the budgeted Score scores
         assert c.search(QUERY, candidates=12, top_n=12, budget_ms=60_000, raw=True).reranked_candidates == 12
+        r = c.score(QUERY, ["colon cancer risk", "aspirin trial"], budget_ms=60_000, raw=True)
+        assert r.scored_items == 2 and all(e.score > float("-inf") for e in r.scores)
+        assert m("rerankd_budgeted_scores_total", {"stop": "done"}) == 1
+        assert_invalid(lambda: c.score(QUERY, ["aspirin"], budget_ms=3_600_001), "budget_ms")
 
 
 def test_budgeted_calls_move_no_admission_estimate_and_queue_wait_refusals_are_named():
@@ -369,16 +382,56 @@ def test_budgeted_calls_move_no_admission_estimate_and_queue_wait_refusals_are_n
     assert sv.refusal(RERANK_LANE, 100.8) is None  # 0.2 s left: admitted
 
 
+class _Aborted(Exception):
+    pass
+
+
+class _Ctx:
+    """A servicer context for calling RetrievalServicer handlers directly."""
+    code = None
+
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self):
+        return None
+
+    def set_trailing_metadata(self, md):
+        self.trailers = md
+
+    async def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted(details)
+
+
+def _queue_wait_servicer(**pipeline):
+    """A RetrievalServicer over a fake pipeline (``pipeline``: its methods) whose rerank lane has
+    one call in flight with ~1 s to go and a queue-wait limit of 0.5 x one call: admission refuses
+    the next rerank-lane call (reason queue_wait)."""
+    import types
+
+    from rerankd.server import RERANK_LANE, RetrievalServicer
+
+    metrics = Metrics()
+    app = types.SimpleNamespace(
+        settings=Settings().replace(server={"max_queue_wait_ratio": 0.5, "max_concurrent_search": 4}),
+        pipeline=types.SimpleNamespace(ready=True, **pipeline), draining=False, load_error=None, metrics=metrics,
+        shed=lambda method, reason: metrics.rejected.labels(method, reason).inc())
+    sv = RetrievalServicer(app)
+    sv._inflight[RERANK_LANE] = 1
+    sv._solo[RERANK_LANE] = (1.0, 3)
+    sv._starts[RERANK_LANE] = {1: time.perf_counter()}  # a call in flight with ~1 s to go
+    return sv, app, metrics
+
+
 def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_nothing():
     """Through RetrievalServicer.Search (a fake pipeline): with the queue-wait estimate over its
     limit, a budgeted Search runs first stage only (stop "shed") and moves no admission
     estimate; an unbudgeted one is refused with RESOURCE_EXHAUSTED, reason queue_wait."""
-    import types
-
     import grpc
 
     from rerankd.pipeline import SearchResult, Timings
-    from rerankd.server import RERANK_LANE, RetrievalServicer
+    from rerankd.server import RERANK_LANE
     from rerankd.v1 import rerankd_pb2 as pb
 
     seen = []
@@ -387,34 +440,8 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
         seen.append(params.rerank)
         return SearchResult([], Timings(), "e", "", "hybrid", False)
 
-    class Aborted(Exception):
-        pass
-
-    class Ctx:
-        code = None
-
-        def invocation_metadata(self):
-            return ()
-
-        def time_remaining(self):
-            return None
-
-        def set_trailing_metadata(self, md):
-            self.trailers = md
-
-        async def abort(self, code, details):
-            self.code, self.details = code, details
-            raise Aborted(details)
-
-    metrics = Metrics()
-    app = types.SimpleNamespace(
-        settings=Settings().replace(server={"max_queue_wait_ratio": 0.5, "max_concurrent_search": 4}),
-        pipeline=types.SimpleNamespace(ready=True, search=search), draining=False, load_error=None, metrics=metrics,
-        shed=lambda method, reason: metrics.rejected.labels(method, reason).inc())
-    sv = RetrievalServicer(app)
-    sv._inflight[RERANK_LANE] = 1
-    sv._solo[RERANK_LANE] = (1.0, 3)
-    sv._starts[RERANK_LANE] = {1: time.perf_counter()}  # a call in flight with ~1 s to go
+    sv, app, metrics = _queue_wait_servicer(search=search)
+    Ctx, Aborted = _Ctx, _Aborted
     before = (dict(sv._solo), dict(sv._sized), dict(sv._ewma))
     resp = asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=300), Ctx()))
     assert seen == [False] and not resp.reranked and resp.reranked_candidates == 0
@@ -436,3 +463,103 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
     assert seen == [False, None] and RERANK_LANE not in sv._solo and RERANK_LANE not in sv._ewma
     asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=0), Ctx()))  # unbudgeted: it does
     assert seen == [False, None, None] and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma
+
+
+def test_budgeted_score_scores_the_given_order_prefix(models_dir, tmp_path, monkeypatch):
+    """Score with budget_ms: the caller's items are scored in the order given, a batch-sized
+    chunk at a time within the budget; the scored ones come back best first, the rest after them
+    in the order given with score -inf."""
+    from rerankd.errors import InvalidArgument
+    from rerankd.pipeline import Item
+
+    items = [Item(d.id, d.text) for d in DOCS]
+    inf = float("-inf")
+
+    async def run() -> None:
+        p = Pipeline(settings_for(models_dir, tmp_path, batch=BATCH))
+        await p.start()
+        try:
+            whole = await p.score(QUERY, items)  # no budget: every item, best first
+            assert (whole.scored_items, whole.budget_stop) == (12, "")
+            exact = {s.index: s.score for s in whole.items}
+            clock = _rig(p, monkeypatch)
+            # cold: one pair (t=1) measures the rate, then chunks of two (t=3), then one (t=4)
+            r = await p.score(QUERY, items, budget_ms=4500)
+            assert (r.scored_items, r.budget_stop) == (4, "budget") and clock.t == 4.0
+            head, tail = r.items[:4], r.items[4:]
+            assert sorted(s.index for s in head) == [0, 1, 2, 3]
+            assert [s.score for s in head] == sorted((s.score for s in head), reverse=True)
+            assert all(s.score == pytest.approx(exact[s.index], abs=1e-4) for s in head)
+            assert [s.index for s in tail] == list(range(4, 12)) and all(s.score == inf for s in tail)
+            assert [s.item_id for s in tail] == [it.id for it in items[4:]]
+            assert [s.rank for s in r.items] == list(range(1, 13))
+            # top_n cuts the combined list: the four scored, then two unscored in the order given
+            r = await p.score(QUERY, items, top_n=6, budget_ms=4500)
+            assert [s.score == inf for s in r.items] == [False] * 4 + [True] * 2
+            assert [s.index for s in r.items[4:]] == [4, 5]
+            # a budget that covers every item: stop "done", the same order as unbudgeted
+            r = await p.score(QUERY, items, budget_ms=60_000)
+            assert (r.scored_items, r.budget_stop) == (12, "done")
+            assert [s.index for s in r.items] == [s.index for s in whole.items]
+            # too small for a pair right after a batch ran: nothing scored, the order given
+            r = await p.score(QUERY, items, budget_ms=500)
+            assert (r.scored_items, r.budget_stop) == (0, "budget")
+            assert [s.index for s in r.items] == list(range(12)) and all(s.score == inf for s in r.items)
+            # shed (rerank False): validated, nothing scored, no model work
+            t0 = clock.t
+            r = await p.score(QUERY, items, rerank=False)
+            assert r.scored_items == 0 and [s.index for s in r.items] == list(range(12)) and clock.t == t0
+            with pytest.raises(InvalidArgument) as ei:
+                await p.score(QUERY, [Item("a", "\u200b")], rerank=False)
+            assert ei.value.field == "items[0].text"
+            with pytest.raises(InvalidArgument) as ei:
+                await p.score(QUERY, items, budget_ms=3_600_001)
+            assert ei.value.field == "budget_ms"
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_nothing():
+    """Through RetrievalServicer.Score (a fake pipeline), as for Search: a budgeted Score that
+    admission would refuse runs unscored (rerank False) outside the rerank lane; budgeted calls
+    move no admission estimate, unbudgeted ones are refused or, admitted, teach it."""
+    import grpc
+
+    from rerankd.pipeline import ScoredItem, ScoreResult, Timings
+    from rerankd.server import RERANK_LANE
+    from rerankd.v1 import rerankd_pb2 as pb
+
+    seen = []
+
+    async def score(query, items, deadline, top_n, budget_ms=None, rerank=True):
+        seen.append((budget_ms, rerank))
+        n = len(items) if rerank else 0
+        return ScoreResult([ScoredItem(it.id, 1.0 if i < n else float("-inf"), i + 1, i) for i, it in enumerate(items)],
+                           Timings(), n, "done" if budget_ms and rerank else "")
+
+    import types
+
+    sv, app, metrics = _queue_wait_servicer(score=score, reranker=types.SimpleNamespace(name="ce"))
+    req = pb.ScoreRequest(query="q", items=[pb.Item(id="a", text="t"), pb.Item(id="b", text="u")], budget_ms=300)
+    before = dict(sv._solo)
+    resp = asyncio.run(sv.Score(req, _Ctx()))
+    assert seen == [(300, False)] and resp.scored_items == 0 and [e.score for e in resp.scores] == [float("-inf")] * 2
+    assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "shed"}) == 1
+    assert sv._solo == before and not sv._ewma and not sv._sized  # learned nothing, in any lane
+    ctx = _Ctx()
+    with pytest.raises(_Aborted):
+        asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=req.items), ctx))
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "estimated wait" in ctx.details
+    assert len(seen) == 1  # the refused call never ran
+    # admitted: the budgeted call scores and teaches nothing; an unbudgeted one teaches
+    app.settings = Settings().replace(server={"max_concurrent_search": 4})
+    sv._inflight[RERANK_LANE] = 0
+    sv._solo.pop(RERANK_LANE)
+    resp = asyncio.run(sv.Score(req, _Ctx()))
+    assert seen[-1] == (300, True) and resp.scored_items == 2 and RERANK_LANE not in sv._solo
+    assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "done"}) == 1
+    asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=req.items), _Ctx()))
+    assert seen[-1] == (None, True) and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma
+    assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "done"}) == 1  # unbudgeted: not counted

@@ -415,6 +415,8 @@ def test_payloads_first_stage_only_search():
     assert not req.HasField("budget_ms")
     req = payloads.Payloads(ds, budget_ms=300).search()
     assert req.HasField("budget_ms") and req.budget_ms == 300
+    assert not payloads.Payloads(ds).score().HasField("budget_ms")
+    assert payloads.Payloads(ds, budget_ms=300).score().budget_ms == 300
 
 
 def test_overload_test_against_a_server_sheds_and_recovers(models_dir, dataset, tmp_path_factory, tmp_path):

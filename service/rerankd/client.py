@@ -248,8 +248,14 @@ def _vectors(resp: pb.EncodeResponse, model: str | None, single: bool) -> np.nda
     return vecs[0] if single else vecs
 
 
-def _scores(resp: pb.ScoreResponse, model: str | None) -> list[dict[str, Any]]:
+def _score_request(query: str, items: Iterable[ItemLike], top_n: int | None, budget_ms: int | None) -> pb.ScoreRequest:
+    return pb.ScoreRequest(query=query, items=_items(items), top_n=top_n, budget_ms=budget_ms)
+
+
+def _scores(resp: pb.ScoreResponse, model: str | None, raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
     _check_model(model, resp.model)
+    if raw:
+        return resp
     return [{"item_id": s.item_id, "score": s.score, "rank": s.rank, "index": s.index} for s in resp.scores]
 
 
@@ -344,11 +350,15 @@ class Client:
         return _vectors(resp, model, single)
 
     def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None, top_n: int | None = None,
-              timeout: float | None = None) -> list[dict[str, Any]]:
+              budget_ms: int | None = None, timeout: float | None = None,
+              raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
         """Best first: ``[{"item_id", "score", "rank", "index"}]`` (``index``: the item's position in
-        ``items``; a plain string's id is its position too). ``top_n``: only the best n."""
-        resp = self._stub.Score(pb.ScoreRequest(query=query, items=_items(items), top_n=top_n), **self._kw(timeout))
-        return _scores(resp, model)
+        ``items``; a plain string's id is its position too). ``top_n``: only the best n.
+        ``budget_ms``: soft latency budget; items are scored in the order given and the ones it
+        left unscored follow the scored ones in that order, with score ``-inf`` (``raw=True``:
+        the response, with ``scored_items``)."""
+        resp = self._stub.Score(_score_request(query, items, top_n, budget_ms), **self._kw(timeout))
+        return _scores(resp, model, raw)
 
     def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
         """Insert or replace ``documents`` (acknowledged once durable). Without ``timeout`` the
@@ -436,9 +446,10 @@ class AsyncClient:
         return _vectors(resp, model, single)
 
     async def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None,
-                    top_n: int | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
-        resp = await self._stub.Score(pb.ScoreRequest(query=query, items=_items(items), top_n=top_n), **self._kw(timeout))
-        return _scores(resp, model)
+                    top_n: int | None = None, budget_ms: int | None = None, timeout: float | None = None,
+                    raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
+        resp = await self._stub.Score(_score_request(query, items, top_n, budget_ms), **self._kw(timeout))
+        return _scores(resp, model, raw)
 
     async def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
         docs = [_doc(d) for d in documents]

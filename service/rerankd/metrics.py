@@ -55,6 +55,14 @@ class Metrics:
         self.budget_reranked = Histogram(
             "rerankd_budgeted_reranked_candidates", "Candidates a budgeted Search reranked",
             buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
+        self.budgeted_scores = Counter(
+            "rerankd_budgeted_scores",
+            "Score calls with a latency budget, by how the scoring ended: done (every item), budget, overloaded, shed "
+            "(admission would have refused it: no item scored), as rerankd_budgeted_searches",
+            ["stop"], registry=r)
+        self.budget_scored = Histogram(
+            "rerankd_budgeted_scored_items", "Items a budgeted Score call scored",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -70,9 +78,11 @@ class Metrics:
         if ran:
             self.call_seconds.labels(method, "true" if rerank else "false").observe(seconds)
 
-    def on_budget(self, stop: str, reranked: int) -> None:
-        self.budgeted.labels(stop).inc()
-        self.budget_reranked.observe(reranked)
+    def on_budget(self, stop: str, reranked: int, rpc: str = "Search") -> None:
+        """A budgeted call's outcome: ``reranked`` candidates (Search) or items (Score) scored."""
+        counter, hist = (self.budgeted_scores, self.budget_scored) if rpc == "Score" else (self.budgeted, self.budget_reranked)
+        counter.labels(stop).inc()
+        hist.observe(reranked)
 
     def on_stages(self, timings) -> None:
         for stage in ("embed", "ann", "bm25", "fusion", "rerank", "queue"):

@@ -128,6 +128,14 @@ class ScoredItem:
 
 
 @dataclass(frozen=True)
+class ScoreResult:
+    items: list[ScoredItem]  # best first; items a budget left unscored last, in the request's order, score -inf
+    timings: Timings
+    scored_items: int  # items the cross-encoder scored
+    budget_stop: str = ""  # budgeted calls: "done" | "budget" | "overloaded" ("shed": set by the server); "" without a budget
+
+
+@dataclass(frozen=True)
 class UpsertResult:
     upserted: int
     replaced: int
@@ -430,10 +438,7 @@ class Pipeline:
                     passages[i] = ids
             texts = [docs[lb].full_text for lb, _, _ in cands]
             if budget_ms:
-                soft_end = arrival + budget_ms / 1e3
-                if deadline is not None:  # the hard deadline caps the budget: a chunk past it would lose the prefix
-                    left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
-                    soft_end = min(soft_end, self.clock() + left)
+                soft_end = self._soft_end(arrival, budget_ms, deadline)
                 b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock)
                 scores, queued, budget_stop = b.scores, b.queued, b.stop
             else:
@@ -462,6 +467,16 @@ class Pipeline:
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if on else "", stage, on,
                             bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop)
 
+    def _soft_end(self, arrival: float, budget_ms: int, deadline: float | None) -> float:
+        """The ``self.clock()`` time a budgeted rerank plans to end by: ``budget_ms`` after
+        ``arrival``, capped by the gRPC deadline less ``DEADLINE_MARGIN_S`` (a chunk past the
+        deadline would lose the prefix scored so far)."""
+        soft_end = arrival + budget_ms / 1e3
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_S
+            soft_end = min(soft_end, self.clock() + left)
+        return soft_end
+
     def _fetch(self, labels: list[int], conditions) -> dict:
         """Candidates' stored rows (deleted ones absent); with a filter, also re-checked against
         the stored metadata itself -- a guard on the filter index, in this worker thread."""
@@ -485,23 +500,45 @@ class Pipeline:
         return vecs, Timings(embed_us=_us(time.perf_counter() - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0))
 
     async def score(self, query: str, items: list[Item], deadline: float | None = None,
-                    top_n: int | None = None) -> tuple[list[ScoredItem], Timings]:
+                    top_n: int | None = None, budget_ms: int | None = None, rerank: bool = True) -> ScoreResult:
         """Rerank the caller's items, best first (``top_n``: only the best n). Ids are the
-        caller's: empty or repeated ones are allowed, each entry also carries its index."""
+        caller's: empty or repeated ones are allowed, each entry also carries its index.
+
+        ``budget_ms`` (None or 0: none): score a prefix of the items, in the order given, within a
+        soft budget from arrival (``Reranker.score_within``, as a budgeted Search's candidates);
+        the unscored rest follow the scored items in the order given, with score -inf.
+        ``rerank`` False: validate, score nothing and return the items in the order given (a
+        budgeted call admission would refuse: the server sheds it to this)."""
+        arrival = self.clock()
         limits = self.settings.limits
         check_query(query, limits)
         check_count(len(items), limits, "items")
         if top_n is not None and top_n < 1:
             raise InvalidArgument("top_n", f"must be at least 1, got {top_n}")
+        budget_ms = check_budget(budget_ms) if budget_ms is not None else 0
         check_ids([it.id for it in items], limits, "items", required=False, unique=False)
         for i, it in enumerate(items):
             check_text(it.text, limits, f"items[{i}].text")
         t0 = time.perf_counter()
-        scores, queued = await self.reranker.score_texts(query, [it.text for it in items], deadline)
-        order = sorted(range(len(items)), key=lambda i: (-float(scores[i]), i))
-        out = [ScoredItem(items[i].id, float(scores[i]), r, i) for r, i in enumerate(order[:top_n], start=1)]
+        texts = [it.text for it in items]
+        stop = ""
+        if not rerank:
+            await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")  # the same refusals as a scored call
+            scores, queued = np.zeros((0,), dtype=np.float32), 0.0
+        elif budget_ms:
+            q_ids = self.reranker.query_ids(query)
+            passages = await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
+            b = await self.reranker.score_within(query, q_ids, passages, texts, self._soft_end(arrival, budget_ms, deadline),
+                                                 deadline, self.clock)
+            scores, queued, stop = b.scores, b.queued, b.stop
+        else:
+            scores, queued = await self.reranker.score_texts(query, texts, deadline)
+        m = len(scores)  # a budget may have cut the scoring to the first m items
+        order = sorted(range(m), key=lambda i: (-float(scores[i]), i)) + list(range(m, len(items)))
+        out = [ScoredItem(items[i].id, float(scores[i]) if i < m else float("-inf"), r, i)
+               for r, i in enumerate(order[:top_n], start=1)]
         el = _us(time.perf_counter() - t0)
-        return out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el)
+        return ScoreResult(out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el), m, stop)
 
     # -- writes ----------------------------------------------------------------------------------------
     def validate_documents(self, docs: list[Document], field_name: str = "documents") -> None:

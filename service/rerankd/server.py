@@ -407,16 +407,27 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         return await self._run("Encode", context, fn, size=len(request.items))
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        budgeted = request.budget_ms > 0  # unset reads 0: no budget (no server default for Score)
+        shed = budgeted and self.refusal(RERANK_LANE, time.perf_counter()) is not None
+
         async def fn(p: Pipeline, deadline):
-            scored, t = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline,
-                                      request.top_n if request.HasField("top_n") else None)
-            self.app.metrics.on_stages(t)
+            r = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline,
+                              request.top_n if request.HasField("top_n") else None,
+                              budget_ms=request.budget_ms if request.HasField("budget_ms") else None, rerank=not shed)
+            self.app.metrics.on_stages(r.timings)
+            if budgeted:
+                self.app.metrics.on_budget("shed" if shed else r.budget_stop, r.scored_items, rpc="Score")
             return pb.ScoreResponse(
-                scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank, index=s.index) for s in scored],
-                model=p.reranker.name, timings=_timings(t),
+                scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank, index=s.index) for s in r.items],
+                model=p.reranker.name, timings=_timings(r.timings), scored_items=r.scored_items,
             )
 
-        return await self._run("Score", context, fn, lane=RERANK_LANE, size=len(request.items))
+        # As a budgeted Search: a budgeted Score that admission would refuse answers unscored (in
+        # the Score lane, not the rerank one) rather than RESOURCE_EXHAUSTED, no await between the
+        # check and _run's own; its latency is its budget's, so it is never refused early on the
+        # estimate of unbudgeted calls (size None) nor moves it (learn False).
+        return await self._run("Score", context, fn, lane="Score" if shed else RERANK_LANE,
+                               size=None if budgeted else len(request.items), learn=not budgeted)
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):

@@ -171,12 +171,18 @@ class Reranker:
             queued += q
         return Budgeted(np.asarray(scores, dtype=np.float32), queued, stop)
 
+    def passages_with_tokens(self, texts: list[str], field: str = "items") -> list[np.ndarray]:
+        """Token ids of caller-supplied passages (blocking: call it off the event loop); a text
+        with no tokens is refused, naming ``field[i].text``."""
+        passages = self.passage_ids(texts)
+        check_has_tokens(passages, [f"{field}[{i}].text" for i in range(len(texts))])
+        return passages
+
     async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
                           field: str = "items") -> tuple[np.ndarray, float]:
         """Scores for caller-supplied passages (tokenized here, off the event loop)."""
         q = self.query_ids(query)
-        passages = await asyncio.to_thread(self.passage_ids, texts)
-        check_has_tokens(passages, [f"{field}[{i}].text" for i in range(len(texts))])
+        passages = await asyncio.to_thread(self.passages_with_tokens, texts, field)
         return await self.score_cached(query, q, passages, texts, deadline)
 
 

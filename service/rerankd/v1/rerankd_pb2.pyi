@@ -154,14 +154,16 @@ class EncodeResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "items", "top_n")
+    __slots__ = ("query", "items", "top_n", "budget_ms")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     query: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
     top_n: int
-    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., top_n: _Optional[int] = ...) -> None: ...
+    budget_ms: int
+    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., top_n: _Optional[int] = ..., budget_ms: _Optional[int] = ...) -> None: ...
 
 class ScoreEntry(_message.Message):
     __slots__ = ("item_id", "score", "rank", "index")
@@ -176,14 +178,16 @@ class ScoreEntry(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model", "timings")
+    __slots__ = ("scores", "model", "timings", "scored_items")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ScoreEntry]
     model: str
     timings: StageTimings
-    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    scored_items: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., scored_items: _Optional[int] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata", "title")
