@@ -434,10 +434,11 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
     from rerankd.server import RERANK_LANE
     from rerankd.v1 import rerankd_pb2 as pb
 
-    seen = []
+    seen, held = [], []
 
     async def search(params, deadline):
         seen.append(params.rerank)
+        held.append(sorted(sv._budgets.values()))  # budgets in flight, as estimated_wait sees them
         return SearchResult([], Timings(), "e", "", "hybrid", False)
 
     sv, app, metrics = _queue_wait_servicer(search=search)
@@ -461,6 +462,7 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
     sv._solo.pop(RERANK_LANE)
     asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=300), Ctx()))
     assert seen == [False, None] and RERANK_LANE not in sv._solo and RERANK_LANE not in sv._ewma
+    assert held == [[], [0.3]] and not sv._budgets  # in flight with its budget (the shed one: none), then released
     asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=0), Ctx()))  # unbudgeted: it does
     assert seen == [False, None, None] and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma
 

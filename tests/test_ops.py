@@ -373,6 +373,11 @@ def test_estimated_wait_is_the_remaining_solo_time_of_calls_in_flight():
     assert sv.estimated_wait(lane, 100.2) == pytest.approx(0.4 + 0.5)  # both calls still to finish
     assert sv.estimated_wait(lane, 100.65) == pytest.approx(0.0 + 0.05)  # the first is past its typical time
     assert sv.estimated_wait(lane, 102.0) == 0.0
+    # a budgeted call in flight (0.3 s budget) lasts about its budget, not the solo latency
+    sv._budgets[2] = 0.3
+    assert sv.estimated_wait(lane, 100.2) == pytest.approx(0.4 + 0.2)
+    sv._budgets[2] = 5.0  # a budget above the typical latency does not lengthen the estimate
+    assert sv.estimated_wait(lane, 100.2) == pytest.approx(0.4 + 0.5)
     assert Settings().server.max_queue_wait_ratio == 0.0  # off by default (measured: no p99 gain here)
 
 

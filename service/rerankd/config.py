@@ -38,7 +38,7 @@ class ServerConfig:
     max_queue_wait_ratio: float = _f(
         0.0,
         "Reranked Search and Score: also refuse (RESOURCE_EXHAUSTED) when the estimated wait behind the calls already in "
-        "flight (their typical solo latency minus elapsed time) exceeds this fraction of one call; 0 = off, only "
+        "flight (their typical solo latency, a budgeted call's at most its budget, minus elapsed time) exceeds this fraction of one call; 0 = off, only "
         "--max-concurrent-search (measured at 0.5: admitted p99 unchanged, see loadtest/README.md)",
     )
     max_concurrent_calls: int = _f(64, "Calls admitted at once per RPC method (reranked Searches and Scores excepted: see --max-concurrent-search); beyond it RESOURCE_EXHAUSTED")

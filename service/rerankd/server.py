@@ -173,16 +173,21 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         # Latency-aware admission (reranked Searches): start times of the calls in flight, and the
         # EWMA latency of calls that ran with no other call of their lane in flight ("solo").
         self._starts: dict[str, dict[int, float]] = {}
+        # Budgeted calls in flight (token -> budget in seconds): one ends by about its budget, so
+        # the wait behind it is at most what is left of that, not the unbudgeted solo latency.
+        self._budgets: dict[int, float] = {}
         self._solo: dict[str, tuple[float, int]] = {}
         self._seq = 0
 
     def estimated_wait(self, lane: str, now: float) -> float | None:
         """Seconds a call admitted now would wait for the calls already in flight in ``lane``:
-        the sum of their typical solo latency minus their elapsed time (None without history)."""
+        the sum of their typical solo latency (a budgeted call's: at most its budget) minus their
+        elapsed time (None without history)."""
         est, n = self._solo.get(lane, (0.0, 0))
         if n < 3:
             return None
-        return sum(max(0.0, est - (now - t)) for t in self._starts.get(lane, {}).values())
+        return sum(max(0.0, min(est, self._budgets.get(tok, est)) - (now - t))
+                   for tok, t in self._starts.get(lane, {}).items())
 
     def refusal(self, lane: str, now: float) -> tuple[str, errors.Overloaded] | None:
         """Why admission would refuse a call in ``lane`` now -- (reason, error) -- or None:
@@ -241,7 +246,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self._fresh[key] = time.perf_counter()
 
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None,
-                   size: int | None = 1, learn: bool = True):
+                   size: int | None = 1, learn: bool = True, budget_s: float | None = None):
         """Admission, deadline, error mapping and logging around one call.
 
         ``lane`` groups calls that share a concurrency limit and a latency estimate (default: the
@@ -251,7 +256,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         documents, ids, a Search's candidates with the default resolved): the early deadline check compares a
         call only with calls of its lane of about the same size (same power of two). None: no
         size known up front (a client stream, Compact), never refused early. ``learn`` False: the
-        call's latency moves no estimate (a budgeted Search: its budget, not its work, sets it)."""
+        call's latency moves no estimate (a budgeted Search: its budget, not its work, sets it).
+        ``budget_s``: the call's soft budget, if any; ``estimated_wait`` counts it in flight as
+        lasting no longer."""
         app = self.app
         lane = lane or method
         kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
@@ -276,6 +283,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self._seq += 1
             token = self._seq
             self._starts.setdefault(lane, {})[token] = t0
+            if budget_s:
+                self._budgets[token] = budget_s
             admitted = True
             remaining = context.time_remaining()
             deadline = None
@@ -336,6 +345,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if admitted:
                 self._inflight[lane] -= 1
                 self._starts[lane].pop(token, None)
+                self._budgets.pop(token, None)
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
             app.metrics.on_call(method, code, seconds, ran=ran, rerank=lane == RERANK_LANE)
@@ -392,8 +402,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             # (in that lane, reranked=false, stop "shed") instead of RESOURCE_EXHAUSTED. No await
             # between this check and _run's own.
             shed = True
+        budget_ms = request.budget_ms if request.HasField("budget_ms") else self.app.settings.index.search_budget_ms
         return await self._run("Search", context, fn, lane="Search" if shed or not rerank else RERANK_LANE,
-                               size=size, learn=not budgeted or shed)
+                               size=size, learn=not budgeted or shed,
+                               budget_s=budget_ms / 1e3 if budgeted and not shed else None)
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):
@@ -427,7 +439,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         # check and _run's own; its latency is its budget's, so it is never refused early on the
         # estimate of unbudgeted calls (size None) nor moves it (learn False).
         return await self._run("Score", context, fn, lane="Score" if shed else RERANK_LANE,
-                               size=None if budgeted else len(request.items), learn=not budgeted)
+                               size=None if budgeted else len(request.items), learn=not budgeted,
+                               budget_s=request.budget_ms / 1e3 if budgeted and not shed else None)
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
