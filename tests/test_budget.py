@@ -116,6 +116,9 @@ def test_budget_reranks_the_prefix_that_fits(models_dir, tmp_path, monkeypatch):
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, budget_ms=60_000))
             assert (r.reranked_candidates, r.budget_stop) == (12, "done")
             _check_order(r, 12)
+            # no candidate at all (a filter nothing matches): "done", so the budget metrics count it
+            r = await p.search(SearchParams(query=QUERY, budget_ms=500, filter=(("lang", ("xx",)),)))
+            assert (r.hits, r.reranked_candidates, r.budget_stop) == ([], 0, "done")
             # Rerank fusion over a partial prefix: fused over the reranked candidates' own ranks.
             r = await p.search(SearchParams(query=QUERY, candidates=12, top_n=12, fusion_weight=1.0))
             head = r.hits[:r.reranked_candidates]

@@ -385,7 +385,7 @@ class Pipeline:
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
         t = Timings()
         stale: list[bool] = []
-        budget_stop = ""
+        budget_stop = "done" if rerank and budget_ms else ""  # kept when there is no candidate to rerank
 
         async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
