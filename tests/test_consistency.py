@@ -584,7 +584,7 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
         try:
             await p.upsert([Document("a", "aspirin and colon cancer"), Document("c", "aspirin dosing")])
             await until(lambda: p.bm25.applied_seq == p.store.last_seq())
-            assert gauge("rerankd_bm25_failed_refreshes") == 0
+            assert gauge("rerankd_bm25_failed_refreshes") == 0 and gauge("rerankd_bm25_refresh_failures_total") == 0
             failing[0] = True
             await p.upsert([Document("b", "aspirin lowers the risk of stroke")])
             await p.delete(["c"])
@@ -608,6 +608,7 @@ def test_a_failing_bm25_refresh_is_retried_in_the_background_and_searches_go_on(
             now[0] += 2.0
             await until(lambda: p.bm25.failures == 0)  # ... until it succeeds
             assert p.bm25.applied_seq == p.store.last_seq() and gauge("rerankd_bm25_failed_refreshes") == 0
+            assert gauge("rerankd_bm25_refresh_failures_total") == 2  # the run of two failures, mended, stays counted
             st = p.stats()
             assert (st["bm25_failed_refreshes"], st["bm25_sequence"], st["bm25_last_error"]) == (0, st["sequence"], "")
             r = await p.search(bm25)

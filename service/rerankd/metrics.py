@@ -12,6 +12,7 @@ from typing import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 # 50-200 ms (the Search budget) finely; 1.25 s is the reranked-Search p99 target of loadtest/README.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.25,
@@ -104,6 +105,11 @@ class Metrics:
         self.documents.set_function(_getter(lambda: len(pipeline.dense)))
         self.bm25_failed_refreshes.set_function(_getter(lambda: pipeline.bm25.failures))
         self.bm25_applied_seq.set_function(_getter(lambda: pipeline.bm25.applied_seq))
+        self.registry.register(_LiveCounter(
+            "rerankd_bm25_refresh_failures",
+            "BM25 refreshes that failed, since start (the gauge rerankd_bm25_failed_refreshes is the current run of "
+            "failures and returns to 0 on success; this one shows failures that a retry then mended)",
+            _getter(lambda: pipeline.bm25.refresh_failures_total)))
 
     def serve(self, listen: str) -> int:
         """Start the /metrics HTTP server on ``host:port``; returns the bound port."""
@@ -117,6 +123,23 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _LiveCounter:
+    """A counter the pipeline keeps itself, read at scrape time (prometheus_client's Counter
+    cannot read a value from elsewhere; a Gauge would lose the counter type that rate() and
+    reset handling expect)."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name, self.doc, self.read = name, doc, read
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.doc)]
+
+    def collect(self):
+        c = CounterMetricFamily(self.name, self.doc)
+        c.add_metric([], self.read())
+        yield c
 
 
 def _getter(fn: Callable[[], float]) -> Callable[[], float]:
