@@ -323,12 +323,15 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
             assert not r.reranked and r.reranked_candidates == 0 and r.reranker_model == ""
             assert [h.first_stage_rank for h in r.hits] == list(range(1, 13))
             assert not any(h.HasField("rerank_score") for h in r.hits)
+            # shed or not, a query over --max-query-tokens is refused (validation does not depend on load)
+            assert_invalid(lambda: c.search("aspirin " * 300, candidates=12, budget_ms=500), "query")
+            assert_invalid(lambda: c.score("aspirin " * 300, ["aspirin trial"], budget_ms=500), "query")
             # Score the same: unbudgeted refused, budgeted answered unscored in the order given
             with pytest.raises(grpc.RpcError) as ei:
                 c.score(QUERY, ["aspirin trial", "colon cancer risk"])
             assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             r = c.score(QUERY, ["aspirin trial", "colon cancer risk", "aspirin"], budget_ms=500, raw=True)
-            assert r.scored_items == 0 and [e.index for e in r.scores] == [0, 1, 2]
+            assert r.unscored_items == 3 and [e.index for e in r.scores] == [0, 1, 2]
             assert all(e.score == float("-inf") for e in r.scores) and [e.rank for e in r.scores] == [1, 2, 3]
         finally:
             release.set()
@@ -342,7 +345,7 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
         # the lane free again: the budgeted Search reranks, the budgeted Score scores
         assert c.search(QUERY, candidates=12, top_n=12, budget_ms=60_000, raw=True).reranked_candidates == 12
         r = c.score(QUERY, ["colon cancer risk", "aspirin trial"], budget_ms=60_000, raw=True)
-        assert r.scored_items == 2 and all(e.score > float("-inf") for e in r.scores)
+        assert r.unscored_items == 0 and all(e.score > float("-inf") for e in r.scores)
         assert m("rerankd_budgeted_scores_total", {"stop": "done"}) == 1
         assert_invalid(lambda: c.score(QUERY, ["aspirin"], budget_ms=3_600_001), "budget_ms")
 
@@ -444,7 +447,9 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
         held.append(sorted(sv._budgets.values()))  # budgets in flight, as estimated_wait sees them
         return SearchResult([], Timings(), "e", "", "hybrid", False)
 
-    sv, app, metrics = _queue_wait_servicer(search=search)
+    import types
+
+    sv, app, metrics = _queue_wait_servicer(search=search, reranker=types.SimpleNamespace(query_ids=lambda q: [1]))
     Ctx, Aborted = _Ctx, _Aborted
     before = (dict(sv._solo), dict(sv._sized), dict(sv._ewma))
     resp = asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=300), Ctx()))
@@ -485,12 +490,12 @@ def test_budgeted_score_scores_the_given_order_prefix(models_dir, tmp_path, monk
         await p.start()
         try:
             whole = await p.score(QUERY, items)  # no budget: every item, best first
-            assert (whole.scored_items, whole.budget_stop) == (12, "")
+            assert (whole.unscored_items, whole.budget_stop) == (0, "")
             exact = {s.index: s.score for s in whole.items}
             clock = _rig(p, monkeypatch)
             # cold: one pair (t=1) measures the rate, then chunks of two (t=3), then one (t=4)
             r = await p.score(QUERY, items, budget_ms=4500)
-            assert (r.scored_items, r.budget_stop) == (4, "budget") and clock.t == 4.0
+            assert (r.unscored_items, r.budget_stop) == (8, "budget") and clock.t == 4.0
             head, tail = r.items[:4], r.items[4:]
             assert sorted(s.index for s in head) == [0, 1, 2, 3]
             assert [s.score for s in head] == sorted((s.score for s in head), reverse=True)
@@ -504,19 +509,24 @@ def test_budgeted_score_scores_the_given_order_prefix(models_dir, tmp_path, monk
             assert [s.index for s in r.items[4:]] == [4, 5]
             # a budget that covers every item: stop "done", the same order as unbudgeted
             r = await p.score(QUERY, items, budget_ms=60_000)
-            assert (r.scored_items, r.budget_stop) == (12, "done")
+            assert (r.unscored_items, r.budget_stop) == (0, "done")
             assert [s.index for s in r.items] == [s.index for s in whole.items]
             # too small for a pair right after a batch ran: nothing scored, the order given
             r = await p.score(QUERY, items, budget_ms=500)
-            assert (r.scored_items, r.budget_stop) == (0, "budget")
+            assert (r.unscored_items, r.budget_stop) == (12, "budget")
             assert [s.index for s in r.items] == list(range(12)) and all(s.score == inf for s in r.items)
             # shed (rerank False): validated, nothing scored, no model work
             t0 = clock.t
             r = await p.score(QUERY, items, rerank=False)
-            assert r.scored_items == 0 and [s.index for s in r.items] == list(range(12)) and clock.t == t0
+            assert r.unscored_items == 12 and [s.index for s in r.items] == list(range(12)) and clock.t == t0
+            # ... with the refusals of a scored call: validation does not depend on load
             with pytest.raises(InvalidArgument) as ei:
                 await p.score(QUERY, [Item("a", "\u200b")], rerank=False)
             assert ei.value.field == "items[0].text"
+            for q in ("\u200b", "aspirin " * 300):  # no tokens; over --max-query-tokens
+                with pytest.raises(InvalidArgument) as ei:
+                    await p.score(q, items, rerank=False)
+                assert ei.value.field == "query"
             with pytest.raises(InvalidArgument) as ei:
                 await p.score(QUERY, items, budget_ms=3_600_001)
             assert ei.value.field == "budget_ms"
@@ -536,13 +546,14 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
     from rerankd.server import RERANK_LANE
     from rerankd.v1 import rerankd_pb2 as pb
 
-    seen = []
+    seen, held = [], []
 
     async def score(query, items, deadline, top_n, budget_ms=None, rerank=True):
         seen.append((budget_ms, rerank))
+        held.append(sorted(sv._budgets.values()))  # budgets in flight, as estimated_wait sees them
         n = len(items) if rerank else 0
         return ScoreResult([ScoredItem(it.id, 1.0 if i < n else float("-inf"), i + 1, i) for i, it in enumerate(items)],
-                           Timings(), n, "done" if budget_ms and rerank else "")
+                           Timings(), len(items) - n, "done" if budget_ms and rerank else "")
 
     import types
 
@@ -550,7 +561,7 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
     req = pb.ScoreRequest(query="q", items=[pb.Item(id="a", text="t"), pb.Item(id="b", text="u")], budget_ms=300)
     before = dict(sv._solo)
     resp = asyncio.run(sv.Score(req, _Ctx()))
-    assert seen == [(300, False)] and resp.scored_items == 0 and [e.score for e in resp.scores] == [float("-inf")] * 2
+    assert seen == [(300, False)] and resp.unscored_items == 2 and [e.score for e in resp.scores] == [float("-inf")] * 2
     assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "shed"}) == 1
     assert sv._solo == before and not sv._ewma and not sv._sized  # learned nothing, in any lane
     ctx = _Ctx()
@@ -563,8 +574,24 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
     sv._inflight[RERANK_LANE] = 0
     sv._solo.pop(RERANK_LANE)
     resp = asyncio.run(sv.Score(req, _Ctx()))
-    assert seen[-1] == (300, True) and resp.scored_items == 2 and RERANK_LANE not in sv._solo
+    assert seen[-1] == (300, True) and resp.unscored_items == 0 and RERANK_LANE not in sv._solo
+    assert held == [[], [0.3]] and not sv._budgets  # in flight with its budget (the shed one: none), then released
     assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "done"}) == 1
     asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=req.items), _Ctx()))
     assert seen[-1] == (None, True) and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma
     assert metrics.registry.get_sample_value("rerankd_budgeted_scores_total", {"stop": "done"}) == 1  # unbudgeted: not counted
+    # Never refused early on unbudgeted calls' latency: with slow 2-item Scores on record (5 s,
+    # fresh), a 2-item call with 0.1 s left is refused unbudgeted and admitted budgeted.
+    key = (f"{RERANK_LANE}/Score", 2 .bit_length())
+    sv._sized[key], sv._fresh[key] = (5.0, 20), time.perf_counter()
+
+    class Short(_Ctx):
+        def time_remaining(self):
+            return 0.1
+
+    ctx = Short()
+    with pytest.raises(_Aborted):
+        asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=req.items), ctx))
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(seen) == 3  # refused before it ran
+    asyncio.run(sv.Score(req, Short()))
+    assert len(seen) == 4 and seen[-1] == (300, True)

@@ -356,7 +356,7 @@ class Client:
         ``items``; a plain string's id is its position too). ``top_n``: only the best n.
         ``budget_ms``: soft latency budget; items are scored in the order given and the ones it
         left unscored follow the scored ones in that order, with score ``-inf`` (``raw=True``:
-        the response, with ``scored_items``)."""
+        the response, with ``unscored_items``)."""
         resp = self._stub.Score(_score_request(query, items, top_n, budget_ms), **self._kw(timeout))
         return _scores(resp, model, raw)
 

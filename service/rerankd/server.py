@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
 from .v1 import rerankd_pb2 as pb
 from .v1 import rerankd_pb2_grpc as pb_grpc
-from .validation import resolve_search
+from .validation import check_query, resolve_search
 
 log = logging.getLogger("rerankd.server")
 
@@ -355,6 +355,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         shed = False
 
         async def fn(p: Pipeline, deadline):
+            if shed:  # the query checks a reranked Search gets (--max-query-tokens): validation must not depend on load
+                check_query(request.query, self.app.settings.limits)
+                p.reranker.query_ids(request.query)
             params = SearchParams(
                 query=request.query,
                 top_n=request.top_n if request.HasField("top_n") else None,
@@ -428,10 +431,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                               budget_ms=request.budget_ms if request.HasField("budget_ms") else None, rerank=not shed)
             self.app.metrics.on_stages(r.timings)
             if budgeted:
-                self.app.metrics.on_budget("shed" if shed else r.budget_stop, r.scored_items, rpc="Score")
+                self.app.metrics.on_budget("shed" if shed else r.budget_stop, len(request.items) - r.unscored_items,
+                                           rpc="Score")
+            # `model` names the reranker even when nothing was scored (shed): a client pinning
+            # the model must not fail because the server was busy.
             return pb.ScoreResponse(
                 scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank, index=s.index) for s in r.items],
-                model=p.reranker.name, timings=_timings(r.timings), scored_items=r.scored_items,
+                model=p.reranker.name, timings=_timings(r.timings), unscored_items=r.unscored_items,
             )
 
         # As a budgeted Search: a budgeted Score that admission would refuse answers unscored (in

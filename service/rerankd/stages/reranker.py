@@ -179,9 +179,10 @@ class Reranker:
         return passages
 
     async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
-                          field: str = "items") -> tuple[np.ndarray, float]:
-        """Scores for caller-supplied passages (tokenized here, off the event loop)."""
-        q = self.query_ids(query)
+                          field: str = "items", q_ids: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """Scores for caller-supplied passages (tokenized here, off the event loop; ``q_ids``:
+        the query's token ids when the caller has them)."""
+        q = self.query_ids(query) if q_ids is None else q_ids
         passages = await asyncio.to_thread(self.passages_with_tokens, texts, field)
         return await self.score_cached(query, q, passages, texts, deadline)
 

@@ -178,16 +178,16 @@ class ScoreEntry(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model", "timings", "scored_items")
+    __slots__ = ("scores", "model", "timings", "unscored_items")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
-    SCORED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNSCORED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ScoreEntry]
     model: str
     timings: StageTimings
-    scored_items: int
-    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., scored_items: _Optional[int] = ...) -> None: ...
+    unscored_items: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., unscored_items: _Optional[int] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata", "title")
