@@ -9,6 +9,7 @@ from) and the same 50 real passages per call (max length 256):
 2. raw ONNX Runtime fp32: one padded 50 x 256 session run;
 3. each rerankd backend/precision the bundles carry, through the engine (batcher + backend);
 4. ``Score`` through a real gRPC server on the default configuration (``--backend auto``);
+   (``--score-budgets-ms``: the same with soft budgets, and the passages each call scored);
 5. ``Search`` end to end (gRPC, hybrid first stage, rerank on) at k = 10, 20, 50, 100;
 6. concurrency: N clients calling ``Score`` at once -> pairs/s vs the best single-batch pairs/s.
 
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100], help="Search candidates")
     g.add_argument("--concurrency", type=int, default=8, help="clients in the concurrency row (0 = skip)")
     g.add_argument("--concurrency-seconds", type=float, default=20.0)
+    g.add_argument("--score-budgets-ms", type=int, nargs="*", default=[],
+                   help="also time gRPC Score with these soft budgets (ScoreRequest.budget_ms) and report the "
+                        "passages scored per call")
     g.add_argument("--skip-baseline", action="store_true", help="skip sentence-transformers (needs torch)")
     g.add_argument("--skip-search", action="store_true")
     g.add_argument("--variants", nargs="*", default=None,
@@ -195,6 +199,8 @@ class Bench:
             self.add(f"gRPC Score {args.pairs} passages ({label}, default config)", self.timed(
                 lambda q, ps: c.score(q, [{"id": str(i), "text": p} for i, p in enumerate(ps)])))
             single_best = args.pairs / (self.rows[-1]["p50"] / 1e3)
+            for budget in args.score_budgets_ms:
+                self.score_budget(c, budget, label)
             if not args.skip_search:
                 docs = self.corpus if not args.docs else self.corpus[: args.docs]
                 t0 = time.perf_counter()
@@ -212,6 +218,23 @@ class Bench:
                     self.add(f"gRPC Search hybrid k={k} rerank ({label})", self.timed(run))
             if args.concurrency:
                 self.concurrency(c, srv.target, single_best)
+
+    def score_budget(self, c, budget_ms: int, label: str) -> dict[str, Any]:
+        """One row: the same Score calls with a soft budget; latency and how many passages each
+        call scored (the timed calls only)."""
+        scored: list[int] = []
+
+        def call(q, ps):
+            r = c.score(q, [{"id": str(i), "text": p} for i, p in enumerate(ps)], budget_ms=budget_ms, raw=True)
+            scored.append(len(ps) - r.unscored_items)
+
+        times = self.timed(call)
+        timed = scored[-len(times):]
+        row = self.add(f"gRPC Score {self.args.pairs} passages, budget {budget_ms} ms ({label})", times,
+                       budget_ms=budget_ms, scored_mean=round(statistics.fmean(timed), 2),
+                       scored_min=min(timed), scored_max=max(timed))
+        print(f"    scored per call: mean {row['scored_mean']:.1f}, min {row['scored_min']}, max {row['scored_max']}")
+        return row
 
     def concurrency(self, c, target: str, single_best: float) -> None:
         from .client import Client
