@@ -279,6 +279,17 @@ def test_budget_through_grpc(models_dir, tmp_path):
         hits = c.search(QUERY, candidates=12, top_n=12, budget_ms=1)
         assert sum("rerank_score" in h for h in hits) <= 1
         assert_invalid(lambda: c.search(QUERY, budget_ms=3_600_001), "budget_ms")
+
+        async def via_async():  # AsyncClient carries budget_ms and raw too
+            from rerankd.client import AsyncClient
+
+            async with AsyncClient(srv.target, timeout=120) as ac:
+                return (await ac.score(QUERY, ["aspirin trial", "colon cancer risk"], budget_ms=60_000, raw=True),
+                        await ac.score(QUERY, ["aspirin trial", "colon cancer risk"], budget_ms=1))
+
+        whole, tiny = asyncio.run(via_async())
+        assert whole.unscored_items == 0 and len(whole.scores) == 2
+        assert sum(e["score"] == float("-inf") for e in tiny) >= 1  # 1 ms: at most one pair scored
         text = srv.app.metrics.registry.get_sample_value("rerankd_budgeted_searches_total", {"stop": "budget"})
         assert text is not None and text >= 1
 
