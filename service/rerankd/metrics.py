@@ -47,23 +47,19 @@ class Metrics:
             registry=r)
         self.bm25_applied_seq = Gauge(
             "rerankd_bm25_applied_sequence", "Store sequence the searchable BM25 index covers", registry=r)
-        self.budgeted = Counter(
-            "rerankd_budgeted_searches",
-            "Reranked Searches with a latency budget, by how the rerank ended: done (every candidate), budget (the "
-            "next batch would have ended past the budget), overloaded (a batch met a full queue), shed (admission "
-            "would have refused the rerank: first stage only)",
-            ["stop"], registry=r)
-        self.budget_reranked = Histogram(
-            "rerankd_budgeted_reranked_candidates", "Candidates a budgeted Search reranked",
-            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
-        self.budgeted_scores = Counter(
-            "rerankd_budgeted_scores",
-            "Score calls with a latency budget, by how the scoring ended: done (every item), budget, overloaded, shed "
-            "(admission would have refused it: no item scored), as rerankd_budgeted_searches",
-            ["stop"], registry=r)
-        self.budget_scored = Histogram(
-            "rerankd_budgeted_scored_items", "Items a budgeted Score call scored",
-            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
+        # Budgeted reranks (Search: its candidates; Score: the caller's items), per RPC:
+        # (calls by how the scoring ended, histogram of how many each scored).
+        self.budget = {rpc: (Counter(f"rerankd_budgeted_{plural}", doc, ["stop"], registry=r),
+                             Histogram(f"rerankd_budgeted_{counted}", f"{what} a budgeted {rpc} call scored",
+                                       buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r))
+                       for rpc, plural, counted, what, doc in (
+            ("Search", "searches", "reranked_candidates", "Candidates",
+             "Reranked Searches with a latency budget, by how the rerank ended: done (every candidate), budget (the "
+             "next batch would have ended past the budget), overloaded (a batch met a full queue), shed (admission "
+             "would have refused the rerank: first stage only)"),
+            ("Score", "scores", "scored_items", "Items",
+             "Score calls with a latency budget, by how the scoring ended: done (every item), budget, overloaded, "
+             "shed (admission would have refused it: no item scored), as rerankd_budgeted_searches"))}
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -81,7 +77,7 @@ class Metrics:
 
     def on_budget(self, stop: str, reranked: int, rpc: str = "Search") -> None:
         """A budgeted call's outcome: ``reranked`` candidates (Search) or items (Score) scored."""
-        counter, hist = (self.budgeted_scores, self.budget_scored) if rpc == "Score" else (self.budgeted, self.budget_reranked)
+        counter, hist = self.budget[rpc]
         counter.labels(stop).inc()
         hist.observe(reranked)
 
