@@ -631,3 +631,32 @@ def test_client_retries_overload_refusals_after_the_servers_pushback(models_dir,
     with pytest.raises(ValueError):
         retry_service_config(1)
     assert json.loads(retry_service_config(9))["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5
+
+
+def test_live_counter_is_a_counter_with_no_sample_until_bound_or_when_its_read_fails():
+    """rerankd_bm25_refresh_failures_total is registered once with the registry; before a pipeline
+    is bound, and whenever reading it fails, the family is exposed without a sample (a counter
+    has no NaN to report), and bound it reads the pipeline's own count."""
+    import types
+
+    from prometheus_client import generate_latest
+
+    from rerankd.metrics import Metrics
+
+    def samples():
+        fam = [f for f in m.registry.collect() if f.name == "rerankd_bm25_refresh_failures"]
+        assert len(fam) == 1 and fam[0].type == "counter"
+        return [(s.name, s.value) for s in fam[0].samples]
+
+    m = Metrics()
+    assert samples() == []
+    assert b"# TYPE rerankd_bm25_refresh_failures_total counter" in generate_latest(m.registry)
+    bm25 = types.SimpleNamespace(failures=0, applied_seq=0, refresh_failures_total=3)
+    batcher = types.SimpleNamespace(queue_depth=0, stats=types.SimpleNamespace(padding_efficiency=1.0))
+    model = types.SimpleNamespace(batcher=batcher)
+    pipeline = types.SimpleNamespace(embedder=model, reranker=model, dense=[], bm25=bm25)
+    m.bind(pipeline)
+    assert samples() == [("rerankd_bm25_refresh_failures_total", 3.0)]
+    m.bind(pipeline)  # a second bind replaces the reader; nothing is registered twice
+    del bm25.refresh_failures_total
+    assert samples() == []

@@ -181,7 +181,7 @@ def retry_service_config(attempts: int, *, initial_backoff_s: float = 0.1, max_b
     RESOURCE_EXHAUSTED at once instead of waiting out its deadline."""
     if attempts < 2:
         raise ValueError("attempts must be at least 2 (1 = no retries: leave the config out)")
-    unary = ["Search", "Encode", "Score", "Upsert", "Delete", "Stats", "Compact"]
+    unary = ["Search", "Encode", "Score", "Upsert", "Delete", "Get", "Stats", "Compact"]
     return json.dumps({"methodConfig": [{
         "name": [{"service": "rerankd.v1.Retrieval", "method": m} for m in unary],
         "retryPolicy": {
@@ -383,6 +383,10 @@ class Client:
     def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
         return self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))
 
+    def get(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.GetResponse:
+        """Stored documents by id (``documents`` in request order, ``not_found``, ``sequence``)."""
+        return self._stub.Get(pb.GetRequest(ids=list(ids)), **self._kw(timeout))
+
     def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return self._stub.Stats(pb.StatsRequest(), **self._kw(timeout))
 
@@ -468,6 +472,9 @@ class AsyncClient:
 
     async def delete(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.DeleteResponse:
         return await self._stub.Delete(pb.DeleteRequest(ids=list(ids)), **self._kw(timeout))
+
+    async def get(self, ids: Iterable[str], *, timeout: float | None = None) -> pb.GetResponse:
+        return await self._stub.Get(pb.GetRequest(ids=list(ids)), **self._kw(timeout))
 
     async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return await self._stub.Stats(pb.StatsRequest(), **self._kw(timeout))

@@ -150,7 +150,7 @@ class IndexConfig:
 class LimitsConfig:
     max_candidates: int = _f(1000, "Largest `candidates` (k) a Search may ask for")
     max_top_n: int = _f(1000, "Largest `top_n` a Search may ask for")
-    max_items: int = _f(512, "Most items/documents/ids per Encode, Score, Upsert or Delete call")
+    max_items: int = _f(512, "Most items/documents/ids per Encode, Score, Upsert, Delete or Get call")
     max_text_bytes: int = _f(65536, "Largest text of one item or document (UTF-8 bytes)")
     max_query_bytes: int = _f(4096, "Largest query (UTF-8 bytes)")
     max_id_bytes: int = _f(512, "Largest id (UTF-8 bytes)")

@@ -60,6 +60,11 @@ class Metrics:
             ("Score", "scores", "scored_items", "Items",
              "Score calls with a latency budget, by how the scoring ended: done (every item), budget, overloaded, "
              "shed (admission would have refused it: no item scored), as rerankd_budgeted_searches"))}
+        self.bm25_refresh_failures = _LiveCounter(
+            "rerankd_bm25_refresh_failures",
+            "BM25 refreshes that failed, since start (the gauge rerankd_bm25_failed_refreshes is the current run of "
+            "failures and returns to 0 on success; this one shows failures that a retry then mended)")
+        r.register(self.bm25_refresh_failures)
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -101,11 +106,7 @@ class Metrics:
         self.documents.set_function(_getter(lambda: len(pipeline.dense)))
         self.bm25_failed_refreshes.set_function(_getter(lambda: pipeline.bm25.failures))
         self.bm25_applied_seq.set_function(_getter(lambda: pipeline.bm25.applied_seq))
-        self.registry.register(_LiveCounter(
-            "rerankd_bm25_refresh_failures",
-            "BM25 refreshes that failed, since start (the gauge rerankd_bm25_failed_refreshes is the current run of "
-            "failures and returns to 0 on success; this one shows failures that a retry then mended)",
-            _getter(lambda: pipeline.bm25.refresh_failures_total)))
+        self.bm25_refresh_failures.read = lambda: pipeline.bm25.refresh_failures_total
 
     def serve(self, listen: str) -> int:
         """Start the /metrics HTTP server on ``host:port``; returns the bound port."""
@@ -124,9 +125,10 @@ class Metrics:
 class _LiveCounter:
     """A counter the pipeline keeps itself, read at scrape time (prometheus_client's Counter
     cannot read a value from elsewhere; a Gauge would lose the counter type that rate() and
-    reset handling expect)."""
+    reset handling expect). Registered once; ``read`` is set when a pipeline is bound. Unbound,
+    or when the read fails, the family has no sample: a counter has no NaN value to report."""
 
-    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+    def __init__(self, name: str, doc: str, read: Callable[[], float] | None = None) -> None:
         self.name, self.doc, self.read = name, doc, read
 
     def describe(self):
@@ -134,7 +136,11 @@ class _LiveCounter:
 
     def collect(self):
         c = CounterMetricFamily(self.name, self.doc)
-        c.add_metric([], self.read())
+        if self.read is not None:
+            try:
+                c.add_metric([], float(self.read()))
+            except Exception:
+                pass
         yield c
 
 

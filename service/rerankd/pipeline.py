@@ -151,6 +151,13 @@ class DeleteResult:
     sequence: int
 
 
+@dataclass(frozen=True)
+class GetResult:
+    documents: list[Document]  # found, in request order
+    not_found: list[str]  # in request order
+    sequence: int  # the last change the read reflects
+
+
 class _IndexesBehind(Exception):
     """A write was committed to the store but updating the in-memory indexes failed."""
 
@@ -707,6 +714,17 @@ class Pipeline:
                 self._indexes_fell_behind(seq, e)
                 raise _IndexesBehind(seq) from e
         return labels, missing, seq
+
+    async def get(self, ids: list[str]) -> GetResult:
+        """Stored documents by id, in request order, read at one point in time (a store read in
+        the search pool: Get never waits for a write in progress)."""
+        limits = self.settings.limits
+        check_count(len(ids), limits, "ids")
+        check_ids(ids, limits, "ids")
+        found, seq = await self._searching(self.store.get, ids)
+        docs = [Document(id=d.id, text=d.text, title=d.title, metadata=d.metadata)
+                for d in (found.get(i) for i in ids) if d is not None]
+        return GetResult(docs, [i for i in ids if i not in found], seq)
 
     # -- operations ------------------------------------------------------------------------------------
     def _save_snapshot(self, force: bool = False, bm25: bool = True) -> snapshot.SnapshotInfo | None:

@@ -508,6 +508,22 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
         return await self._run("Delete", context, fn, size=len(request.ids))
 
+    async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
+        async def fn(p: Pipeline, deadline):
+            r = await p.get(list(request.ids))
+            resp = pb.GetResponse(
+                documents=[pb.Document(id=d.id, text=d.text, title=d.title, metadata=d.metadata) for d in r.documents],
+                not_found=r.not_found, sequence=r.sequence,
+            )
+            limit = self.app.settings.server.max_message_bytes
+            if (size := resp.ByteSize()) > limit:  # as Search: say what to change, not a failed send
+                raise errors.InvalidArgument(
+                    "ids", f"{len(resp.documents)} documents make a {size}-byte response, over the {limit}-byte "
+                    "message limit: ask for fewer ids per call")
+            return resp
+
+        return await self._run("Get", context, fn, size=len(request.ids))
+
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         async def fn(p: Pipeline, deadline):
             return pb.StatsResponse(**await asyncio.to_thread(p.stats))

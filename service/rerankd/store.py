@@ -274,6 +274,25 @@ class DocumentStore:
                 out[label] = StoredDocument(label, doc_id, title, text, json.loads(meta), _blob_ids(tok))
         return out
 
+    def get(self, ids: list[str]) -> tuple[dict[str, StoredDocument], int]:
+        """Documents by id (absent: not stored) and the sequence of the last change the read
+        reflects, all in one read transaction: a write committed meanwhile is wholly in or out.
+        Token ids and vectors are not read."""
+        out: dict[str, StoredDocument] = {}
+        con = self._r()
+        con.execute("BEGIN")
+        try:
+            for chunk in _chunks(ids, 500):
+                q = f"SELECT label, id, title, text, metadata FROM documents WHERE id IN ({','.join('?' * len(chunk))})"
+                for label, doc_id, title, text, meta in con.execute(q, chunk):
+                    out[doc_id] = StoredDocument(label, doc_id, title, text, json.loads(meta), None)
+            seq = int(con.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+        return out, seq
+
     def unchanged(self, docs: Iterable[tuple[str, str, str, dict[str, str]]]) -> set[str]:
         """Of (id, title, text, metadata), the ids whose stored document is exactly that."""
         want = {doc_id: (title, text, json.dumps(meta, sort_keys=True)) for doc_id, title, text, meta in docs}

@@ -64,6 +64,11 @@ class RetrievalStub:
                 request_serializer=rerankd_dot_v1_dot_rerankd__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=rerankd_dot_v1_dot_rerankd__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/rerankd.v1.Retrieval/Get',
+                request_serializer=rerankd_dot_v1_dot_rerankd__pb2.GetRequest.SerializeToString,
+                response_deserializer=rerankd_dot_v1_dot_rerankd__pb2.GetResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/rerankd.v1.Retrieval/Stats',
                 request_serializer=rerankd_dot_v1_dot_rerankd__pb2.StatsRequest.SerializeToString,
@@ -121,6 +126,13 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Get(self, request, context):
+        """Documents by id, as stored (title, text, metadata). Unknown ids are reported, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Index and model statistics.
         """
@@ -167,6 +179,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=rerankd_dot_v1_dot_rerankd__pb2.DeleteRequest.FromString,
                     response_serializer=rerankd_dot_v1_dot_rerankd__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=rerankd_dot_v1_dot_rerankd__pb2.GetRequest.FromString,
+                    response_serializer=rerankd_dot_v1_dot_rerankd__pb2.GetResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -341,6 +358,33 @@ class Retrieval:
             '/rerankd.v1.Retrieval/Delete',
             rerankd_dot_v1_dot_rerankd__pb2.DeleteRequest.SerializeToString,
             rerankd_dot_v1_dot_rerankd__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rerankd.v1.Retrieval/Get',
+            rerankd_dot_v1_dot_rerankd__pb2.GetRequest.SerializeToString,
+            rerankd_dot_v1_dot_rerankd__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,
