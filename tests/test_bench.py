@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from rerankd import bench
 
 
@@ -28,3 +30,14 @@ def test_score_budget_rows_report_the_passages_scored(models_dir, tmp_path):
     assert (whole["scored_mean"], whole["scored_min"], whole["scored_max"]) == (4, 4, 4)  # the budget covers all
     # 1 ms is below one pair's time: nothing, or a one-pair probe (at most one a second)
     assert tiny["budget_ms"] == 1 and 0 <= tiny["scored_min"] <= tiny["scored_max"] <= 1
+    table = b.markdown()
+    assert "budget 600000 ms" in table and "scored per call 4.0 (min 4, max 4)" in table
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "3600001", "fast"])
+def test_score_budgets_must_be_budgets_the_server_takes(value, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dataset", str(tmp_path), "--score-budgets-ms", "100", value])
+    assert "--score-budgets-ms" in capsys.readouterr().err

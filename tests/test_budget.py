@@ -336,6 +336,8 @@ def test_a_full_rerank_lane_gives_a_budgeted_search_the_first_stage(models_dir, 
             assert not any(h.HasField("rerank_score") for h in r.hits)
             # shed or not, a query over --max-query-tokens is refused (validation does not depend on load)
             assert_invalid(lambda: c.search("aspirin " * 300, candidates=12, budget_ms=500), "query")
+            # ... in the same order as when admitted: the candidates are checked before the query's tokens
+            assert_invalid(lambda: c.search("aspirin " * 300, candidates=0, budget_ms=500), "candidates")
             assert_invalid(lambda: c.score("aspirin " * 300, ["aspirin trial"], budget_ms=500), "query")
             # Score the same: unbudgeted refused, budgeted answered unscored in the order given
             with pytest.raises(grpc.RpcError) as ei:
@@ -484,6 +486,23 @@ def test_search_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns
     assert held == [[], [0.3]] and not sv._budgets  # in flight with its budget (the shed one: none), then released
     asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=0), Ctx()))  # unbudgeted: it does
     assert seen == [False, None, None] and RERANK_LANE in sv._solo and RERANK_LANE in sv._ewma
+    # the server's default budget (--search-budget-ms; no budget_ms sent) is held in flight the same way
+    app.settings = Settings().replace(server={"max_concurrent_search": 4}, index={"search_budget_ms": 250})
+    asyncio.run(sv.Search(pb.SearchRequest(query="q"), Ctx()))
+    assert held[-1] == [0.25] and not sv._budgets
+
+    async def failing(params, deadline):
+        held.append(sorted(sv._budgets.values()))
+        raise InvalidArgument("query", "refused by the fake pipeline")
+
+    from rerankd.errors import InvalidArgument
+
+    app.pipeline.search = failing
+    ctx = Ctx()
+    with pytest.raises(Aborted):
+        asyncio.run(sv.Search(pb.SearchRequest(query="q", budget_ms=400), ctx))
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert held[-1] == [0.4] and not sv._budgets  # a failed call releases its budget too
 
 
 def test_budgeted_score_scores_the_given_order_prefix(models_dir, tmp_path, monkeypatch):

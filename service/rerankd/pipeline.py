@@ -66,6 +66,9 @@ class SearchParams:
     filter: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Soft latency budget in ms from arrival (None: the server's --search-budget-ms; 0: none).
     budget_ms: int | None = None
+    # Check the query as a reranked Search does (--max-query-tokens) even when rerank is False: a
+    # budgeted Search shed to the first stage under load is validated as it would be admitted.
+    check_rerank_query: bool = False
 
 
 @dataclass
@@ -385,7 +388,7 @@ class Pipeline:
                          else check_fusion_weight(p.fusion_weight))
         budget_ms = (self.settings.index.search_budget_ms if p.budget_ms is None
                      else check_budget(p.budget_ms))
-        q_ids = self.reranker.query_ids(p.query) if rerank else None
+        q_ids = self.reranker.query_ids(p.query) if rerank or p.check_rerank_query else None
         conditions = check_filter(p.filter, limits)
         # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
         # its own index if a write changed the filter index since (see FilterView).

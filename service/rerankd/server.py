@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
 from .v1 import rerankd_pb2 as pb
 from .v1 import rerankd_pb2_grpc as pb_grpc
-from .validation import check_query, resolve_search
+from .validation import resolve_search
 
 log = logging.getLogger("rerankd.server")
 
@@ -355,9 +355,6 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         shed = False
 
         async def fn(p: Pipeline, deadline):
-            if shed:  # the query checks a reranked Search gets (--max-query-tokens): validation must not depend on load
-                check_query(request.query, self.app.settings.limits)
-                p.reranker.query_ids(request.query)
             params = SearchParams(
                 query=request.query,
                 top_n=request.top_n if request.HasField("top_n") else None,
@@ -369,6 +366,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
                 filter=tuple((m.key, tuple(m.values)) for m in request.filter),
                 budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
+                check_rerank_query=shed,  # validation must not depend on load
             )
             r = await p.search(params, deadline)
             if shed:
