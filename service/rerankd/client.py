@@ -208,7 +208,7 @@ def _check_model(wanted: str | None, served: str) -> None:
 
 
 def _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                    fusion_weight, filter, budget_ms=None) -> pb.SearchRequest:  # noqa: A002 - the API's name
+                    fusion_weight, filter, budget_ms=None, collapse_key="", collapse_max=None) -> pb.SearchRequest:  # noqa: A002
     conds = []
     for k, v in (filter or {}).items():
         values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
@@ -217,7 +217,8 @@ def _search_request(query, top_n, candidates, rerank, first_stage, include_text,
         conds.append(pb.MetadataMatch(key=k, values=values))
     return pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
                             include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
-                            filter=conds, budget_ms=budget_ms)
+                            filter=conds, budget_ms=budget_ms, collapse_key=collapse_key or "",
+                            collapse_max=collapse_max)
 
 
 def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[dict[str, Any]] | pb.SearchResponse:
@@ -226,7 +227,8 @@ def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[di
     out = []
     for h in resp.hits:
         d: dict[str, Any] = {"id": h.id, "score": h.score, "rank": h.rank,
-                             "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank}
+                             "first_stage_score": h.first_stage_score, "first_stage_rank": h.first_stage_rank,
+                             "dense_rank": h.dense_rank, "bm25_rank": h.bm25_rank}
         if h.HasField("rerank_score"):
             d["rerank_score"] = h.rerank_score
         if h.HasField("text"):
@@ -333,14 +335,16 @@ class Client:
     def search(self, query: str, *, top_n: int | None = None, candidates: int | None = None, rerank: bool | None = None,
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
                fusion_weight: float | None = None, filter: Mapping[str, str | Iterable[str]] | None = None,
-               budget_ms: int | None = None, timeout: float | None = None,
-               raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               budget_ms: int | None = None, collapse_key: str | None = None, collapse_max: int | None = None,
+               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
         (every key must match; a list means any of its values). ``budget_ms``: soft latency
         budget; the candidates it left unreranked follow the reranked ones in first-stage order,
-        without ``rerank_score`` (``raw=True``: ``reranked_candidates`` in the response)."""
+        without ``rerank_score`` (``raw=True``: ``reranked_candidates`` in the response).
+        ``collapse_key``: at most ``collapse_max`` (default 1) hits per value of that metadata key,
+        e.g. one chunk per parent document (``raw=True``: ``collapsed`` in the response)."""
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max)
         return _hits(self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
@@ -438,9 +442,10 @@ class AsyncClient:
                      rerank: bool | None = None, first_stage: str | None = None, include_text: bool = False,
                      include_metadata: bool = False, fusion_weight: float | None = None,
                      filter: Mapping[str, str | Iterable[str]] | None = None, budget_ms: int | None = None,
+                     collapse_key: str | None = None, collapse_max: int | None = None,
                      timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max)
         return _hits(await self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     async def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,

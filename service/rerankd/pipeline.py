@@ -36,6 +36,7 @@ from .stages.reranker import Reranker, check_has_tokens
 from .store import DocumentStore, NewDocument, join_title
 from .validation import (
     check_budget,
+    check_collapse,
     check_count,
     check_filter,
     check_first_stage,
@@ -69,6 +70,9 @@ class SearchParams:
     # Check the query as a reranked Search does (--max-query-tokens) even when rerank is False: a
     # budgeted Search shed to the first stage under load is validated as it would be admitted.
     check_rerank_query: bool = False
+    # Field collapsing: at most collapse_max (None: 1) hits per value of metadata[collapse_key]; "" = off.
+    collapse_key: str = ""
+    collapse_max: int | None = None
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Hit:
     title: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     rerank_score: float | None = None
+    dense_rank: int = 0  # 1-based rank in the dense leg's list; 0: not in it, or the leg did not run
+    bm25_rank: int = 0  # the same for the BM25 leg
 
 
 @dataclass
@@ -106,6 +112,7 @@ class SearchResult:
     bm25_stale: bool = False  # the BM25 leg read the last good index while a failed refresh is retried
     reranked_candidates: int = 0  # candidates the cross-encoder scored (fewer than found when a budget cut it short)
     budget_stop: str = ""  # budgeted reranks: "done" | "budget" | "overloaded" ("shed": set by the server); "" without a budget
+    collapsed: int = 0  # candidates left out by field collapsing (collapse_key)
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,29 @@ class _IndexesBehind(Exception):
     def __init__(self, seq: int) -> None:
         super().__init__(seq)
         self.seq = seq
+
+
+def _ranks(labels) -> dict[int, int]:
+    """label -> 1-based rank in a leg's list (a label listed twice keeps its best rank, as in rrf)."""
+    out: dict[int, int] = {}
+    for i, lb in enumerate(labels, start=1):
+        out.setdefault(int(lb), i)
+    return out
+
+
+def _collapse(ranked: list, group, most: int) -> tuple[list, int]:
+    """Field collapsing over a ranked list, best first: keep an entry unless ``most`` better ones
+    share its ``group(entry)``; None is no group (never collapsed). Returns (kept, left out)."""
+    seen: dict[str, int] = {}
+    kept = []
+    for r in ranked:
+        g = group(r)
+        if g is not None:
+            if seen.get(g, 0) >= most:
+                continue
+            seen[g] = seen.get(g, 0) + 1
+        kept.append(r)
+    return kept, len(ranked) - len(kept)
 
 
 def _us(seconds: float) -> int:
@@ -390,6 +420,7 @@ class Pipeline:
                      else check_budget(p.budget_ms))
         q_ids = self.reranker.query_ids(p.query) if rerank or p.check_rerank_query else None
         conditions = check_filter(p.filter, limits)
+        collapse_max = check_collapse(p.collapse_key, p.collapse_max, limits)
         # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
         # its own index if a write changed the filter index since (see FilterView).
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
@@ -421,17 +452,22 @@ class Pipeline:
         def pairs(leg: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, float]]:
             return list(zip(leg[0][:k].tolist(), leg[1][:k].tolist()))
 
+        dense_ranks: dict[int, int] = {}
+        bm25_ranks: dict[int, int] = {}
         if allowed is not None and allowed.empty_at_start:
             first = []  # nothing matches the filter: no model work
         elif stage == "dense":
             first = pairs(await dense_leg(k))
+            dense_ranks = _ranks(lb for lb, _ in first)
         elif stage == "bm25":
             first = pairs(await bm25_leg(k))
+            bm25_ranks = _ranks(lb for lb, _ in first)
         else:
             depth = max(k, self.settings.index.hybrid_depth)
             d, b = await asyncio.gather(dense_leg(depth), bm25_leg(depth))
             t0 = time.perf_counter()
             first = rrf([d[0], b[0]], k=self.settings.index.rrf_k, limit=k)
+            dense_ranks, bm25_ranks = _ranks(d[0].tolist()), _ranks(b[0].tolist())
             t.fusion_us = _us(time.perf_counter() - t0)
         first = first[:k]
 
@@ -462,6 +498,10 @@ class Pipeline:
             ranked = [(cands[i], float(final[i]), float(scores[i])) for i in order] + [(c, float(c[1]), None) for c in cands[m:]]
         else:
             ranked = [(c, float(c[1]), None) for c in cands]
+        reranked = sum(1 for r in ranked if r[2] is not None)
+        collapsed = 0
+        if collapse_max:
+            ranked, collapsed = _collapse(ranked, lambda r: docs[r[0][0]].metadata.get(p.collapse_key), collapse_max)
 
         hits = []
         for rank, ((lb, fs, fr), score, rr_score) in enumerate(ranked[:top_n], start=1):
@@ -470,12 +510,13 @@ class Pipeline:
                 id=d.id, score=score, rank=rank, first_stage_score=float(fs), first_stage_rank=fr,
                 text=d.text if p.include_text else None, title=d.title if p.include_text else None,
                 metadata=d.metadata if p.include_metadata else {}, rerank_score=rr_score,
+                dense_rank=dense_ranks.get(lb, 0), bm25_rank=bm25_ranks.get(lb, 0),
             ))
         t.total_us = _us(time.perf_counter() - t_start)
-        reranked = sum(1 for r in ranked if r[2] is not None)
         on = bool(rerank) and (reranked > 0 or not cands)  # off too when a budget left no time for one batch
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if on else "", stage, on,
-                            bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop)
+                            bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop,
+                            collapsed=collapsed)
 
     def _soft_end(self, arrival: float, budget_ms: int, deadline: float | None) -> float:
         """The ``self.clock()`` time a budgeted rerank plans to end by: ``budget_ms`` after

@@ -367,6 +367,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 filter=tuple((m.key, tuple(m.values)) for m in request.filter),
                 budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
                 check_rerank_query=shed,  # validation must not depend on load
+                collapse_key=request.collapse_key,
+                collapse_max=request.collapse_max if request.HasField("collapse_max") else None,
             )
             r = await p.search(params, deadline)
             if shed:
@@ -378,12 +380,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 hits=[
                     pb.Hit(id=h.id, score=h.score, rank=h.rank, first_stage_score=h.first_stage_score,
                            first_stage_rank=h.first_stage_rank, text=h.text, title=h.title, metadata=h.metadata,
-                           rerank_score=h.rerank_score)
+                           rerank_score=h.rerank_score, dense_rank=h.dense_rank, bm25_rank=h.bm25_rank)
                     for h in r.hits
                 ],
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
                 first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked, bm25_stale=r.bm25_stale,
-                reranked_candidates=r.reranked_candidates,
+                reranked_candidates=r.reranked_candidates, collapsed=r.collapsed,
             )
             # Say which arguments to change, rather than let grpc fail the send after the fact.
             limit = self.app.settings.server.max_message_bytes

@@ -109,6 +109,20 @@ def check_budget(ms: int, field: str = "budget_ms") -> int:
     return int(ms)
 
 
+def check_collapse(key: str, most: int | None, limits: LimitsConfig) -> int:
+    """Field collapsing of a Search: hits per value of metadata[key] (0: no collapsing)."""
+    if not key:
+        if most is not None:
+            raise InvalidArgument("collapse_max", "is set without collapse_key (the metadata key to collapse on)")
+        return 0
+    if _nbytes(key) > limits.max_metadata_bytes:
+        raise InvalidArgument("collapse_key", f"longer than {limits.max_metadata_bytes} bytes")
+    most = 1 if most is None else int(most)
+    if most < 1:
+        raise InvalidArgument("collapse_max", f"must be at least 1, got {most}")
+    return most
+
+
 def check_first_stage(name: str, field: str = "first_stage") -> str:
     if name not in FIRST_STAGES:
         raise InvalidArgument(field, f"unknown first stage {name!r}; valid: {', '.join(FIRST_STAGES)}")

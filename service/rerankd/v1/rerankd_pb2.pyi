@@ -35,7 +35,7 @@ class MetadataMatch(_message.Message):
     def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms")
+    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms", "collapse_key", "collapse_max")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class SearchRequest(_message.Message):
     FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSE_KEY_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSE_MAX_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_n: int
     candidates: int
@@ -56,10 +58,12 @@ class SearchRequest(_message.Message):
     fusion_weight: float
     filter: _containers.RepeatedCompositeFieldContainer[MetadataMatch]
     budget_ms: int
-    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ...) -> None: ...
+    collapse_key: str
+    collapse_max: int
+    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ..., collapse_key: _Optional[str] = ..., collapse_max: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score")
+    __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score", "dense_rank", "bm25_rank")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +80,8 @@ class Hit(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_RANK_FIELD_NUMBER: _ClassVar[int]
+    BM25_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     rank: int
@@ -85,7 +91,9 @@ class Hit(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     title: str
     rerank_score: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., first_stage_score: _Optional[float] = ..., first_stage_rank: _Optional[int] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ..., rerank_score: _Optional[float] = ...) -> None: ...
+    dense_rank: int
+    bm25_rank: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., first_stage_score: _Optional[float] = ..., first_stage_rank: _Optional[int] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ..., rerank_score: _Optional[float] = ..., dense_rank: _Optional[int] = ..., bm25_rank: _Optional[int] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("embed_us", "ann_us", "bm25_us", "fusion_us", "rerank_us", "total_us", "queue_us")
@@ -106,7 +114,7 @@ class StageTimings(_message.Message):
     def __init__(self, embed_us: _Optional[int] = ..., ann_us: _Optional[int] = ..., bm25_us: _Optional[int] = ..., fusion_us: _Optional[int] = ..., rerank_us: _Optional[int] = ..., total_us: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale", "reranked_candidates")
+    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale", "reranked_candidates", "collapsed")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +123,7 @@ class SearchResponse(_message.Message):
     RERANKED_FIELD_NUMBER: _ClassVar[int]
     BM25_STALE_FIELD_NUMBER: _ClassVar[int]
     RERANKED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     timings: StageTimings
     embedder_model: str
@@ -123,7 +132,8 @@ class SearchResponse(_message.Message):
     reranked: bool
     bm25_stale: bool
     reranked_candidates: int
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ..., reranked_candidates: _Optional[int] = ...) -> None: ...
+    collapsed: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ..., reranked_candidates: _Optional[int] = ..., collapsed: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "is_query")

@@ -1,0 +1,123 @@
+"""Search result shaping: field collapsing (collapse_key) and each first-stage leg's rank per hit,
+on a real server over a small hand-made corpus of chunked documents (no dataset needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rerankd.client import Client
+from rerankd.config import LimitsConfig
+from rerankd.embedded import EmbeddedServer
+from rerankd.errors import InvalidArgument
+from rerankd.pipeline import _collapse, _ranks
+from rerankd.validation import check_collapse
+
+from util import assert_invalid, settings_for
+
+# Three parent documents split into chunks (metadata "parent"), all about aspirin and colorectal
+# cancer, so their chunks crowd the top of the list; plus chunks with no parent key.
+CHUNKS = [
+    ("a-1", "a", "Aspirin use lowers the incidence of colorectal adenomas in randomized trials."),
+    ("a-2", "a", "Daily aspirin reduced colorectal cancer mortality after twenty years of follow-up."),
+    ("a-3", "a", "Aspirin inhibits COX-2, a pathway implicated in colorectal tumour growth."),
+    ("b-1", "b", "Low-dose aspirin and the risk of colorectal cancer: a cohort of nurses."),
+    ("b-2", "b", "Colorectal cancer risk fell among regular aspirin users in the cohort."),
+    ("c-1", "c", "Aspirin and bleeding risk in elderly patients with colorectal polyps."),
+    ("x-1", None, "Aspirin, colorectal cancer and the gut microbiome: a review."),
+    ("x-2", None, "Colorectal cancer screening uptake after an aspirin trial invitation."),
+    ("z-1", "z", "Zebrafish fin regeneration requires osteoblast dedifferentiation."),
+    ("z-2", "z", "Heart regeneration in zebrafish depends on cardiomyocyte proliferation."),
+]
+QUERY = "does aspirin prevent colorectal cancer?"
+
+
+@pytest.fixture(scope="module")
+def client(models_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("shape-data")
+    with EmbeddedServer(settings_for(models_dir, data)) as srv, Client(srv.target, timeout=120) as c:
+        c.upsert([{"id": i, "text": t, "metadata": {"parent": p} if p else {}} for i, p, t in CHUNKS])
+        yield c
+
+
+PARENT = {i: p for i, p, _ in CHUNKS}
+
+
+def _parents(hits):
+    return [PARENT[h["id"]] for h in hits]
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_collapse_keeps_the_best_hits_per_parent_in_order(client, rerank):
+    whole = client.search(QUERY, top_n=10, candidates=10, rerank=rerank, raw=True)
+    order = [h.id for h in whole.hits]
+    r = client.search(QUERY, top_n=10, candidates=10, rerank=rerank, collapse_key="parent", raw=True)
+    ids = [h.id for h in r.hits]
+    # at most one hit per parent; chunks without the key are never collapsed
+    kept_parents = [PARENT[i] for i in ids if PARENT[i] is not None]
+    assert len(kept_parents) == len(set(kept_parents)) == 4  # a, b, c, z
+    assert {"x-1", "x-2"} <= set(ids)
+    # the best chunk of each parent, in the uncollapsed order (the others move up)
+    expect = []
+    for i in order:
+        if PARENT[i] is None or PARENT[i] not in {PARENT[j] for j in expect}:
+            expect.append(i)
+    if not rerank:  # first-stage scores are deterministic: the same order exactly
+        assert ids == expect
+    else:
+        assert set(ids) == set(expect)
+    assert r.collapsed == 10 - len(ids) == 4 and whole.collapsed == 0
+    assert [h.rank for h in r.hits] == list(range(1, len(ids) + 1))
+    assert r.reranked_candidates == (10 if rerank else 0)  # collapsing does not change what was reranked
+
+
+def test_collapse_max_and_top_n(client):
+    r = client.search(QUERY, top_n=10, candidates=10, rerank=False, collapse_key="parent", collapse_max=2, raw=True)
+    parents = [PARENT[h.id] for h in r.hits]
+    assert parents.count("a") == 2 and r.collapsed == 1 and len(r.hits) == 9
+    top = client.search(QUERY, top_n=3, candidates=10, rerank=False, collapse_key="parent", raw=True)
+    assert [h.id for h in top.hits] == [h.id for h in client.search(
+        QUERY, top_n=10, candidates=10, rerank=False, collapse_key="parent", raw=True).hits][:3]
+    # a key no document has: nothing collapsed
+    none = client.search(QUERY, top_n=10, candidates=10, rerank=False, collapse_key="no-such-key", raw=True)
+    assert len(none.hits) == 10 and none.collapsed == 0
+
+
+def test_leg_ranks_are_each_legs_own_rank(client):
+    n = len(CHUNKS)
+    dense = [h["id"] for h in client.search(QUERY, top_n=n, candidates=n, rerank=False, first_stage="dense")]
+    bm25 = [h["id"] for h in client.search(QUERY, top_n=n, candidates=n, rerank=False, first_stage="bm25")]
+    hybrid = client.search(QUERY, top_n=n, candidates=n, rerank=True, first_stage="hybrid")
+    for h in hybrid:
+        assert h["dense_rank"] == (dense.index(h["id"]) + 1 if h["id"] in dense else 0), h
+        assert h["bm25_rank"] == (bm25.index(h["id"]) + 1 if h["id"] in bm25 else 0), h
+    assert any(h["bm25_rank"] == 0 for h in hybrid)  # zebrafish chunks share no term with the query
+    assert all(h["dense_rank"] > 0 for h in hybrid)
+    for stage, mine, other in (("dense", "dense_rank", "bm25_rank"), ("bm25", "bm25_rank", "dense_rank")):
+        hits = client.search(QUERY, top_n=5, candidates=5, rerank=True, first_stage=stage)
+        assert all(h[mine] == h["first_stage_rank"] and h[other] == 0 for h in hits), (stage, hits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"collapse_max": 2}, "collapse_max"),
+        ({"collapse_key": "parent", "collapse_max": 0}, "collapse_max"),
+        ({"collapse_key": "k" * 70000}, "collapse_key"),  # over --max-metadata-bytes
+    ],
+)
+def test_collapse_bad_input_names_the_field(client, kwargs, field):
+    assert_invalid(lambda: client.search(QUERY, **kwargs), field)
+
+
+def test_collapse_and_ranks_units():
+    ranked = [("a", 1), ("b", 2), ("a", 3), (None, 4), ("a", 5), (None, 6), ("b", 7)]
+    kept, out = _collapse(ranked, lambda r: r[0], 1)
+    assert kept == [("a", 1), ("b", 2), (None, 4), (None, 6)] and out == 3
+    kept, out = _collapse(ranked, lambda r: r[0], 2)
+    assert kept == [("a", 1), ("b", 2), ("a", 3), (None, 4), (None, 6), ("b", 7)] and out == 1
+    assert _ranks([7, 3, 7, 9]) == {7: 1, 3: 2, 9: 4}  # a label listed twice keeps its best rank
+    limits = LimitsConfig()
+    assert check_collapse("", None, limits) == 0 and check_collapse("parent", None, limits) == 1
+    assert check_collapse("parent", 3, limits) == 3
+    with pytest.raises(InvalidArgument):
+        check_collapse("", 2, limits)
