@@ -31,8 +31,9 @@ FROM python:3.11-slim-trixie AS builder
 ARG TORCH_VERSION=2.13.0
 # The builder reaches the PyTorch CPU index; plain PyPI `torch` would pull GBs of CUDA wheels.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Optional extras of the rerankd package to install at runtime, e.g. "[eval]" (serving needs none).
-ARG EXTRAS=""
+# Extras of the rerankd package to install at runtime: tracing (OpenTelemetry SDK + OTLP exporter,
+# used only with --otlp-endpoint); e.g. "[tracing,eval]" to add more, "" for none.
+ARG EXTRAS="[tracing]"
 # Extra `rerankd export` flags, e.g. "--int8", or "--fp16" for a GPU image.
 ARG EXPORT_ARGS=""
 # GPU image: the onnxruntime-gpu requirement that replaces the CPU onnxruntime at runtime.
@@ -75,7 +76,7 @@ RUN rerankd export --defaults --models-dir /models \
 ############################################################################################
 FROM python:3.11-slim-trixie AS runtime
 
-ARG EXTRAS=""
+ARG EXTRAS="[tracing]"
 ARG ONNXRUNTIME_GPU=""
 
 ENV PYTHONUNBUFFERED=1 \

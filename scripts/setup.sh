@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   # pip finds the CPU wheel on its own; elsewhere point RERANKD_TORCH_INDEX_URL at
   # https://download.pytorch.org/whl/cpu.
   "$VENV/bin/python" -m pip install --quiet ${RERANKD_TORCH_INDEX_URL:+--index-url "$RERANKD_TORCH_INDEX_URL"} "torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet -e ".[export,eval,bench,dev,loadtest]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[export,eval,bench,dev,loadtest,tracing]"
   touch "$STAMP"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from . import tracing
 from .v1 import rerankd_pb2 as pb
 from .v1 import rerankd_pb2_grpc as pb_grpc
 
@@ -326,7 +327,8 @@ class Client:
         self.close()
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+        # The caller's trace context (W3C traceparent) rides along when it has an active span.
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": tracing.inject(self.metadata)}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
@@ -379,7 +381,7 @@ class Client:
         stream was cancelled: the batches sent before it may have been committed."""
         failure: list[BaseException] = []
         try:
-            return self._stub.UpsertStream(_requests(batches, failure), timeout=timeout, metadata=self.metadata)
+            return self._stub.UpsertStream(_requests(batches, failure), timeout=timeout, metadata=tracing.inject(self.metadata))
         except grpc.RpcError:
             _reraise_source_error(failure)
             raise
@@ -433,7 +435,8 @@ class AsyncClient:
         await self.close()
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+        # The caller's trace context (W3C traceparent) rides along when it has an active span.
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": tracing.inject(self.metadata)}
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         await asyncio.wait_for(self._channel.channel_ready(), timeout)
@@ -470,7 +473,7 @@ class AsyncClient:
         """``batches``: an iterable or an async iterable of lists of documents (see ``Client``)."""
         failure: list[BaseException] = []
         try:
-            return await self._stub.UpsertStream(_async_requests(batches, failure), timeout=timeout, metadata=self.metadata)
+            return await self._stub.UpsertStream(_async_requests(batches, failure), timeout=timeout, metadata=tracing.inject(self.metadata))
         except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the source raises
             _reraise_source_error(failure)
             raise

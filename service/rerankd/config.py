@@ -51,6 +51,14 @@ class ServerConfig:
     early_deadline_reject: bool = _f(True, "Reject at once (DEADLINE_EXCEEDED) a call whose deadline is below half the recent average latency of its method's calls of about its size (a Score is compared with Scores, a reranked Search with reranked Searches, although they share `--max-concurrent-search`; same power of two of items, documents, ids or candidates; after 20 of them); never a stream or Compact. Only successes move that average, so when it has had no news for a second the next call it would refuse goes through as a probe: after a slow spell the check follows the server back down")
     log_level: str = _f("INFO", "Log level (DEBUG logs one line per call)")
     metrics_listen: str = _f("", "Prometheus /metrics HTTP address host:port (empty = off)")
+    otlp_endpoint: str = _f(
+        "", "OpenTelemetry traces: OTLP/gRPC collector address, e.g. http://otel-collector:4317 (https:// = TLS); "
+            "empty = tracing off. One span per call, continuing the caller's W3C traceparent, with a child span per "
+            "stage. Needs the tracing extra (installed by setup)")
+    trace_sample_ratio: float = _f(
+        1.0, "Share of calls without a sampled caller trace that start a trace (0-1); a caller's traceparent "
+             "decides for its own calls (parent-based sampling)")
+    trace_service_name: str = _f("rerankd", "service.name of the spans (--otlp-endpoint)")
     tls_cert: str = _f("", "TLS server certificate chain (PEM); with --tls-key enables TLS on TCP listeners")
     tls_key: str = _f("", "TLS server private key (PEM)")
     tls_client_ca: str = _f("", "CA bundle (PEM) to require and verify client certificates (mTLS)")
@@ -222,7 +230,7 @@ def embedded_settings(settings: "Settings") -> "Settings":
 MINIMUM: dict[str, float] = {
     "grace_period_s": 0, "stream_idle_timeout_s": 0, "max_message_bytes": 1, "max_queue_wait_ratio": 0,
     "max_concurrent_calls": 1, "max_concurrent_search": 1, "keepalive_time_s": 0, "keepalive_timeout_s": 0,
-    "min_client_ping_interval_s": 0, "max_connection_age_s": 0,
+    "min_client_ping_interval_s": 0, "max_connection_age_s": 0, "trace_sample_ratio": 0,
     "threads": 0, "device_id": 0, "max_query_tokens": 1,
     "max_batch_tokens": 0, "max_queue": 1, "sort_window": 1,
     "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "rrf_k": 0, "hybrid_depth": 1, "filter_exact_max": 0,
@@ -277,6 +285,8 @@ def check_settings(settings: "Settings") -> None:
         check_budget(settings.index.search_budget_ms, "search_budget_ms")
     except InvalidArgument as e:
         raise ConfigError(f"{setting_name('search_budget_ms')}: {e}") from None
+    if not settings.server.trace_sample_ratio <= 1:
+        raise ConfigError(f"{setting_name('trace_sample_ratio')} must be at most 1, got {settings.server.trace_sample_ratio!r}")
     # A call whose sequences can never fit the queue would get a retryable RESOURCE_EXHAUSTED
     # forever: the largest call the limits admit (a reranked Search's candidates, a Score's
     # items, an Upsert's documents) must fit an empty queue.

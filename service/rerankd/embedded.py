@@ -12,11 +12,13 @@ from .server import App, create_server, shutdown
 class EmbeddedServer:
     """``with EmbeddedServer(settings) as srv: Client(srv.target)`` — binds 127.0.0.1:0 by default."""
 
-    def __init__(self, settings: Settings, *, ready_timeout: float = 600.0) -> None:
+    def __init__(self, settings: Settings, *, ready_timeout: float = 600.0, span_processor=None) -> None:
+        """``span_processor``: trace into it (an OpenTelemetry span processor; see create_server)."""
         if settings.server.listen == "[::]:50051":
             settings = settings.replace(server={"listen": "127.0.0.1:0"})
         self.settings = settings
         self.ready_timeout = ready_timeout
+        self.span_processor = span_processor
         self.port = 0
         self.app: App | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,7 +61,7 @@ class EmbeddedServer:
 
         async def boot() -> None:
             try:
-                self._server, self.port, self.app = await create_server(self.settings)
+                self._server, self.port, self.app = await create_server(self.settings, span_processor=self.span_processor)
             except BaseException as e:  # surfaced by start()
                 self._error = e
             finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import snapshot
+from . import snapshot, tracing
 from .backends import create_for
 from .bundle import ModelBundle
 from .config import Settings, check_settings
@@ -227,6 +227,7 @@ class Pipeline:
         s = settings
         check_settings(s)
         self.clock = time.perf_counter  # budgeted Searches measure their budget with it (tests: a fake clock)
+        self.tracer = tracing.NOOP  # the server sets its own when tracing is on (--otlp-endpoint)
         emb_bundle = ModelBundle.load(s.model.models_dir, s.model.embedder, "embed")
         rr_bundle = ModelBundle.load(s.model.models_dir, s.model.reranker, "rerank")
         # Each model gets the fastest variant that passed ITS gate (with `auto`): the embedder may
@@ -430,13 +431,17 @@ class Pipeline:
 
         async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
-            vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
+            with self.tracer.start_as_current_span("embed query") as span:
+                vec, queued = await self.embedder.encode([p.query], is_query=True, deadline=deadline)
+                tracing.set_attributes(span, {"rerankd.queue_ms": queued * 1e3})
             t1 = time.perf_counter()
-            if allowed is None:
-                labels, scores = await self._searching(self.dense.search, vec[0], depth)
-            else:
-                labels, scores = await self._searching(self.dense.search_within, vec[0], depth, allowed,
-                                                         self._load_vectors, self.settings.index.filter_exact_max)
+            with self.tracer.start_as_current_span("ann", attributes={"rerankd.depth": depth,
+                                                                       "rerankd.filtered": allowed is not None}):
+                if allowed is None:
+                    labels, scores = await self._searching(self.dense.search, vec[0], depth)
+                else:
+                    labels, scores = await self._searching(self.dense.search_within, vec[0], depth, allowed,
+                                                             self._load_vectors, self.settings.index.filter_exact_max)
             t.embed_us, t.ann_us = _us(t1 - t0), _us(time.perf_counter() - t1)
             t.queue_us += _us(queued)
             return labels, scores
@@ -444,7 +449,9 @@ class Pipeline:
         async def bm25_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
             info: dict = {}
-            labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed, info)
+            with self.tracer.start_as_current_span("bm25", attributes={"rerankd.depth": depth}) as span:
+                labels, scores = await self._searching(self.bm25.search, p.query, depth, allowed, info)
+                tracing.set_attributes(span, {"rerankd.bm25_stale": bool(info.get("stale"))})
             stale.append(bool(info.get("stale")))
             t.bm25_us = _us(time.perf_counter() - t0)
             return labels, scores
@@ -466,16 +473,20 @@ class Pipeline:
             depth = max(k, self.settings.index.hybrid_depth)
             d, b = await asyncio.gather(dense_leg(depth), bm25_leg(depth))
             t0 = time.perf_counter()
-            first = rrf([d[0], b[0]], k=self.settings.index.rrf_k, limit=k)
-            dense_ranks, bm25_ranks = _ranks(d[0].tolist()), _ranks(b[0].tolist())
+            with self.tracer.start_as_current_span("fusion", attributes={"rerankd.rrf_k": self.settings.index.rrf_k}):
+                first = rrf([d[0], b[0]], k=self.settings.index.rrf_k, limit=k)
+                dense_ranks, bm25_ranks = _ranks(d[0].tolist()), _ranks(b[0].tolist())
             t.fusion_us = _us(time.perf_counter() - t0)
         first = first[:k]
 
-        docs = await self._searching(self._fetch, [lb for lb, _ in first], conditions)
+        with self.tracer.start_as_current_span("fetch documents", attributes={"rerankd.candidates": len(first)}):
+            docs = await self._searching(self._fetch, [lb for lb, _ in first], conditions)
         cands = [(lb, s, r) for r, (lb, s) in enumerate(first, start=1) if lb in docs]  # drop deleted meanwhile
 
         if rerank and cands:
             t0 = time.perf_counter()
+            rerank_span = self.tracer.start_span("rerank", attributes={"rerankd.candidates": len(cands),
+                                                                      "rerankd.budget_ms": budget_ms or None})
             passages = [docs[lb].token_ids for lb, _, _ in cands]
             if any(x is None for x in passages):
                 missing = [i for i, x in enumerate(passages) if x is None]
@@ -483,12 +494,17 @@ class Pipeline:
                 for i, ids in zip(missing, fresh):
                     passages[i] = ids
             texts = [docs[lb].full_text for lb, _, _ in cands]
-            if budget_ms:
-                soft_end = self._soft_end(arrival, budget_ms, deadline)
-                b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock)
-                scores, queued, budget_stop = b.scores, b.queued, b.stop
-            else:
-                scores, queued = await self.reranker.score_cached(p.query, q_ids, passages, texts, deadline)
+            try:
+                if budget_ms:
+                    soft_end = self._soft_end(arrival, budget_ms, deadline)
+                    b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock)
+                    scores, queued, budget_stop = b.scores, b.queued, b.stop
+                else:
+                    scores, queued = await self.reranker.score_cached(p.query, q_ids, passages, texts, deadline)
+                tracing.set_attributes(rerank_span, {"rerankd.reranked": len(scores), "rerankd.queue_ms": queued * 1e3,
+                                                     "rerankd.budget_stop": budget_stop or None})
+            finally:
+                rerank_span.end()
             t.rerank_us = _us(time.perf_counter() - t0)
             t.queue_us += _us(queued)
             m = len(scores)  # a budget may have cut the rerank to the first m candidates
@@ -547,7 +563,9 @@ class Pipeline:
         for i, it in enumerate(items):
             check_text(it.text, limits, f"items[{i}].text")
         t0 = time.perf_counter()
-        vecs, queued = await self.embedder.encode([it.text for it in items], is_query=is_query, deadline=deadline)
+        with self.tracer.start_as_current_span("embed", attributes={"rerankd.items": len(items)}) as span:
+            vecs, queued = await self.embedder.encode([it.text for it in items], is_query=is_query, deadline=deadline)
+            tracing.set_attributes(span, {"rerankd.queue_ms": queued * 1e3})
         return vecs, Timings(embed_us=_us(time.perf_counter() - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0))
 
     async def score(self, query: str, items: list[Item], deadline: float | None = None,
@@ -574,18 +592,22 @@ class Pipeline:
         t0 = time.perf_counter()
         texts = [it.text for it in items]
         stop = ""
-        if not rerank:
-            # The same refusals as a scored call (validation must not depend on load), at the cost
-            # of tokenizing the items (~5 ms for 50 abstracts; 0.45 s for 512 items of 30 KB).
-            await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
-            scores, queued = np.zeros((0,), dtype=np.float32), 0.0
-        elif budget_ms:
-            passages = await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
-            b = await self.reranker.score_within(query, q_ids, passages, texts, self._soft_end(arrival, budget_ms, deadline),
-                                                 deadline, self.clock)
-            scores, queued, stop = b.scores, b.queued, b.stop
-        else:
-            scores, queued = await self.reranker.score_texts(query, texts, deadline, q_ids=q_ids)
+        with self.tracer.start_as_current_span("rerank", attributes={"rerankd.items": len(items),
+                                                                     "rerankd.budget_ms": budget_ms or None}) as span:
+            if not rerank:
+                # The same refusals as a scored call (validation must not depend on load), at the cost
+                # of tokenizing the items (~5 ms for 50 abstracts; 0.45 s for 512 items of 30 KB).
+                await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
+                scores, queued = np.zeros((0,), dtype=np.float32), 0.0
+            elif budget_ms:
+                passages = await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
+                b = await self.reranker.score_within(query, q_ids, passages, texts,
+                                                     self._soft_end(arrival, budget_ms, deadline), deadline, self.clock)
+                scores, queued, stop = b.scores, b.queued, b.stop
+            else:
+                scores, queued = await self.reranker.score_texts(query, texts, deadline, q_ids=q_ids)
+            tracing.set_attributes(span, {"rerankd.reranked": len(scores), "rerankd.queue_ms": queued * 1e3,
+                                          "rerankd.budget_stop": stop or None})
         m = len(scores)  # a budget may have cut the scoring to the first m items
         order = sorted(range(m), key=lambda i: (-float(scores[i]), i)) + list(range(m, len(items)))
         out = [ScoredItem(items[i].id, float(scores[i]) if i < m else float("-inf"), r, i)
@@ -643,13 +665,16 @@ class Pipeline:
         check_has_tokens(token_ids, [f"documents[{i}].{'text' if d.text.strip() else 'title'}"
                                      for i, d in zip(positions or range(len(docs)), docs)])
         t0 = time.perf_counter()
-        vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
+        with self.tracer.start_as_current_span("embed documents", attributes={"rerankd.documents": len(docs)}) as span:
+            vecs, queued = await self.embedder.encode(texts, is_query=False, deadline=deadline)
+            tracing.set_attributes(span, {"rerankd.queue_ms": queued * 1e3})
         t1 = time.perf_counter()
         rows = [NewDocument(d.id, d.text, d.title, dict(d.metadata), v, tok) for d, v, tok in zip(docs, vecs, token_ids)]
         assert self._write_lock is not None
-        async with self._write_lock:
-            # Durable commit, then the in-memory indexes; the lock keeps both in one order.
-            labels, replaced, seq = await self._apply(self._apply_upsert, rows, vecs)
+        with self.tracer.start_as_current_span("write"):
+            async with self._write_lock:
+                # Durable commit, then the in-memory indexes; the lock keeps both in one order.
+                labels, replaced, seq = await self._apply(self._apply_upsert, rows, vecs)
         self._refresh_bm25_soon()
         self._maybe_snapshot()
         if replaced:

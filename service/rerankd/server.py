@@ -31,7 +31,11 @@ try:  # what a send on a call that already ended raises (grpc's Cython layer; pr
 except ImportError:  # pragma: no cover - another grpc build: no special case
     _EXECUTE_BATCH_ERROR = ()
 
-from . import errors
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from . import errors, tracing
 from .config import Settings, check_settings
 from .metrics import Metrics
 from .pipeline import Document, Item, Pipeline, SearchParams, Timings
@@ -97,6 +101,8 @@ class App:
     draining: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     metrics_port: int = 0
+    tracer: trace.Tracer = tracing.NOOP  # --otlp-endpoint: the tracer provider's (see tracing.py)
+    tracer_provider: object | None = None
     # Calls refused since the last summary line, by (method, reason): shedding is counted in
     # rerankd_rejected_calls_total and summed up in one WARNING line at most every SHED_LOG_S
     # (a review saw 158 RESOURCE_EXHAUSTED and 2 UNAUTHENTICATED calls leave no log line at all;
@@ -262,10 +268,18 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         app = self.app
         lane = lane or method
         kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
-        request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
+        md = context.invocation_metadata() or ()
+        request_id = dict(md).get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
+        error = ""
         admitted = ran = False
+        # The server span: a child of the caller's span when it sent a traceparent (tracing.py).
+        span = app.tracer.start_span(f"{SERVICE_NAME}/{method}", context=tracing.caller_context(md),
+                                     kind=trace.SpanKind.SERVER,
+                                     attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": method,
+                                                 "rerankd.request_id": request_id, "rerankd.lane": lane})
+        span_token = otel_context.attach(trace.set_span_in_context(span))
         try:
             if app.pipeline is None or not app.pipeline.ready or app.draining:
                 if app.draining:
@@ -310,6 +324,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return result
         except errors.RerankdError as e:
             code = status_for(e)
+            error = str(e)
             trailers = list(rich_details(e, code))
             if isinstance(e, errors.Overloaded):
                 if ran:  # admitted, then refused by a full batcher queue (--max-queue)
@@ -339,6 +354,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             raise
         except Exception as e:  # a bug: log it with the request id, never crash the server
             code = grpc.StatusCode.INTERNAL
+            error = type(e).__name__
             log.exception("request %s %s: unexpected error", request_id, method)
             await abort(context, code, f"internal error (request id {request_id}): {type(e).__name__}")
         finally:
@@ -349,6 +365,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             seconds = time.perf_counter() - t0
             log.debug("request_id=%s method=%s code=%s ms=%.1f", request_id, method, code.name, seconds * 1e3)
             app.metrics.on_call(method, code, seconds, ran=ran, rerank=lane == RERANK_LANE)
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code != grpc.StatusCode.OK:
+                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {error}" if error else code.name))
+            span.end()
+            otel_context.detach(span_token)
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -782,15 +804,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def create_server(settings: Settings, *, load: bool = True) -> tuple[grpc.aio.Server, int, App]:
+async def create_server(settings: Settings, *, load: bool = True,
+                        span_processor=None) -> tuple[grpc.aio.Server, int, App]:
     """Bind and start; health NOT_SERVING until the models are loaded and warmed.
+
+    ``span_processor``: an OpenTelemetry span processor to trace into instead of
+    ``--otlp-endpoint`` (tests: an in-memory exporter).
 
     Returns (server, bound TCP port of the first TCP address or 0, app). ``await
     app.wait_ready()`` waits for SERVING (re-raises a load failure).
     """
     check_settings(settings)  # before binding: a bad flag is an error at once, not a failed model load
+    provider = tracing.tracer_provider(settings, span_processor)  # the tracing extra missing: an error now too
     health_servicer = health.aio.HealthServicer()
-    app = App(settings=settings, health=health_servicer)
+    app = App(settings=settings, health=health_servicer, tracer_provider=provider,
+              tracer=provider.get_tracer(tracing.INSTRUMENTATION) if provider is not None else tracing.NOOP)
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
     if settings.server.auth_token:  # outermost: an unauthenticated call is refused before it is parsed
         interceptors.insert(0, BearerTokenInterceptor(settings.server.auth_token, lambda m: app.shed(m, "auth")))
@@ -824,6 +852,7 @@ async def _load(app: App) -> None:
     try:
         t0 = time.perf_counter()
         pipeline = await asyncio.to_thread(Pipeline, app.settings, app.metrics.on_batch)
+        pipeline.tracer = app.tracer
         await pipeline.start()
         shapes = await asyncio.to_thread(pipeline.warmup)
         if app.draining:  # a signal came while warming up: never go SERVING
@@ -875,6 +904,8 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
     if app.pipeline is not None:
         await app.pipeline.close()
     app.metrics.close()
+    if app.tracer_provider is not None:  # export what is buffered (the SDK bounds the wait: 30 s)
+        await asyncio.to_thread(app.tracer_provider.shutdown)
 
 
 async def serve(settings: Settings, early_signal=None) -> int:

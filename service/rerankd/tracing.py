@@ -1,0 +1,84 @@
+"""Distributed tracing with OpenTelemetry: one SERVER span per RPC, child spans per stage.
+
+The caller's W3C trace context (``traceparent`` / ``tracestate`` gRPC metadata, what Envoy-based
+meshes and every OpenTelemetry client propagate) is continued, so a Search shows up inside the
+trace of the request that made it, with its stages (query embedding, ANN, BM25, fusion, document
+reads, rerank with its queue wait) as children. Spans go to an OTLP/gRPC collector
+(``--otlp-endpoint``; the ``tracing`` extra: opentelemetry-sdk and the OTLP exporter). Off by
+default: the OpenTelemetry API's no-op tracer then costs about a microsecond per span.
+
+The server span is opened in ``RetrievalServicer._run`` rather than by
+opentelemetry-instrumentation-grpc's interceptor (a beta package): there it gets the status code
+rerankd decided (admission refusals, deadlines, validation) and the request id, in a few lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+PROPAGATOR = TraceContextTextMapPropagator()
+NOOP = trace.NoOpTracer()
+INSTRUMENTATION = "rerankd"
+
+
+def tracer_provider(settings: "Settings", processor=None):
+    """A TracerProvider for this server, or None when tracing is off. ``processor``: a span
+    processor to use instead of batching to ``--otlp-endpoint`` (tests: an in-memory exporter).
+    Root spans (no sampled caller) are sampled at ``--trace-sample-ratio``; a caller's sampling
+    decision is always followed (parent-based)."""
+    s = settings.server
+    if processor is None and not s.otlp_endpoint:
+        return None
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    except ImportError as e:
+        raise ConfigError(f"--otlp-endpoint needs the tracing extra (pip install 'rerankd[tracing]'): {e}") from None
+    provider = TracerProvider(resource=Resource.create({"service.name": s.trace_service_name}),
+                              sampler=ParentBased(TraceIdRatioBased(s.trace_sample_ratio)))
+    if processor is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        # Batched in a background thread: a slow or absent collector never delays a call (spans
+        # beyond the queue are dropped, by the SDK's own accounting).
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=s.otlp_endpoint,
+                                                        insecure=not s.otlp_endpoint.startswith("https://")))
+    provider.add_span_processor(processor)
+    return provider
+
+
+def caller_context(metadata: Iterable[tuple[str, str | bytes]] | None):
+    """The caller's trace context from gRPC invocation metadata (None: start a new trace)."""
+    carrier = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+    if "traceparent" not in carrier:
+        return None
+    return PROPAGATOR.extract(carrier)
+
+
+def inject(metadata: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+    """Client side: ``metadata`` plus the current span's context (``traceparent``), when the
+    calling application has an active, valid span; else ``metadata`` unchanged."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return metadata
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier)
+    if not carrier:
+        return metadata
+    have = {k.lower() for k, _ in (metadata or ())}
+    return list(metadata or ()) + [(k, v) for k, v in carrier.items() if k not in have]
+
+
+def set_attributes(span, attrs: Mapping[str, object]) -> None:
+    if span.is_recording():
+        span.set_attributes({k: v for k, v in attrs.items() if v is not None})
