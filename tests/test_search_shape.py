@@ -3,6 +3,7 @@ on a real server over a small hand-made corpus of chunked documents (no dataset 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from rerankd.client import Client
@@ -121,3 +122,49 @@ def test_collapse_and_ranks_units():
     assert check_collapse("parent", 3, limits) == 3
     with pytest.raises(InvalidArgument):
         check_collapse("", 2, limits)
+
+
+def test_mmr_units():
+    from rerankd.stages.fusion import mmr
+
+    e = np.eye(3, dtype=np.float32)
+    # items 0 and 1 are the same document; 2 is different and less relevant
+    v = np.stack([e[0], e[0], e[1]])
+    rel = [3.0, 2.9, 1.0]
+    assert mmr(rel, v, 0.0, 3) == [0, 1, 2]  # off: relevance order
+    assert mmr(rel, v, 0.5, 3) == [0, 2, 1]  # the duplicate gives way
+    assert mmr(rel, v, 0.5, 2) == [0, 2] and mmr(rel, v, 0.5, 9) == [0, 2, 1]
+    assert mmr([1.0, 1.0, 1.0], v, 0.3, 3) == [0, 2, 1]  # equal relevance: the earlier first, then novelty
+    assert mmr([], np.zeros((0, 3)), 0.5, 3) == []
+    # a zero vector (a document deleted meanwhile) is similar to nothing
+    assert mmr([3.0, 2.9, 1.0], np.stack([e[0], np.zeros(3), e[0]]), 0.5, 3) == [0, 1, 2]
+    # scale does not matter (min-max): logits or cosines pick the same
+    assert mmr([30.0, 29.0, 10.0], v, 0.5, 3) == mmr([0.30, 0.29, 0.10], v, 0.5, 3)
+
+
+DUPES = [{"id": f"dup-{i}", "text": "Aspirin lowers colorectal cancer risk in a large randomized trial.",
+          "metadata": {"parent": f"dup-{i}"}} for i in range(3)]
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_diversity_lets_near_duplicates_give_way(client, rerank):
+    client.upsert(DUPES)
+    try:
+        n = len(CHUNKS) + len(DUPES)
+        plain = [h["id"] for h in client.search(QUERY, top_n=5, candidates=n, rerank=rerank)]
+        assert sum(i.startswith("dup-") for i in plain) >= 2  # the copies crowd the top without it
+        div = client.search(QUERY, top_n=5, candidates=n, rerank=rerank, diversity=0.7)
+        ids = [h["id"] for h in div]
+        assert sum(i.startswith("dup-") for i in ids) == 1 and len(ids) == 5
+        assert ids[0] == plain[0]  # the most relevant hit stays first
+        assert [h["rank"] for h in div] == [1, 2, 3, 4, 5]
+        tiny = [h["id"] for h in client.search(QUERY, top_n=5, candidates=n, rerank=rerank, diversity=1e-6)]
+        if not rerank:
+            assert tiny == plain  # a negligible weight keeps the relevance order
+    finally:
+        client.delete([d["id"] for d in DUPES])
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_diversity_out_of_range_names_the_field(client, value):
+    assert_invalid(lambda: client.search(QUERY, diversity=value), "diversity")

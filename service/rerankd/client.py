@@ -209,7 +209,8 @@ def _check_model(wanted: str | None, served: str) -> None:
 
 
 def _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                    fusion_weight, filter, budget_ms=None, collapse_key="", collapse_max=None) -> pb.SearchRequest:  # noqa: A002
+                    fusion_weight, filter, budget_ms=None, collapse_key="", collapse_max=None,
+                    diversity=None) -> pb.SearchRequest:  # noqa: A002 - filter: the API's name
     conds = []
     for k, v in (filter or {}).items():
         values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
@@ -219,7 +220,7 @@ def _search_request(query, top_n, candidates, rerank, first_stage, include_text,
     return pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
                             include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
                             filter=conds, budget_ms=budget_ms, collapse_key=collapse_key or "",
-                            collapse_max=collapse_max)
+                            collapse_max=collapse_max, diversity=diversity)
 
 
 def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[dict[str, Any]] | pb.SearchResponse:
@@ -338,15 +339,16 @@ class Client:
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
                fusion_weight: float | None = None, filter: Mapping[str, str | Iterable[str]] | None = None,
                budget_ms: int | None = None, collapse_key: str | None = None, collapse_max: int | None = None,
-               timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               diversity: float | None = None, timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
         (every key must match; a list means any of its values). ``budget_ms``: soft latency
         budget; the candidates it left unreranked follow the reranked ones in first-stage order,
         without ``rerank_score`` (``raw=True``: ``reranked_candidates`` in the response).
         ``collapse_key``: at most ``collapse_max`` (default 1) hits per value of that metadata key,
-        e.g. one chunk per parent document (``raw=True``: ``collapsed`` in the response)."""
+        e.g. one chunk per parent document (``raw=True``: ``collapsed`` in the response).
+        ``diversity`` (0..1): maximal marginal relevance, near-duplicates give way to other content."""
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms, collapse_key, collapse_max)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity)
         return _hits(self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
@@ -445,10 +447,10 @@ class AsyncClient:
                      rerank: bool | None = None, first_stage: str | None = None, include_text: bool = False,
                      include_metadata: bool = False, fusion_weight: float | None = None,
                      filter: Mapping[str, str | Iterable[str]] | None = None, budget_ms: int | None = None,
-                     collapse_key: str | None = None, collapse_max: int | None = None,
+                     collapse_key: str | None = None, collapse_max: int | None = None, diversity: float | None = None,
                      timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms, collapse_key, collapse_max)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity)
         return _hits(await self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     async def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,

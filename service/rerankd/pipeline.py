@@ -30,7 +30,7 @@ from .config import Settings, check_settings
 from .errors import BackendError, CommittedNotIndexed, InvalidArgument, NotReady
 from .stages.bm25 import BM25Index, RefreshAborted
 from .stages.embedder import Embedder
-from .stages.fusion import rerank_fusion, rrf
+from .stages.fusion import mmr, rerank_fusion, rrf
 from .stages.metadata_filter import FilterView, MetadataIndex, matches
 from .stages.reranker import Reranker, check_has_tokens
 from .store import DocumentStore, NewDocument, join_title
@@ -38,6 +38,7 @@ from .validation import (
     check_budget,
     check_collapse,
     check_count,
+    check_diversity,
     check_filter,
     check_first_stage,
     check_fusion_weight,
@@ -73,6 +74,8 @@ class SearchParams:
     # Field collapsing: at most collapse_max (None: 1) hits per value of metadata[collapse_key]; "" = off.
     collapse_key: str = ""
     collapse_max: int | None = None
+    # Maximal marginal relevance over the candidates, 0 (None: off) to 1 (see stages.fusion.mmr).
+    diversity: float | None = None
 
 
 @dataclass
@@ -422,6 +425,7 @@ class Pipeline:
         q_ids = self.reranker.query_ids(p.query) if rerank or p.check_rerank_query else None
         conditions = check_filter(p.filter, limits)
         collapse_max = check_collapse(p.collapse_key, p.collapse_max, limits)
+        diversity = 0.0 if p.diversity is None else check_diversity(p.diversity)
         # None: no filter. Else the labels matching it, re-read by each leg at the moment it reads
         # its own index if a write changed the filter index since (see FilterView).
         allowed = await self._searching(FilterView, self.metadata_index, conditions) if conditions else None
@@ -518,6 +522,13 @@ class Pipeline:
         collapsed = 0
         if collapse_max:
             ranked, collapsed = _collapse(ranked, lambda r: docs[r[0][0]].metadata.get(p.collapse_key), collapse_max)
+        if diversity and ranked:
+            # Over the reranked candidates (all of them unless a budget cut the rerank: then the
+            # unreranked rest stays after them, in first-stage order), or all when rerank is off.
+            pool_n = sum(1 for r in ranked if r[2] is not None) if rerank and reranked else len(ranked)
+            with self.tracer.start_as_current_span("diversity", attributes={"rerankd.diversity": diversity,
+                                                                            "rerankd.pool": pool_n}):
+                ranked = await self._diversify(ranked, pool_n, diversity, top_n)
 
         hits = []
         for rank, ((lb, fs, fr), score, rr_score) in enumerate(ranked[:top_n], start=1):
@@ -533,6 +544,22 @@ class Pipeline:
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if on else "", stage, on,
                             bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop,
                             collapsed=collapsed)
+
+    async def _diversify(self, ranked: list, pool_n: int, diversity: float, top_n: int) -> list:
+        """``ranked`` with its first ``pool_n`` entries reordered by MMR (their top_n picks first,
+        then the rest of the pool in order); similarity is the cosine of the stored document
+        embeddings (a document deleted meanwhile: similar to nothing)."""
+        pool = ranked[:pool_n]
+        labels = np.asarray([r[0][0] for r in pool], dtype=np.int64)
+        found, vecs = await self._searching(self._load_vectors, labels)
+        row = {int(lb): i for i, lb in enumerate(found)}
+        v = np.zeros((len(pool), self.dim), dtype=np.float32)
+        for i, lb in enumerate(labels.tolist()):
+            if lb in row:
+                v[i] = vecs[row[lb]]
+        pick = mmr([r[1] for r in pool], v, diversity, min(top_n, len(pool)))
+        picked = set(pick)
+        return [pool[i] for i in pick] + [r for i, r in enumerate(pool) if i not in picked] + ranked[pool_n:]
 
     def _soft_end(self, arrival: float, budget_ms: int, deadline: float | None) -> float:
         """The ``self.clock()`` time a budgeted rerank plans to end by: ``budget_ms`` after

@@ -391,6 +391,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 check_rerank_query=shed,  # validation must not depend on load
                 collapse_key=request.collapse_key,
                 collapse_max=request.collapse_max if request.HasField("collapse_max") else None,
+                diversity=request.diversity if request.HasField("diversity") else None,
             )
             r = await p.search(params, deadline)
             if shed:

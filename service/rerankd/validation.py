@@ -99,6 +99,14 @@ def check_fusion_weight(weight: float, field: str = "fusion_weight") -> float:
     return w
 
 
+def check_diversity(value: float, field: str = "diversity") -> float:
+    """A Search's MMR trade-off: 0 (off) to 1."""
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise InvalidArgument(field, f"must be a number from 0 (off) to 1, got {value!r}")
+    return v
+
+
 MAX_BUDGET_MS = 3_600_000
 
 

@@ -65,3 +65,34 @@ def rerank_fusion(rerank_scores: Sequence[float], first_stage_ranks: Sequence[in
     if r.shape != s.shape or np.any(r < 1):
         raise ValueError("first_stage_ranks must be 1-based ranks, one per score")
     return _z(s) + weight * _z(-np.log(r))
+
+
+def mmr(relevance: Sequence[float], vectors: np.ndarray, diversity: float, n: int) -> list[int]:
+    """Maximal marginal relevance (Carbonell & Goldstein, 1998): indices of ``n`` items picked
+    greedily, each maximizing ``(1 - diversity) * rel - diversity * max cosine to those picked``.
+
+    ``relevance`` (higher = better, any scale) is min-max scaled to [0, 1] over the items, so the
+    trade-off does not depend on the reranker's logit scale or the first stage's score type;
+    ``vectors`` are L2-normalized rows (a zero row: similar to nothing). The first pick is the most
+    relevant item; ties go to the earlier item (the better-ranked one). diversity 0 returns the
+    first ``n`` in order of relevance; 1 ranks by novelty alone after the first pick."""
+    rel = np.asarray(relevance, dtype=np.float64)
+    m = rel.size
+    n = min(int(n), m)
+    if n <= 0:
+        return []
+    span = float(rel.max() - rel.min())
+    rel = (rel - rel.min()) / span if span > 1e-12 else np.zeros_like(rel)
+    v = np.asarray(vectors, dtype=np.float64).reshape(m, -1)
+    sims = v @ v.T
+    nearest = np.full(m, -np.inf)  # each item's highest similarity to the items picked so far
+    taken = np.zeros(m, dtype=bool)
+    out: list[int] = []
+    for _ in range(n):
+        gain = (1.0 - diversity) * rel - diversity * (nearest if out else 0.0)
+        gain[taken] = -np.inf
+        j = int(np.argmax(gain))
+        out.append(j)
+        taken[j] = True
+        nearest = np.maximum(nearest, sims[j])
+    return out

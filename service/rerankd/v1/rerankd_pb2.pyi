@@ -35,7 +35,7 @@ class MetadataMatch(_message.Message):
     def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms", "collapse_key", "collapse_max")
+    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms", "collapse_key", "collapse_max", "diversity")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class SearchRequest(_message.Message):
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     COLLAPSE_KEY_FIELD_NUMBER: _ClassVar[int]
     COLLAPSE_MAX_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_n: int
     candidates: int
@@ -60,7 +61,8 @@ class SearchRequest(_message.Message):
     budget_ms: int
     collapse_key: str
     collapse_max: int
-    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ..., collapse_key: _Optional[str] = ..., collapse_max: _Optional[int] = ...) -> None: ...
+    diversity: float
+    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ..., collapse_key: _Optional[str] = ..., collapse_max: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score", "dense_rank", "bm25_rank")
