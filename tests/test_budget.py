@@ -19,6 +19,7 @@ from rerankd.errors import ConfigError, Overloaded
 from rerankd.metrics import Metrics
 from rerankd.pipeline import Document, Pipeline, SearchParams
 from rerankd.stages.fusion import rerank_fusion
+from rerankd.tracing import NOOP
 from util import assert_invalid, settings_for
 
 # Twelve passages of one shape, so every (query, passage) pair has the same length: a chunk of r
@@ -382,7 +383,8 @@ def test_budgeted_calls_move_no_admission_estimate_and_queue_wait_refusals_are_n
         return "ok"
 
     app = types.SimpleNamespace(settings=Settings(), pipeline=types.SimpleNamespace(ready=True), draining=False,
-                                load_error=None, metrics=types.SimpleNamespace(on_call=lambda *a, **k: None))
+                                load_error=None, metrics=types.SimpleNamespace(on_call=lambda *a, **k: None),
+                                tracer=NOOP)
     sv = RetrievalServicer(app)
     assert asyncio.run(sv._run("Search", Ctx(), ok, lane=RERANK_LANE, size=None, learn=False)) == "ok"
     assert not sv._ewma and not sv._solo and not sv._sized
@@ -435,7 +437,7 @@ def _queue_wait_servicer(**pipeline):
     app = types.SimpleNamespace(
         settings=Settings().replace(server={"max_queue_wait_ratio": 0.5, "max_concurrent_search": 4}),
         pipeline=types.SimpleNamespace(ready=True, **pipeline), draining=False, load_error=None, metrics=metrics,
-        shed=lambda method, reason: metrics.rejected.labels(method, reason).inc())
+        shed=lambda method, reason: metrics.rejected.labels(method, reason).inc(), tracer=NOOP)
     sv = RetrievalServicer(app)
     sv._inflight[RERANK_LANE] = 1
     sv._solo[RERANK_LANE] = (1.0, 3)
