@@ -131,3 +131,36 @@ def test_get_needs_the_auth_token(models_dir, tmp_path):
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with Client(srv.target, timeout=60, metadata=[("authorization", "Bearer s3cret")]) as c:
             assert list(c.get(["x"]).not_found) == ["x"]
+
+
+def test_store_get_reads_one_snapshot_across_chunks(tmp_path, monkeypatch):
+    """Over 500 ids the read takes several statements; a write committed between two of them
+    (another connection, as the apply thread) must be wholly in or out of the answer, and the
+    sequence returned is the one the answer reflects."""
+    import threading
+
+    import numpy as np
+
+    from rerankd import store as st
+
+    s = st.DocumentStore(str(tmp_path / "get.sqlite3"))
+    v = np.zeros(4, np.float32)
+    _, _, seq0, _ = s.upsert([st.NewDocument(f"d{i}", "v1", "", {}, v, None) for i in range(600)])
+    chunks = st._chunks
+
+    def write_between_chunks(xs, n):
+        for i, c in enumerate(chunks(xs, n)):
+            if i == 1:  # d0 was read in chunk 0, d599 is read in chunk 1: change both now
+                w = threading.Thread(target=s.upsert, args=([st.NewDocument(d, "v2", "", {}, v, None)
+                                                              for d in ("d0", "d599")],))
+                w.start()
+                w.join()
+            yield c
+
+    monkeypatch.setattr(st, "_chunks", write_between_chunks)
+    out, seq = s.get([f"d{i}" for i in range(600)])
+    assert (out["d0"].text, out["d599"].text, seq) == ("v1", "v1", seq0)
+    monkeypatch.setattr(st, "_chunks", chunks)
+    out, seq = s.get(["d0", "d599"])
+    assert (out["d0"].text, out["d599"].text) == ("v2", "v2") and seq > seq0
+    s.close()

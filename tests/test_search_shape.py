@@ -10,7 +10,7 @@ from rerankd.client import Client
 from rerankd.config import LimitsConfig
 from rerankd.embedded import EmbeddedServer
 from rerankd.errors import InvalidArgument
-from rerankd.pipeline import _collapse, _ranks
+from rerankd.pipeline import SHED_DIVERSITY_POOL_MIN, SHED_DIVERSITY_POOL_PER_HIT, _collapse, _diversity_pool, _ranks
 from rerankd.validation import check_collapse
 
 from util import assert_invalid, settings_for
@@ -163,6 +163,34 @@ def test_diversity_lets_near_duplicates_give_way(client, rerank):
             assert tiny == plain  # a negligible weight keeps the relevance order
     finally:
         client.delete([d["id"] for d in DUPES])
+
+
+def test_diversity_and_collapse_apply_together(client):
+    client.upsert(DUPES)  # three copies, each its own parent: collapsing alone keeps them all
+    try:
+        n = len(CHUNKS) + len(DUPES)
+        collapsed = [h["id"] for h in client.search(QUERY, top_n=6, candidates=n, collapse_key="parent")]
+        assert sum(i.startswith("dup-") for i in collapsed) >= 2
+        both = client.search(QUERY, top_n=6, candidates=n, collapse_key="parent", diversity=0.7, raw=True)
+        ids = [h.id for h in both.hits]
+        parents = [PARENT.get(i, i) for i in ids if PARENT.get(i, i) is not None]
+        assert len(parents) == len(set(parents))  # still one hit per parent
+        assert sum(i.startswith("dup-") for i in ids) == 1 and both.collapsed > 0
+    finally:
+        client.delete([d["id"] for d in DUPES])
+
+
+def test_diversity_pool_is_the_reranked_prefix_or_a_bounded_head():
+    def entries(scored: int, total: int):
+        return [((i, 0.0, i + 1), 1.0, 0.5 if i < scored else None) for i in range(total)]
+
+    assert _diversity_pool(entries(0, 300), False, 10) == 300  # rerank off: every candidate
+    assert _diversity_pool(entries(50, 50), True, 10) == 50  # fully reranked
+    assert _diversity_pool(entries(7, 300), True, 10) == 7  # a budget cut the rerank: the scored prefix
+    # a rerank that scored nothing (shed, or no time for a batch): the first-stage head, bounded
+    assert _diversity_pool(entries(0, 300), True, 10) == SHED_DIVERSITY_POOL_MIN
+    assert _diversity_pool(entries(0, 300), True, 40) == SHED_DIVERSITY_POOL_PER_HIT * 40
+    assert _diversity_pool(entries(0, 12), True, 10) == 12
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])

@@ -275,7 +275,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         error = ""
         admitted = ran = False
         # The server span: a child of the caller's span when it sent a traceparent (tracing.py).
-        span = app.tracer.start_span(f"{SERVICE_NAME}/{method}", context=tracing.caller_context(md),
+        span = app.tracer.start_span(f"{SERVICE_NAME}/{method}",
+                                     context=tracing.caller_context(md) if app.tracer is not tracing.NOOP else None,
                                      kind=trace.SpanKind.SERVER,
                                      attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": method,
                                                  "rerankd.request_id": request_id, "rerankd.lane": lane})
@@ -905,7 +906,10 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
     if app.pipeline is not None:
         await app.pipeline.close()
     app.metrics.close()
-    if app.tracer_provider is not None:  # export what is buffered (the SDK bounds the wait: 30 s)
+    if app.tracer_provider is not None:
+        # Export what is buffered, bounded: 5 s to flush (a collector gone away must not hold the
+        # shutdown for the SDK's default 30 s), then shut the exporter down.
+        await asyncio.to_thread(app.tracer_provider.force_flush, 5000)
         await asyncio.to_thread(app.tracer_provider.shutdown)
 
 

@@ -263,7 +263,9 @@ class DocumentStore:
 
     # -- reads ----------------------------------------------------------------------------------------
     def fetch(self, labels: list[int]) -> dict[int, StoredDocument]:
-        """Documents by label (missing = deleted meanwhile), read in one statement (one snapshot)."""
+        """Documents by label (missing = deleted meanwhile), one statement per 500 labels (a Search
+        reads at most its candidates; a write between two statements only changes which version of
+        a candidate is reranked)."""
         out: dict[int, StoredDocument] = {}
         if not labels:
             return out
@@ -280,6 +282,7 @@ class DocumentStore:
         Token ids and vectors are not read."""
         out: dict[str, StoredDocument] = {}
         con = self._r()
+        _rollback(con)  # a read cut short earlier on this thread's connection would make BEGIN fail
         con.execute("BEGIN")
         try:
             for chunk in _chunks(ids, 500):

@@ -79,6 +79,11 @@ def inject(metadata: list[tuple[str, str]] | None) -> list[tuple[str, str]] | No
     return list(metadata or ()) + [(k, v) for k, v in carrier.items() if k not in have]
 
 
+def attributes(attrs: Mapping[str, object]) -> dict[str, object]:
+    """``attrs`` without its None values (OpenTelemetry refuses None, with a warning per call)."""
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
 def set_attributes(span, attrs: Mapping[str, object]) -> None:
     if span.is_recording():
-        span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+        span.set_attributes(attributes(attrs))

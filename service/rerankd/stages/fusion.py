@@ -83,8 +83,9 @@ def mmr(relevance: Sequence[float], vectors: np.ndarray, diversity: float, n: in
         return []
     span = float(rel.max() - rel.min())
     rel = (rel - rel.min()) / span if span > 1e-12 else np.zeros_like(rel)
-    v = np.asarray(vectors, dtype=np.float64).reshape(m, -1)
-    sims = v @ v.T
+    # One row of similarities per pick (n x m dot products), not the m x m matrix: n is top_n,
+    # m can be 1,000 candidates.
+    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(m, -1))
     nearest = np.full(m, -np.inf)  # each item's highest similarity to the items picked so far
     taken = np.zeros(m, dtype=bool)
     out: list[int] = []
@@ -94,5 +95,5 @@ def mmr(relevance: Sequence[float], vectors: np.ndarray, diversity: float, n: in
         j = int(np.argmax(gain))
         out.append(j)
         taken[j] = True
-        nearest = np.maximum(nearest, sims[j])
+        nearest = np.maximum(nearest, v @ v[j])
     return out
