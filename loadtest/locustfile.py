@@ -57,6 +57,8 @@ def _add_arguments(parser) -> None:
     g.add_argument("--encode-batch", type=int, env_var="RERANKD_ENCODE_BATCH", default=8, help="Encode: items per call")
     g.add_argument("--budget-ms", type=int, env_var="RERANKD_BUDGET_MS", default=-1,
                    help="Search and Score: soft latency budget (budget_ms); -1 = unset (Search: the server's default)")
+    g.add_argument("--use-cache", action="store_true", env_var="RERANKD_USE_CACHE", default=False,
+                   help="Search and Score: let the server's score cache answer repeated pairs (default: skip_cache)")
     g.add_argument("--rpc-timeout", type=float, env_var="RERANKD_RPC_TIMEOUT", default=10.0,
                    help="per-call deadline, seconds")
     g.add_argument("--allow-remote", action="store_true", env_var="RERANKD_ALLOW_REMOTE", default=False,
@@ -81,6 +83,7 @@ def _on_init(environment, **_kw) -> None:
         "top_n": int(getattr(opts, "top_n", 10)),
         "encode_batch": int(getattr(opts, "encode_batch", 8)),
         "budget_ms": None if int(getattr(opts, "budget_ms", -1)) < 0 else int(opts.budget_ms),
+        "use_cache": bool(getattr(opts, "use_cache", False)),
     }
 
 

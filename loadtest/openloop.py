@@ -564,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Search: first stage only (SearchRequest.rerank = false)")
     p.add_argument("--budget-ms", type=int, default=None,
                    help="Search and Score: soft latency budget (budget_ms; default: unset, Search: the server's)")
+    p.add_argument("--use-cache", action="store_true",
+                   help="Search and Score: let the server's score cache answer repeated pairs (default: skip_cache, "
+                        "the model scores every pair; the payloads repeat a few hundred queries)")
     return p
 
 
@@ -614,7 +617,7 @@ async def _amain(args, rpcs: list[str]) -> dict:
     ds = load_dataset(args.dataset)
     payloads = Payloads(ds, candidates=args.candidates, top_n=args.top_n, encode_batch=args.encode_batch,
                         encode_queries=args.encode_queries, seed=args.seed, rerank=args.rerank,
-                        budget_ms=args.budget_ms)
+                        budget_ms=args.budget_ms, use_cache=args.use_cache)
     tgt = GrpcTarget(args.target, args.channels)
     report: dict = {
         "tool": "rerankd-openloop",
@@ -625,7 +628,8 @@ async def _amain(args, rpcs: list[str]) -> dict:
         "params": {"candidates": args.candidates, "top_n": min(args.top_n, args.candidates),
                    "encode_batch": args.encode_batch, "encode_queries": args.encode_queries,
                    "max_inflight": args.max_inflight, "timeout_s": args.timeout, "channels": args.channels,
-                   "seed": args.seed, "rerank": args.rerank, "budget_ms": args.budget_ms},
+                   "seed": args.seed, "rerank": args.rerank, "budget_ms": args.budget_ms,
+                   "use_cache": args.use_cache},
         "runs": [],
     }
     try:

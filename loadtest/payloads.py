@@ -119,7 +119,7 @@ class Payloads:
 
     def __init__(self, ds: Dataset, *, candidates: int = 50, top_n: int = 10, encode_batch: int = 8,
                  encode_queries: bool = False, seed: int = 0, rerank: bool | None = None,
-                 budget_ms: int | None = None) -> None:
+                 budget_ms: int | None = None, use_cache: bool = False) -> None:
         if candidates < 1 or top_n < 1 or encode_batch < 1:
             raise ValueError("candidates, top_n and encode_batch must be >= 1")
         self.ds = ds
@@ -129,10 +129,14 @@ class Payloads:
         self.encode_queries = encode_queries
         self.rerank = rerank  # Search: None = the server's default (rerank on), False = first stage only
         self.budget_ms = budget_ms  # Search and Score: soft latency budget (None = Search: the server's default; Score: none)
+        # Search and Score: the requests repeat a few hundred queries, so by default they skip the
+        # server's score cache (skip_cache) and load the model; True measures a cache-served mix.
+        self.use_cache = use_cache
         self.rng = random.Random(seed)
 
     def search(self) -> pb.SearchRequest:
-        req = pb.SearchRequest(query=self.rng.choice(self.ds.queries), top_n=self.top_n, candidates=self.candidates)
+        req = pb.SearchRequest(query=self.rng.choice(self.ds.queries), top_n=self.top_n, candidates=self.candidates,
+                               skip_cache=not self.use_cache)
         if self.rerank is not None:
             req.rerank = self.rerank
         if self.budget_ms is not None:
@@ -143,7 +147,8 @@ class Payloads:
         n = min(self.candidates, len(self.ds.docs))
         picked = self.rng.sample(self.ds.docs, n)
         req = pb.ScoreRequest(query=self.rng.choice(self.ds.queries),
-                              items=[pb.Item(id=doc_id, text=text) for doc_id, text in picked])
+                              items=[pb.Item(id=doc_id, text=text) for doc_id, text in picked],
+                              skip_cache=not self.use_cache)
         if self.budget_ms is not None:
             req.budget_ms = self.budget_ms
         return req

@@ -9,7 +9,7 @@ an fp16 variant, and each provider this onnxruntime can start, it:
 2. times raw batches of bucket shapes (1, 16 and 32 x 256) and the two batches a 50-passage rerank
    of full-length passages becomes under the default 8,192-token budget (32x256 + 18x256; the
    engine pads the 18 to the 32 bucket), medians over ``--runs``;
-3. for a reranker with its tokenizer, times the whole engine path (``Reranker.score_cached``:
+3. for a reranker with its tokenizer, times the whole engine path (``Reranker.score_passages``, no score cache:
    cached passage tokens, batcher, buckets) on 50 real passages when ``--passages`` is given.
 
 Writes everything to ``--json``. Usage on the device (see scripts/gpu_check.sh)::
@@ -96,7 +96,7 @@ def engine_timing(bundle, be, passages: list[str], runs: int, batch_config=None)
         cached = rr.passage_ids(passages[:50])
         q = "Aspirin use reduces the risk of colorectal adenoma."
         qids = rr.query_ids(q)
-        res = _median_ms(lambda: loop.run_until_complete(rr.score_cached(q, qids, cached)), runs)
+        res = _median_ms(lambda: loop.run_until_complete(rr.score_passages(q, qids, cached)), runs)
         st = rr.batcher.stats
         res.update(pairs=len(cached), batches=st.batches, padding_efficiency=round(st.padding_efficiency, 3))
         return res

@@ -580,7 +580,7 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
 
     seen, held = [], []
 
-    async def score(query, items, deadline, top_n, budget_ms=None, rerank=True):
+    async def score(query, items, deadline, top_n, budget_ms=None, rerank=True, skip_cache=False):
         seen.append((budget_ms, rerank))
         held.append(sorted(sv._budgets.values()))  # budgets in flight, as estimated_wait sees them
         n = len(items) if rerank else 0

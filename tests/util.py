@@ -15,7 +15,9 @@ def settings_for(models_dir: Path, data_dir: Path, **sections) -> Settings:
         server={"listen": "127.0.0.1:0"},
         # ONNX Runtime fp32: dynamic shapes (no per-shape compile), the reference the other
         # backends are gated against. Backend-specific tests pick their own.
-        model={"models_dir": models_dir, "backend": "onnxruntime", "precision": "fp32"},
+        # The score cache off: tests that count batches, budgets or queue waits repeat their
+        # queries; tests/test_score_cache.py turns it on.
+        model={"models_dir": models_dir, "backend": "onnxruntime", "precision": "fp32", "rerank_cache_entries": 0},
         index={"data_dir": data_dir},
         batch={"warmup": False},
     )

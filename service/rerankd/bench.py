@@ -182,7 +182,7 @@ class Bench:
 
             def run(q, ps):
                 i = next(calls)
-                loop.run_until_complete(rr.score_cached(q, rr.query_ids(q), cached[i]))
+                loop.run_until_complete(rr.score_passages(q, rr.query_ids(q), cached[i]))
 
             times = self.timed(run)
             st = rr.batcher.stats
@@ -199,7 +199,8 @@ class Bench:
             # The concurrency row measures how N concurrent Scores share the batcher, so all N must
             # be admitted: Score shares --max-concurrent-search (default 2) with reranked Search.
             want = max(settings.server.max_concurrent_search, self.args.concurrency)
-            settings = settings.replace(server={"max_concurrent_search": want})
+            # Timed calls repeat their queries and passages: the score cache would time itself.
+            settings = settings.replace(server={"max_concurrent_search": want}, model={"rerank_cache_entries": 0})
             self._grpc_rows(settings)
 
     def _grpc_rows(self, settings) -> None:

@@ -210,7 +210,7 @@ def _check_model(wanted: str | None, served: str) -> None:
 
 def _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
                     fusion_weight, filter, budget_ms=None, collapse_key="", collapse_max=None,
-                    diversity=None) -> pb.SearchRequest:  # noqa: A002 - filter: the API's name
+                    diversity=None, skip_cache=False) -> pb.SearchRequest:  # noqa: A002 - filter: the API's name
     conds = []
     for k, v in (filter or {}).items():
         values = [v] if isinstance(v, str) else list(v) if isinstance(v, Iterable) else None
@@ -220,7 +220,7 @@ def _search_request(query, top_n, candidates, rerank, first_stage, include_text,
     return pb.SearchRequest(query=query, top_n=top_n, candidates=candidates, rerank=rerank, first_stage=_stage(first_stage),
                             include_text=include_text, include_metadata=include_metadata, fusion_weight=fusion_weight,
                             filter=conds, budget_ms=budget_ms, collapse_key=collapse_key or "",
-                            collapse_max=collapse_max, diversity=diversity)
+                            collapse_max=collapse_max, diversity=diversity, skip_cache=bool(skip_cache))
 
 
 def _hits(resp: pb.SearchResponse, include_metadata: bool, raw: bool) -> list[dict[str, Any]] | pb.SearchResponse:
@@ -252,8 +252,9 @@ def _vectors(resp: pb.EncodeResponse, model: str | None, single: bool) -> np.nda
     return vecs[0] if single else vecs
 
 
-def _score_request(query: str, items: Iterable[ItemLike], top_n: int | None, budget_ms: int | None) -> pb.ScoreRequest:
-    return pb.ScoreRequest(query=query, items=_items(items), top_n=top_n, budget_ms=budget_ms)
+def _score_request(query: str, items: Iterable[ItemLike], top_n: int | None, budget_ms: int | None,
+                   skip_cache: bool = False) -> pb.ScoreRequest:
+    return pb.ScoreRequest(query=query, items=_items(items), top_n=top_n, budget_ms=budget_ms, skip_cache=bool(skip_cache))
 
 
 def _scores(resp: pb.ScoreResponse, model: str | None, raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
@@ -339,16 +340,19 @@ class Client:
                first_stage: str | None = None, include_text: bool = False, include_metadata: bool = False,
                fusion_weight: float | None = None, filter: Mapping[str, str | Iterable[str]] | None = None,
                budget_ms: int | None = None, collapse_key: str | None = None, collapse_max: int | None = None,
-               diversity: float | None = None, timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+               diversity: float | None = None, skip_cache: bool = False, timeout: float | None = None,
+               raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         """``filter``: metadata conditions, e.g. ``{"lang": "en", "source": ["pubmed", "arxiv"]}``
         (every key must match; a list means any of its values). ``budget_ms``: soft latency
         budget; the candidates it left unreranked follow the reranked ones in first-stage order,
         without ``rerank_score`` (``raw=True``: ``reranked_candidates`` in the response).
         ``collapse_key``: at most ``collapse_max`` (default 1) hits per value of that metadata key,
         e.g. one chunk per parent document (``raw=True``: ``collapsed`` in the response).
-        ``diversity`` (0..1): maximal marginal relevance, near-duplicates give way to other content."""
+        ``diversity`` (0..1): maximal marginal relevance, near-duplicates give way to other content.
+        ``skip_cache``: rerank with the model, bypassing the server's score cache (benchmarks;
+        ``raw=True``: ``cache_hits`` in the response)."""
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity, skip_cache)
         return _hits(self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
@@ -358,14 +362,15 @@ class Client:
         return _vectors(resp, model, single)
 
     def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None, top_n: int | None = None,
-              budget_ms: int | None = None, timeout: float | None = None,
+              budget_ms: int | None = None, skip_cache: bool = False, timeout: float | None = None,
               raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
         """Best first: ``[{"item_id", "score", "rank", "index"}]`` (``index``: the item's position in
         ``items``; a plain string's id is its position too). ``top_n``: only the best n.
         ``budget_ms``: soft latency budget; items are scored in the order given and the ones it
         left unscored follow the scored ones in that order, with score ``-inf`` (``raw=True``:
-        the response, with ``unscored_items``)."""
-        resp = self._stub.Score(_score_request(query, items, top_n, budget_ms), **self._kw(timeout))
+        the response, with ``unscored_items``). ``skip_cache``: score with the model, bypassing
+        the server's score cache (``raw=True``: ``cache_hits`` in the response)."""
+        resp = self._stub.Score(_score_request(query, items, top_n, budget_ms, skip_cache), **self._kw(timeout))
         return _scores(resp, model, raw)
 
     def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:
@@ -448,9 +453,10 @@ class AsyncClient:
                      include_metadata: bool = False, fusion_weight: float | None = None,
                      filter: Mapping[str, str | Iterable[str]] | None = None, budget_ms: int | None = None,
                      collapse_key: str | None = None, collapse_max: int | None = None, diversity: float | None = None,
-                     timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
+                     skip_cache: bool = False, timeout: float | None = None,
+                     raw: bool = False) -> list[dict[str, Any]] | pb.SearchResponse:
         req = _search_request(query, top_n, candidates, rerank, first_stage, include_text, include_metadata,
-                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity)
+                              fusion_weight, filter, budget_ms, collapse_key, collapse_max, diversity, skip_cache)
         return _hits(await self._stub.Search(req, **self._kw(timeout)), include_metadata, raw)
 
     async def encode(self, items: ItemLike | Iterable[ItemLike], *, is_query: bool = False, model: str | None = None,
@@ -460,9 +466,9 @@ class AsyncClient:
         return _vectors(resp, model, single)
 
     async def score(self, query: str, items: Iterable[ItemLike], *, model: str | None = None,
-                    top_n: int | None = None, budget_ms: int | None = None, timeout: float | None = None,
-                    raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
-        resp = await self._stub.Score(_score_request(query, items, top_n, budget_ms), **self._kw(timeout))
+                    top_n: int | None = None, budget_ms: int | None = None, skip_cache: bool = False,
+                    timeout: float | None = None, raw: bool = False) -> list[dict[str, Any]] | pb.ScoreResponse:
+        resp = await self._stub.Score(_score_request(query, items, top_n, budget_ms, skip_cache), **self._kw(timeout))
         return _scores(resp, model, raw)
 
     async def upsert(self, documents: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> pb.UpsertResponse:

@@ -91,6 +91,10 @@ class ModelConfig:
     tensorrt_cache_dir: str = _f("", "cuda backend with TensorRT: engine/timing cache directory (empty = <data-dir>/tensorrt-cache)")
     score_activation: str = _f("none", "Reranker score: none (raw logit) | sigmoid")
     max_query_tokens: int = _f(128, "Reranker: queries up to this many tokens are kept whole (the passage is cut); longer ones are rejected")
+    rerank_cache_entries: int = _f(
+        100_000,
+        "Reranker score cache: scores of this many recently scored (query, passage) pairs are kept and reused, keyed "
+        "by the exact token ids the model reads (~0.18 KB each; 0 = off)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +235,7 @@ MINIMUM: dict[str, float] = {
     "grace_period_s": 0, "stream_idle_timeout_s": 0, "max_message_bytes": 1, "max_queue_wait_ratio": 0,
     "max_concurrent_calls": 1, "max_concurrent_search": 1, "keepalive_time_s": 0, "keepalive_timeout_s": 0,
     "min_client_ping_interval_s": 0, "max_connection_age_s": 0, "trace_sample_ratio": 0,
-    "threads": 0, "device_id": 0, "max_query_tokens": 1,
+    "threads": 0, "device_id": 0, "max_query_tokens": 1, "rerank_cache_entries": 0,
     "max_batch_tokens": 0, "max_queue": 1, "sort_window": 1,
     "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "rrf_k": 0, "hybrid_depth": 1, "filter_exact_max": 0,
     "snapshot_every": 0, "auto_compact_ratio": 0, "search_budget_ms": 0,

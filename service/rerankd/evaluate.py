@@ -374,9 +374,11 @@ class Evaluator:
 
     def search(self, query: str, *, stage: str, rerank: bool, candidates: int, top_n: int, budget_ms: int = 0):
         # budget_ms 0 explicitly: a --target server's own --search-budget-ms would otherwise cut
-        # the ordinary rerank rows short (and the shared k-row call with them)
+        # the ordinary rerank rows short (and the shared k-row call with them). skip_cache: every
+        # row reruns the same queries (the timed calls too), and their latency is the model's.
         return self.client.search(query, first_stage=stage, rerank=rerank, candidates=candidates, top_n=top_n,
-                                  budget_ms=budget_ms if rerank else None, raw=True, timeout=self.args.timeout)
+                                  budget_ms=budget_ms if rerank else None, skip_cache=True, raw=True,
+                                  timeout=self.args.timeout)
 
     def _guarded(self, row: Row, qid: str, fn, retry: bool = True):
         """Run one Search. A query the server rejects (INVALID_ARGUMENT on ``query``, e.g. over

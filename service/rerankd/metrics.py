@@ -65,6 +65,17 @@ class Metrics:
             "BM25 refreshes that failed, since start (the gauge rerankd_bm25_failed_refreshes is the current run of "
             "failures and returns to 0 on success; this one shows failures that a retry then mended)")
         r.register(self.bm25_refresh_failures)
+        self.rerank_cache = {
+            outcome: _LiveCounter(f"rerankd_rerank_cache_{outcome}",
+                                  f"Reranker score cache lookups that {'found' if outcome == 'hits' else 'missed'} a "
+                                  "(query, passage) score, since start (hits / (hits + misses): the share of pairs "
+                                  "the model did not run)")
+            for outcome in ("hits", "misses")}
+        for c in self.rerank_cache.values():
+            r.register(c)
+        self.rerank_cache_entries = Gauge(
+            "rerankd_rerank_cache_entries", "Pairs held by the reranker score cache (at most --rerank-cache-entries)",
+            registry=r)
         self.rejected = Counter(
             "rerankd_rejected_calls",
             "Calls refused before they ran, by reason: concurrency | queue_wait | deadline (admission), queue_full "
@@ -107,6 +118,9 @@ class Metrics:
         self.bm25_failed_refreshes.set_function(_getter(lambda: pipeline.bm25.failures))
         self.bm25_applied_seq.set_function(_getter(lambda: pipeline.bm25.applied_seq))
         self.bm25_refresh_failures.read = lambda: pipeline.bm25.refresh_failures_total
+        self.rerank_cache["hits"].read = lambda: pipeline.reranker.cache.hits
+        self.rerank_cache["misses"].read = lambda: pipeline.reranker.cache.misses
+        self.rerank_cache_entries.set_function(_getter(lambda: len(pipeline.reranker.cache)))
 
     def serve(self, listen: str) -> int:
         """Start the /metrics HTTP server on ``host:port``; returns the bound port."""

@@ -32,7 +32,7 @@ from .stages.bm25 import BM25Index, RefreshAborted
 from .stages.embedder import Embedder
 from .stages.fusion import mmr, rerank_fusion, rrf
 from .stages.metadata_filter import FilterView, MetadataIndex, matches
-from .stages.reranker import Reranker, check_has_tokens
+from .stages.reranker import Reranker, Scored, check_has_tokens
 from .store import DocumentStore, NewDocument, join_title
 from .validation import (
     check_budget,
@@ -76,6 +76,8 @@ class SearchParams:
     collapse_max: int | None = None
     # Maximal marginal relevance over the candidates, 0 (None: off) to 1 (see stages.fusion.mmr).
     diversity: float | None = None
+    # Score every candidate with the model, neither reading nor filling the reranker's score cache.
+    skip_cache: bool = False
 
 
 @dataclass
@@ -116,6 +118,7 @@ class SearchResult:
     reranked_candidates: int = 0  # candidates the cross-encoder scored (fewer than found when a budget cut it short)
     budget_stop: str = ""  # budgeted reranks: "done" | "budget" | "overloaded" ("shed": set by the server); "" without a budget
     collapsed: int = 0  # candidates left out by field collapsing (collapse_key)
+    cache_hits: int = 0  # reranked candidates whose score came from the reranker's score cache
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class ScoreResult:
     timings: Timings
     unscored_items: int  # items a budget left unscored (last, score -inf)
     budget_stop: str = ""  # budgeted calls: "done" | "budget" | "overloaded" ("shed": set by the server); "" without a budget
+    cache_hits: int = 0  # scored items whose score came from the reranker's score cache
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ class Pipeline:
         self.reranker = Reranker(
             rr_bundle, rr_backend, s.batch,
             max_query_tokens=s.model.max_query_tokens, activation=s.model.score_activation, on_batch=on_batch,
+            cache_entries=s.model.rerank_cache_entries,
         )
         if not self.reranker.trained:
             log.warning("reranker %r has an UNTRAINED head: its scores are meaningless", self.reranker.name)
@@ -449,6 +454,7 @@ class Pipeline:
         t = Timings()
         stale: list[bool] = []
         budget_stop = "done" if rerank and budget_ms else ""  # kept when there is no candidate to rerank
+        cache_hits = 0
 
         async def dense_leg(depth: int) -> tuple[np.ndarray, np.ndarray]:
             t0 = time.perf_counter()
@@ -517,12 +523,16 @@ class Pipeline:
                 texts = [docs[lb].full_text for lb, _, _ in cands]
                 if budget_ms:
                     soft_end = self._soft_end(arrival, budget_ms, deadline)
-                    b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock)
-                    scores, queued, budget_stop = b.scores, b.queued, b.stop
+                    b = await self.reranker.score_within(p.query, q_ids, passages, texts, soft_end, deadline, self.clock,
+                                                         use_cache=not p.skip_cache)
+                    budget_stop = b.stop
                 else:
-                    scores, queued = await self.reranker.score_cached(p.query, q_ids, passages, texts, deadline)
+                    b = await self.reranker.score_passages(p.query, q_ids, passages, texts, deadline,
+                                                           use_cache=not p.skip_cache)
+                scores, queued, cache_hits = b.scores, b.queued, b.cache_hits
                 tracing.set_attributes(rerank_span, {"rerankd.reranked": len(scores), "rerankd.queue_ms": queued * 1e3,
-                                                     "rerankd.budget_stop": budget_stop or None})
+                                                     "rerankd.budget_stop": budget_stop or None,
+                                                     "rerankd.cache_hits": cache_hits})
             t.rerank_us = _us(time.perf_counter() - t0)
             t.queue_us += _us(queued)
             m = len(scores)  # a budget may have cut the rerank to the first m candidates
@@ -555,7 +565,7 @@ class Pipeline:
         on = bool(rerank) and (reranked > 0 or not cands)  # off too when a budget left no time for one batch
         return SearchResult(hits, t, self.embedder.name, self.reranker.name if on else "", stage, on,
                             bm25_stale=any(stale), reranked_candidates=reranked, budget_stop=budget_stop,
-                            collapsed=collapsed)
+                            collapsed=collapsed, cache_hits=cache_hits)
 
     async def _diversify(self, ranked: list, pool_n: int, diversity: float, top_n: int) -> list:
         """``ranked`` with its first ``pool_n`` entries reordered by MMR (their top_n picks first,
@@ -608,7 +618,8 @@ class Pipeline:
         return vecs, Timings(embed_us=_us(time.perf_counter() - t0), queue_us=_us(queued), total_us=_us(time.perf_counter() - t0))
 
     async def score(self, query: str, items: list[Item], deadline: float | None = None,
-                    top_n: int | None = None, budget_ms: int | None = None, rerank: bool = True) -> ScoreResult:
+                    top_n: int | None = None, budget_ms: int | None = None, rerank: bool = True,
+                    skip_cache: bool = False) -> ScoreResult:
         """Rerank the caller's items, best first (``top_n``: only the best n). Ids are the
         caller's: empty or repeated ones are allowed, each entry also carries its index.
 
@@ -616,7 +627,8 @@ class Pipeline:
         soft budget from arrival (``Reranker.score_within``, as a budgeted Search's candidates);
         the unscored rest follow the scored items in the order given, with score -inf.
         ``rerank`` False: validate, score nothing and return the items in the order given (a
-        budgeted call admission would refuse: the server sheds it to this)."""
+        budgeted call admission would refuse: the server sheds it to this). ``skip_cache``: score
+        every item with the model, neither reading nor filling the reranker's score cache."""
         arrival = self.clock()
         limits = self.settings.limits
         check_query(query, limits)
@@ -630,29 +642,31 @@ class Pipeline:
         q_ids = self.reranker.query_ids(query)  # refuses a query over --max-query-tokens, shed or not
         t0 = time.perf_counter()
         texts = [it.text for it in items]
-        stop = ""
         with self.tracer.start_as_current_span("rerank", attributes=tracing.attributes(
                 {"rerankd.items": len(items), "rerankd.budget_ms": budget_ms or None})) as span:
             if not rerank:
                 # The same refusals as a scored call (validation must not depend on load), at the cost
                 # of tokenizing the items (~5 ms for 50 abstracts; 0.45 s for 512 items of 30 KB).
                 await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
-                scores, queued = np.zeros((0,), dtype=np.float32), 0.0
+                b = Scored(np.zeros((0,), dtype=np.float32), 0.0, "")
             elif budget_ms:
                 passages = await asyncio.to_thread(self.reranker.passages_with_tokens, texts, "items")
                 b = await self.reranker.score_within(query, q_ids, passages, texts,
-                                                     self._soft_end(arrival, budget_ms, deadline), deadline, self.clock)
-                scores, queued, stop = b.scores, b.queued, b.stop
+                                                     self._soft_end(arrival, budget_ms, deadline), deadline, self.clock,
+                                                     use_cache=not skip_cache)
             else:
-                scores, queued = await self.reranker.score_texts(query, texts, deadline, q_ids=q_ids)
+                b = await self.reranker.score_texts(query, texts, deadline, q_ids=q_ids, use_cache=not skip_cache)
+                b.stop = ""
+            scores, queued, stop = b.scores, b.queued, b.stop
             tracing.set_attributes(span, {"rerankd.reranked": len(scores), "rerankd.queue_ms": queued * 1e3,
-                                          "rerankd.budget_stop": stop or None})
+                                          "rerankd.budget_stop": stop or None, "rerankd.cache_hits": b.cache_hits})
         m = len(scores)  # a budget may have cut the scoring to the first m items
         order = sorted(range(m), key=lambda i: (-float(scores[i]), i)) + list(range(m, len(items)))
         out = [ScoredItem(items[i].id, float(scores[i]) if i < m else float("-inf"), r, i)
                for r, i in enumerate(order[:top_n], start=1)]
         el = _us(time.perf_counter() - t0)
-        return ScoreResult(out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el), len(items) - m, stop)
+        return ScoreResult(out, Timings(rerank_us=el, queue_us=_us(queued), total_us=el), len(items) - m, stop,
+                           cache_hits=b.cache_hits)
 
     # -- writes ----------------------------------------------------------------------------------------
     def validate_documents(self, docs: list[Document], field_name: str = "documents") -> None:
@@ -1097,5 +1111,9 @@ class Pipeline:
             "bm25_sequence": self.bm25.applied_seq,
             "bm25_failed_refreshes": self.bm25.failures,
             "bm25_last_error": self.bm25.last_error or "",
+            "rerank_cache_entries": len(self.reranker.cache),
+            "rerank_cache_capacity": self.reranker.cache.capacity,
+            "rerank_cache_hits": self.reranker.cache.hits,
+            "rerank_cache_misses": self.reranker.cache.misses,
         }
 

@@ -393,6 +393,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 collapse_key=request.collapse_key,
                 collapse_max=request.collapse_max if request.HasField("collapse_max") else None,
                 diversity=request.diversity if request.HasField("diversity") else None,
+                skip_cache=request.skip_cache,
             )
             r = await p.search(params, deadline)
             if shed:
@@ -409,7 +410,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 ],
                 timings=_timings(r.timings), embedder_model=r.embedder, reranker_model=r.reranker,
                 first_stage=_STAGE_TO_PB[r.first_stage], reranked=r.reranked, bm25_stale=r.bm25_stale,
-                reranked_candidates=r.reranked_candidates, collapsed=r.collapsed,
+                reranked_candidates=r.reranked_candidates, collapsed=r.collapsed, cache_hits=r.cache_hits,
             )
             # Say which arguments to change, rather than let grpc fail the send after the fact.
             limit = self.app.settings.server.max_message_bytes
@@ -452,7 +453,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         async def fn(p: Pipeline, deadline):
             r = await p.score(request.query, [Item(it.id, it.text) for it in request.items], deadline,
                               request.top_n if request.HasField("top_n") else None,
-                              budget_ms=request.budget_ms if request.HasField("budget_ms") else None, rerank=not shed)
+                              budget_ms=request.budget_ms if request.HasField("budget_ms") else None, rerank=not shed,
+                              skip_cache=request.skip_cache)
             self.app.metrics.on_stages(r.timings)
             if budgeted:
                 self.app.metrics.on_budget("shed" if shed else r.budget_stop, len(request.items) - r.unscored_items,
@@ -462,6 +464,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return pb.ScoreResponse(
                 scores=[pb.ScoreEntry(item_id=s.item_id, score=s.score, rank=s.rank, index=s.index) for s in r.items],
                 model=p.reranker.name, timings=_timings(r.timings), unscored_items=r.unscored_items,
+                cache_hits=r.cache_hits,
             )
 
         # As a budgeted Search: a budgeted Score that admission would refuse answers unscored (in

@@ -1,7 +1,8 @@
 """Cross-encoder stage: (query, passage) pairs -> relevance scores.
 
 Passage token ids are computed once at upsert (``passage_ids``) and stored with the document;
-a rerank tokenizes only the query and assembles pairs from the cached ids.
+a rerank tokenizes only the query and assembles pairs from the stored ids. Scores of pairs seen
+recently come from the score cache (``score_cache.py``) instead of the model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..bundle import ModelBundle
 from ..config import BatchConfig
 from ..errors import BackendError, InvalidArgument, Overloaded
 from ..tokenization import PairTokenizer
+from .score_cache import ScoreCache, pair_key
 
 # Budgeted reranks: when the estimate says not even one pair fits a call's budget, one pair is
 # scored anyway if the reranker is idle and no batch has run for this long: an estimate left high
@@ -28,11 +30,13 @@ RATE_PROBE_S = 1.0
 
 
 @dataclass
-class Budgeted:
-    """A budgeted rerank's outcome: scores of the first ``len(scores)`` passages."""
+class Scored:
+    """A rerank's outcome: scores of the first ``len(scores)`` passages (all of them unless a
+    budget cut the rerank)."""
     scores: np.ndarray
-    queued: float  # seconds its chunks waited in the batcher
-    stop: str  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a chunk met a full queue)
+    queued: float  # seconds its batches waited in the batcher
+    stop: str = "done"  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a chunk met a full queue)
+    cache_hits: int = 0  # of those scores, how many came from the score cache
 
 
 class Reranker:
@@ -45,6 +49,7 @@ class Reranker:
         max_query_tokens: int,
         activation: str = "none",
         on_batch=None,
+        cache_entries: int = 0,
     ) -> None:
         if activation not in ("none", "sigmoid"):
             raise ValueError(f"score_activation must be none or sigmoid, got {activation!r}")
@@ -56,6 +61,7 @@ class Reranker:
             bundle.tokenizer_path, bundle.max_length, st["cls_id"], st["sep_id"], max_query_tokens
         )
         self.backend = backend
+        self.cache = ScoreCache(cache_entries)  # scores of recent pairs (0 entries: off)
         self._probed_at: float | None = None  # budgeted reranks: clock() of the last probe (see RATE_PROBE_S)
         self.batcher = Batcher(
             "reranker",
@@ -83,16 +89,34 @@ class Reranker:
     def query_ids(self, query: str, field: str = "query") -> np.ndarray:
         return self.tokenizer.query_ids(query, field)
 
-    async def score_cached(
+    def _lookup(self, pairs: list, use_cache: bool) -> tuple[list[bytes] | None, list[float | None]]:
+        """(cache keys or None when the cache is off or skipped, cached score or None per pair)."""
+        if not (use_cache and self.cache.enabled and pairs):
+            return None, [None] * len(pairs)
+        keys = [pair_key(p.input_ids) for p in pairs]
+        return keys, self.cache.get_many(keys)
+
+    async def score_passages(
         self, query: str, query_ids: np.ndarray, passages: list[np.ndarray], texts: list[str] | None = None,
-        deadline: float | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """Scores for each cached passage (same order); returns (scores, seconds queued)."""
+        deadline: float | None = None, use_cache: bool = True,
+    ) -> Scored:
+        """Scores for each passage's token ids (same order): cached pairs from the score cache,
+        the rest from the model in one submission (``use_cache`` False: all from the model, and
+        nothing is kept)."""
         if not passages:
-            return np.zeros((0,), dtype=np.float32), 0.0
+            return Scored(np.zeros((0,), dtype=np.float32), 0.0)
         pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
-        rows, queued = await self.batcher.submit(pairs, deadline)
-        return np.asarray(rows, dtype=np.float32), queued
+        keys, cached = self._lookup(pairs, use_cache)
+        miss = [i for i, c in enumerate(cached) if c is None]
+        scores = np.asarray([0.0 if c is None else c for c in cached], dtype=np.float32)
+        queued = 0.0
+        if miss:
+            rows, queued = await self.batcher.submit([pairs[i] for i in miss], deadline)
+            rows = np.asarray(rows, dtype=np.float32)
+            scores[miss] = rows
+            if keys is not None:
+                self.cache.put_many([keys[i] for i in miss], rows.tolist())
+        return Scored(scores, queued, "done", len(pairs) - len(miss))
 
     def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:
         """End (exclusive) of the next budgeted chunk from ``start``: as many pairs, in order, as
@@ -120,7 +144,8 @@ class Reranker:
     async def score_within(
         self, query: str, query_ids: np.ndarray, passages: list[np.ndarray], texts: list[str] | None,
         soft_end: float, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter,
-    ) -> Budgeted:
+        use_cache: bool = True,
+    ) -> Scored:
         """Score a prefix of ``passages`` (first-stage order) within a soft budget: one batch-sized
         chunk at a time, each started only when it is expected to end by ``soft_end`` (a
         ``clock()`` time). The expectation is the batcher's model time per padded token (an
@@ -138,13 +163,18 @@ class Reranker:
         first stage's order. Chunks of one call are sequential (other calls fill the batches
         between them), which costs the batcher's overlap of preparing one batch while another
         runs. A full queue (``Overloaded``) ends the rerank with the prefix scored so far (stop
-        "overloaded"), the first chunk included: a budgeted call answers rather than refuses."""
+        "overloaded"), the first chunk included: a budgeted call answers rather than refuses.
+
+        Pairs in the score cache cost nothing: the chunks are made of the others (in order), and
+        the prefix returned runs up to the first pair neither cached nor scored."""
         pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
-        lengths = [len(p.input_ids) for p in pairs]
+        keys, cached = self._lookup(pairs, use_cache)
+        miss = [i for i, c in enumerate(cached) if c is None]
+        lengths = [len(pairs[i].input_ids) for i in miss]
         b = self.batcher
-        scores: list[float] = []
+        scores: list[float] = []  # of the first len(scores) misses
         queued, stop = 0.0, "done"
-        while len(scores) < len(pairs):
+        while len(scores) < len(miss):
             start = len(scores)
             now = clock()
             rate = b.seconds_per_token
@@ -163,13 +193,18 @@ class Reranker:
                 stop = "budget"
                 break
             try:
-                rows, q = await b.submit(pairs[start:end], deadline)
+                rows, q = await b.submit([pairs[i] for i in miss[start:end]], deadline)
             except Overloaded:
                 stop = "overloaded"
                 break
             scores.extend(float(x) for x in rows)
             queued += q
-        return Budgeted(np.asarray(scores, dtype=np.float32), queued, stop)
+        if keys is not None and scores:
+            self.cache.put_many([keys[i] for i in miss[:len(scores)]], scores)
+        end = miss[len(scores)] if len(scores) < len(miss) else len(pairs)  # the scored prefix
+        computed = dict(zip(miss, scores))
+        out = np.asarray([computed[i] if cached[i] is None else cached[i] for i in range(end)], dtype=np.float32)
+        return Scored(out, queued, stop, sum(c is not None for c in cached[:end]))
 
     def passages_with_tokens(self, texts: list[str], field: str = "items") -> list[np.ndarray]:
         """Token ids of caller-supplied passages (blocking: call it off the event loop); a text
@@ -179,12 +214,12 @@ class Reranker:
         return passages
 
     async def score_texts(self, query: str, texts: list[str], deadline: float | None = None,
-                          field: str = "items", q_ids: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                          field: str = "items", q_ids: np.ndarray | None = None, use_cache: bool = True) -> Scored:
         """Scores for caller-supplied passages (tokenized here, off the event loop; ``q_ids``:
         the query's token ids when the caller has them)."""
         q = self.query_ids(query) if q_ids is None else q_ids
         passages = await asyncio.to_thread(self.passages_with_tokens, texts, field)
-        return await self.score_cached(query, q, passages, texts, deadline)
+        return await self.score_passages(query, q, passages, texts, deadline, use_cache)
 
 
 def check_has_tokens(passages: list[np.ndarray], fields: list[str]) -> None:

@@ -35,7 +35,7 @@ class MetadataMatch(_message.Message):
     def __init__(self, key: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms", "collapse_key", "collapse_max", "diversity")
+    __slots__ = ("query", "top_n", "candidates", "rerank", "include_text", "first_stage", "include_metadata", "fusion_weight", "filter", "budget_ms", "collapse_key", "collapse_max", "diversity", "skip_cache")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class SearchRequest(_message.Message):
     COLLAPSE_KEY_FIELD_NUMBER: _ClassVar[int]
     COLLAPSE_MAX_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_n: int
     candidates: int
@@ -62,7 +63,8 @@ class SearchRequest(_message.Message):
     collapse_key: str
     collapse_max: int
     diversity: float
-    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ..., collapse_key: _Optional[str] = ..., collapse_max: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
+    skip_cache: bool
+    def __init__(self, query: _Optional[str] = ..., top_n: _Optional[int] = ..., candidates: _Optional[int] = ..., rerank: _Optional[bool] = ..., include_text: _Optional[bool] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., include_metadata: _Optional[bool] = ..., fusion_weight: _Optional[float] = ..., filter: _Optional[_Iterable[_Union[MetadataMatch, _Mapping]]] = ..., budget_ms: _Optional[int] = ..., collapse_key: _Optional[str] = ..., collapse_max: _Optional[int] = ..., diversity: _Optional[float] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "rank", "first_stage_score", "first_stage_rank", "text", "metadata", "title", "rerank_score", "dense_rank", "bm25_rank")
@@ -116,7 +118,7 @@ class StageTimings(_message.Message):
     def __init__(self, embed_us: _Optional[int] = ..., ann_us: _Optional[int] = ..., bm25_us: _Optional[int] = ..., fusion_us: _Optional[int] = ..., rerank_us: _Optional[int] = ..., total_us: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale", "reranked_candidates", "collapsed")
+    __slots__ = ("hits", "timings", "embedder_model", "reranker_model", "first_stage", "reranked", "bm25_stale", "reranked_candidates", "collapsed", "cache_hits")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,7 @@ class SearchResponse(_message.Message):
     BM25_STALE_FIELD_NUMBER: _ClassVar[int]
     RERANKED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     COLLAPSED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     timings: StageTimings
     embedder_model: str
@@ -135,7 +138,8 @@ class SearchResponse(_message.Message):
     bm25_stale: bool
     reranked_candidates: int
     collapsed: int
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ..., reranked_candidates: _Optional[int] = ..., collapsed: _Optional[int] = ...) -> None: ...
+    cache_hits: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ..., reranked: _Optional[bool] = ..., bm25_stale: _Optional[bool] = ..., reranked_candidates: _Optional[int] = ..., collapsed: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "is_query")
@@ -166,16 +170,18 @@ class EncodeResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "items", "top_n", "budget_ms")
+    __slots__ = ("query", "items", "top_n", "budget_ms", "skip_cache")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     query: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
     top_n: int
     budget_ms: int
-    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., top_n: _Optional[int] = ..., budget_ms: _Optional[int] = ...) -> None: ...
+    skip_cache: bool
+    def __init__(self, query: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., top_n: _Optional[int] = ..., budget_ms: _Optional[int] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class ScoreEntry(_message.Message):
     __slots__ = ("item_id", "score", "rank", "index")
@@ -190,16 +196,18 @@ class ScoreEntry(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model", "timings", "unscored_items")
+    __slots__ = ("scores", "model", "timings", "unscored_items", "cache_hits")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     UNSCORED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ScoreEntry]
     model: str
     timings: StageTimings
     unscored_items: int
-    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., unscored_items: _Optional[int] = ...) -> None: ...
+    cache_hits: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ScoreEntry, _Mapping]]] = ..., model: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., unscored_items: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata", "title")
@@ -277,7 +285,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error", "search_budget_ms")
+    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error", "search_budget_ms", "rerank_cache_entries", "rerank_cache_capacity", "rerank_cache_hits", "rerank_cache_misses")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +310,10 @@ class StatsResponse(_message.Message):
     BM25_FAILED_REFRESHES_FIELD_NUMBER: _ClassVar[int]
     BM25_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     SEARCH_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     documents: int
     dimension: int
     embedder_model: str
@@ -326,7 +338,11 @@ class StatsResponse(_message.Message):
     bm25_failed_refreshes: int
     bm25_last_error: str
     search_budget_ms: int
-    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ..., search_budget_ms: _Optional[int] = ...) -> None: ...
+    rerank_cache_entries: int
+    rerank_cache_capacity: int
+    rerank_cache_hits: int
+    rerank_cache_misses: int
+    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ..., search_budget_ms: _Optional[int] = ..., rerank_cache_entries: _Optional[int] = ..., rerank_cache_capacity: _Optional[int] = ..., rerank_cache_hits: _Optional[int] = ..., rerank_cache_misses: _Optional[int] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
     __slots__ = ()

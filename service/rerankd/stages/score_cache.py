@@ -1,0 +1,84 @@
+"""Reranker score cache: scores of recently scored (query, passage) pairs, reused.
+
+A cross-encoder pair costs ~60 ms on a 2-core CPU (rerank@50: ~3 s), and production traffic
+repeats itself: popular questions, a client retrying after a timeout, an agent re-asking, the
+next page of the same Search, Score called on the same BM25 list. A pair's score depends only on
+the model and the exact token ids it reads, so the key is a 128-bit BLAKE2b digest of the pair's
+input ids (query, passage, special tokens, after truncation). No invalidation is needed: a
+document whose text changed gives different ids, a different key; a different query or a change
+of tokenizer too; the cache belongs to one loaded reranker (backend, precision, activation), so a
+restart with another model starts empty.
+
+Hand-written (an OrderedDict LRU) rather than cachetools: a few lines, batch lookups under one
+lock, and hit/miss counters for /metrics. Bounded by entries: ~180 bytes each in CPython
+(tracemalloc: 100,000 entries hold ~18 MB). A lookup costs ~2 us per pair to hash and ~0.3 us
+to find (a 50-candidate rerank: ~0.1 ms against ~3 s of model time on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def pair_key(input_ids: np.ndarray) -> bytes:
+    """The cache key of a pair: a 16-byte digest of its input ids as int32 (collisions: ~2^-64
+    at 2^32 distinct pairs)."""
+    return hashlib.blake2b(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes(), digest_size=16).digest()
+
+
+class ScoreCache:
+    """Least-recently-used map of pair key -> score, at most ``entries`` of them (0: off: every
+    lookup misses and nothing is kept). Thread-safe."""
+
+    def __init__(self, entries: int) -> None:
+        if entries < 0:
+            raise ValueError(f"entries must be >= 0, got {entries}")
+        self.capacity = int(entries)
+        self._scores: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def get_many(self, keys: Sequence[bytes]) -> list[float | None]:
+        """The cached score of each key (None: not cached), each hit made most recently used;
+        counted in ``hits`` / ``misses``."""
+        if not self.capacity:
+            return [None] * len(keys)
+        out: list[float | None] = []
+        with self._lock:
+            for k in keys:
+                s = self._scores.get(k)
+                if s is not None:
+                    self._scores.move_to_end(k)
+                out.append(s)
+            found = sum(s is not None for s in out)
+            self.hits += found
+            self.misses += len(keys) - found
+        return out
+
+    def put_many(self, keys: Sequence[bytes], scores: Sequence[float]) -> None:
+        """Keep these scores, evicting the least recently used beyond ``capacity``."""
+        if not self.capacity:
+            return
+        with self._lock:
+            for k, s in zip(keys, scores):
+                self._scores[k] = float(s)
+                self._scores.move_to_end(k)
+            while len(self._scores) > self.capacity:
+                self._scores.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._scores.clear()

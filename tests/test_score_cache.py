@@ -1,0 +1,169 @@
+"""The reranker's score cache (--rerank-cache-entries): a (query, passage) pair scored recently
+reuses its score; keyed by the exact token ids, so a changed text or query misses. Counted with
+the model's own batches (the backend is wrapped to count the pairs it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import numpy as np
+import pytest
+
+from rerankd.client import Client
+from rerankd.embedded import EmbeddedServer
+from rerankd.pipeline import Document, Item, Pipeline, SearchParams
+from rerankd.stages.score_cache import ScoreCache, pair_key
+
+from util import settings_for
+
+DOCS = [Document(f"d{c}", f"aspirin trial {c} reduced colon cancer risk in {c * (i + 1)} adults")
+        for i, c in enumerate("abcdefgh")]
+QUERY = "aspirin colon cancer risk"
+
+
+def test_lru_units():
+    c = ScoreCache(2)
+    k = [pair_key(np.array([101, i, 102])) for i in range(3)]
+    assert len(set(k)) == 3 and all(len(x) == 16 for x in k)
+    assert pair_key(np.array([101, 7, 102], dtype=np.int64)) == pair_key(np.array([101, 7, 102], dtype=np.int32))
+    assert c.get_many(k[:2]) == [None, None] and (c.hits, c.misses) == (0, 2)
+    c.put_many(k[:2], [1.5, -2.0])
+    assert c.get_many([k[0]]) == [1.5]  # k0 is now the most recent
+    c.put_many([k[2]], [3.0])  # evicts the least recently used: k1
+    assert c.get_many(k) == [1.5, None, 3.0] and len(c) == 2
+    assert (c.hits, c.misses) == (3, 3)
+    off = ScoreCache(0)
+    off.put_many(k, [1.0, 2.0, 3.0])
+    assert off.get_many(k) == [None] * 3 and len(off) == 0 and not off.enabled
+    with pytest.raises(ValueError):
+        ScoreCache(-1)
+
+
+def _count_pairs(p: Pipeline, monkeypatch) -> list[int]:
+    """Pairs the reranker's model ran, appended per batch."""
+    ran: list[int] = []
+    real = p.reranker.backend.run
+
+    def run(ids, mask, types):
+        ran.append(ids.shape[0])
+        return real(ids, mask, types)
+
+    monkeypatch.setattr(p.reranker.backend, "run", run)
+    return ran
+
+
+def _pipeline(models_dir, tmp_path, entries: int = 1000, **sections) -> Pipeline:
+    return Pipeline(settings_for(models_dir, tmp_path, model={"rerank_cache_entries": entries}, **sections))
+
+
+def test_search_and_score_reuse_scores_and_a_changed_text_misses(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            await p.upsert(DOCS)
+            ran = _count_pairs(p, monkeypatch)
+            q = SearchParams(query=QUERY, candidates=8, top_n=8)
+            first = await p.search(q)
+            assert sum(ran) == 8 and first.cache_hits == 0
+            again = await p.search(q)
+            assert sum(ran) == 8 and again.cache_hits == 8 and again.reranked_candidates == 8
+            # the same answer: ids, order and scores
+            assert [(h.id, h.rerank_score) for h in again.hits] == [(h.id, h.rerank_score) for h in first.hits]
+            # skip_cache: the model scores every candidate (and the scores agree)
+            skipped = await p.search(SearchParams(query=QUERY, candidates=8, top_n=8, skip_cache=True))
+            assert sum(ran) == 16 and skipped.cache_hits == 0
+            assert {h.id: h.rerank_score for h in skipped.hits} == pytest.approx({h.id: h.rerank_score for h in first.hits}, abs=1e-4)
+            # a document whose text changed misses; the others hit
+            await p.upsert([Document("da", "aspirin had no effect on colon cancer risk in this trial")])
+            changed = await p.search(q)
+            assert sum(ran) == 17 and changed.cache_hits == 7
+            # Score: the same pairs as the Search (same query, same passage text) hit
+            items = [Item(d.id, d.text) for d in DOCS[1:4]]
+            s = await p.score(QUERY, items)
+            assert sum(ran) == 17 and s.cache_hits == 3
+            # another query: every pair misses
+            s2 = await p.score("zebrafish fin regeneration", items)
+            assert sum(ran) == 20 and s2.cache_hits == 0
+            # a query differing only in case tokenizes the same (uncased model): the pairs hit
+            s3 = await p.score(QUERY.upper(), items)
+            assert sum(ran) == 20 and s3.cache_hits == 3
+            stats = p.stats()
+            assert stats["rerank_cache_capacity"] == 1000 and stats["rerank_cache_entries"] == len(p.reranker.cache) == 12
+            assert stats["rerank_cache_hits"] == 8 + 7 + 3 + 3
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_a_budget_spends_nothing_on_cached_pairs(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path, batch={"warmup": False, "batch_sizes": (1, 2)})
+        await p.start()
+        try:
+            await p.upsert(DOCS)
+            # the first four candidates are cached (Score with the same texts, in first-stage order)
+            plain = await p.search(SearchParams(query=QUERY, candidates=8, top_n=8, rerank=False))
+            order = [h.id for h in plain.hits]
+            text = {d.id: d.text for d in DOCS}
+            await p.score(QUERY, [Item(i, text[i]) for i in order[:4]])
+            ran = _count_pairs(p, monkeypatch)
+            # A budget no batch fits in (the estimate is warm: the Score's batches set it): no
+            # model work, yet the cached prefix comes back reranked.
+            p.reranker._probed_at = p.clock()  # no idle probe
+            r = await p.search(SearchParams(query=QUERY, candidates=8, top_n=8, budget_ms=1))
+            assert sum(ran) == 0
+            assert (r.reranked_candidates, r.cache_hits, r.budget_stop) == (4, 4, "budget")
+            assert {h.id for h in r.hits[:4]} == set(order[:4]) and all(h.rerank_score is not None for h in r.hits[:4])
+            assert [h.id for h in r.hits[4:]] == order[4:] and all(h.rerank_score is None for h in r.hits[4:])
+            # A cached pair after an unscored one is not used: the answer stays a prefix.
+            await p.score(QUERY, [Item(order[6], text[order[6]])])
+            ran.clear()
+            r = await p.search(SearchParams(query=QUERY, candidates=8, top_n=8, budget_ms=1))
+            assert sum(ran) == 0 and r.reranked_candidates == 4
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_off_caches_nothing(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path, entries=0)
+        await p.start()
+        try:
+            await p.upsert(DOCS[:3])
+            ran = _count_pairs(p, monkeypatch)
+            for _ in range(2):
+                r = await p.search(SearchParams(query=QUERY, candidates=3, top_n=3))
+                assert r.cache_hits == 0
+            assert sum(ran) == 6 and len(p.reranker.cache) == 0
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_grpc_reports_hits_skips_on_request_and_exports_metrics(models_dir, tmp_path):
+    settings = settings_for(models_dir, tmp_path, model={"rerank_cache_entries": 100},
+                            server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"})
+    with EmbeddedServer(settings) as srv, Client(srv.target, timeout=120) as c:
+        c.upsert([{"id": d.id, "text": d.text} for d in DOCS[:4]])
+        first = c.search(QUERY, candidates=4, top_n=4, raw=True)
+        again = c.search(QUERY, candidates=4, top_n=4, raw=True)
+        assert (first.cache_hits, again.cache_hits) == (0, 4)
+        assert [h.id for h in again.hits] == [h.id for h in first.hits]
+        assert c.search(QUERY, candidates=4, top_n=4, skip_cache=True, raw=True).cache_hits == 0
+        items = [{"id": "x", "text": DOCS[0].text}, {"id": "y", "text": "an unrelated passage on zebrafish"}]
+        s = c.score(QUERY, items, raw=True)
+        assert s.cache_hits == 1 and [e.item_id for e in s.scores][0] == "x"
+        assert c.score(QUERY, items, skip_cache=True, raw=True).cache_hits == 0
+        st = c.stats()
+        assert (st.rerank_cache_capacity, st.rerank_cache_entries) == (100, 5)
+        assert (st.rerank_cache_hits, st.rerank_cache_misses) == (5, 5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.app.metrics_port}/metrics", timeout=30).read().decode()
+        assert "rerankd_rerank_cache_hits_total 5.0" in body
+        assert "rerankd_rerank_cache_misses_total 5.0" in body
+        assert "rerankd_rerank_cache_entries 5.0" in body
