@@ -1,5 +1,5 @@
 """The reranker's score cache (--rerank-cache-entries): a (query, passage) pair scored recently
-reuses its score; keyed by the exact token ids, so a changed text or query misses. Counted with
+reuses its score; keyed by the exact token ids and token types, so a changed text or query misses. Counted with
 the model's own batches (the backend is wrapped to count the pairs it runs)."""
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ QUERY = "aspirin colon cancer risk"
 
 def test_lru_units():
     c = ScoreCache(2)
-    k = [pair_key(np.array([101, i, 102])) for i in range(3)]
+    types = np.array([0, 0, 1])
+    k = [pair_key(np.array([101, i, 102]), types) for i in range(3)]
     assert len(set(k)) == 3 and all(len(x) == 16 for x in k)
-    assert pair_key(np.array([101, 7, 102], dtype=np.int64)) == pair_key(np.array([101, 7, 102], dtype=np.int32))
+    assert pair_key(np.array([101, 7, 102], dtype=np.int64), types) == pair_key(np.array([101, 7, 102], dtype=np.int32), types.astype(np.int8))
+    assert pair_key(np.array([101, 7, 102]), np.array([0, 1, 1])) != k[0]
     assert c.get_many(k[:2]) == [None, None] and (c.hits, c.misses) == (0, 2)
     c.put_many(k[:2], [1.5, -2.0])
     assert c.get_many([k[0]]) == [1.5]  # k0 is now the most recent
@@ -92,6 +94,34 @@ def test_search_and_score_reuse_scores_and_a_changed_text_misses(models_dir, tmp
             stats = p.stats()
             assert stats["rerank_cache_capacity"] == 1000 and stats["rerank_cache_entries"] == len(p.reranker.cache) == 12
             assert stats["rerank_cache_hits"] == 8 + 7 + 3 + 3
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_the_query_passage_boundary_is_part_of_the_key(models_dir, tmp_path, monkeypatch):
+    """A literal "[SEP]" in a query can give the same token ids as a shorter query whose passage
+    holds the rest: the pairs differ only in where the passage starts, and must not share a score."""
+    long_q, long_p = "aspirin [SEP] colon cancer", "trial reduced risk"
+    short_q, short_p = "aspirin", "colon cancer [SEP] trial reduced risk"
+
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            tok = p.reranker.tokenizer
+            a, b = tok.encode_pair(long_q, long_p), tok.encode_pair(short_q, short_p)
+            assert np.array_equal(a.input_ids, b.input_ids)  # the premise: same ids...
+            assert not np.array_equal(a.token_type_ids, b.token_type_ids)  # ...another boundary
+            ran = _count_pairs(p, monkeypatch)
+            first = await p.score(long_q, [Item("x", long_p)])
+            second = await p.score(short_q, [Item("x", short_p)])
+            assert sum(ran) == 2 and (first.cache_hits, second.cache_hits) == (0, 0)
+            # each is cached under its own key, with its own score
+            again = await p.score(short_q, [Item("x", short_p)])
+            assert sum(ran) == 2 and again.cache_hits == 1
+            assert again.items[0].score == pytest.approx(second.items[0].score, abs=1e-6)
         finally:
             await p.close()
 
@@ -167,3 +197,114 @@ def test_grpc_reports_hits_skips_on_request_and_exports_metrics(models_dir, tmp_
         assert "rerankd_rerank_cache_hits_total 5.0" in body
         assert "rerankd_rerank_cache_misses_total 5.0" in body
         assert "rerankd_rerank_cache_entries 5.0" in body
+
+
+def _gate(p: Pipeline, monkeypatch) -> tuple[list[int], "threading.Event"]:
+    """The reranker's model waits for the returned event before each batch (batches run in the
+    batcher's worker thread); the list gets each batch's pair count."""
+    import threading
+
+    gate = threading.Event()
+    ran: list[int] = []
+    real = p.reranker.backend.run
+
+    def run(ids, mask, types):
+        assert gate.wait(60), "gate never opened"
+        ran.append(ids.shape[0])
+        return real(ids, mask, types)
+
+    monkeypatch.setattr(p.reranker.backend, "run", run)
+    return ran, gate
+
+
+async def _until(cond, what: str) -> None:
+    for _ in range(2000):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_identical_pairs_in_flight_are_scored_once(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, gate = _gate(p, monkeypatch)
+            texts = [d.text for d in DOCS[:4]]
+            q_ids = rr.query_ids(QUERY)
+            passages = rr.passage_ids(texts)
+            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await _until(lambda: len(rr._inflight) == 4, "the first call's pairs in flight")
+            # a second call asks for two of the same pairs and one new one (plus a repeat of it)
+            extra = rr.passage_ids([DOCS[5].text])
+            follow = asyncio.create_task(rr.score_passages(QUERY, q_ids, [passages[1], passages[3], extra[0], extra[0]]))
+            await _until(lambda: len(rr._inflight) == 5, "the second call's own pair in flight")
+            gate.set()
+            a, b = await lead, await follow
+            assert sorted(ran) == [1, 4]  # four pairs once, the new one once: nothing twice
+            assert (a.cache_hits, b.cache_hits) == (0, 3)  # two from the first call, one repeat
+            assert b.scores.tolist() == [a.scores[1], a.scores[3], b.scores[2], b.scores[2]]
+            assert rr.cache.coalesced == 3 and not rr._inflight
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_a_waiting_call_scores_the_pairs_itself_when_the_first_one_is_cancelled(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, gate = _gate(p, monkeypatch)
+            texts = [d.text for d in DOCS[:3]]
+            q_ids = rr.query_ids(QUERY)
+            passages = rr.passage_ids(texts)
+            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await _until(lambda: len(rr._inflight) == 3, "the first call's pairs in flight")
+            follow = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await asyncio.sleep(0.05)  # the second call now waits on the first one's pairs
+            assert not follow.done() and len(rr._inflight) == 3
+            lead.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lead
+            gate.set()
+            b = await follow
+            assert b.cache_hits == 0 and len(b.scores) == 3 and np.isfinite(b.scores).all()
+            assert sum(ran) >= 3 and not rr._inflight and rr.cache.coalesced == 0
+            # and its scores were cached for the next call
+            again = await rr.score_passages(QUERY, q_ids, passages, texts)
+            assert again.cache_hits == 3 and again.scores.tolist() == b.scores.tolist()
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_a_waiting_call_keeps_its_own_deadline(models_dir, tmp_path, monkeypatch):
+    from rerankd.errors import DeadlineExceeded
+
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, gate = _gate(p, monkeypatch)
+            texts = [d.text for d in DOCS[:2]]
+            q_ids = rr.query_ids(QUERY)
+            passages = rr.passage_ids(texts)
+            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await _until(lambda: len(rr._inflight) == 2, "the first call's pairs in flight")
+            loop = asyncio.get_running_loop()
+            with pytest.raises(DeadlineExceeded):
+                await rr.score_passages(QUERY, q_ids, passages, texts, deadline=loop.time() + 0.1)
+            gate.set()
+            a = await lead  # the first call is unaffected
+            assert len(a.scores) == 2 and sum(ran) == 2 and not rr._inflight
+        finally:
+            await p.close()
+
+    asyncio.run(run())

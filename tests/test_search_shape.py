@@ -3,6 +3,8 @@ on a real server over a small hand-made corpus of chunked documents (no dataset 
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from rerankd.client import Client
 from rerankd.config import LimitsConfig
 from rerankd.embedded import EmbeddedServer
 from rerankd.errors import InvalidArgument
-from rerankd.pipeline import SHED_DIVERSITY_POOL_MIN, SHED_DIVERSITY_POOL_PER_HIT, _collapse, _diversity_pool, _ranks
+from rerankd.pipeline import Document, Pipeline, SearchParams, SHED_DIVERSITY_POOL_MIN, SHED_DIVERSITY_POOL_PER_HIT, _collapse, _diversity_pool, _ranks
 from rerankd.validation import check_collapse
 
 from util import assert_invalid, settings_for
@@ -140,6 +142,8 @@ def test_mmr_units():
     assert mmr([3.0, 2.9, 1.0], np.stack([e[0], np.zeros(3), e[0]]), 0.5, 3) == [0, 1, 2]
     # scale does not matter (min-max): logits or cosines pick the same
     assert mmr([30.0, 29.0, 10.0], v, 0.5, 3) == mmr([0.30, 0.29, 0.10], v, 0.5, 3)
+    # near-ties (float noise below 1e-6) go to the earlier item, as exact ties do
+    assert mmr([1.0, 1.0 + 1e-8, 0.0], np.stack([e[0], e[1], e[2]]), 0.0, 3) == [0, 1, 2]
 
 
 DUPES = [{"id": f"dup-{i}", "text": "Aspirin lowers colorectal cancer risk in a large randomized trial.",
@@ -191,6 +195,36 @@ def test_diversity_pool_is_the_reranked_prefix_or_a_bounded_head():
     assert _diversity_pool(entries(0, 300), True, 10) == SHED_DIVERSITY_POOL_MIN
     assert _diversity_pool(entries(0, 300), True, 40) == SHED_DIVERSITY_POOL_PER_HIT * 40
     assert _diversity_pool(entries(0, 12), True, 10) == 12
+
+
+def test_a_shed_search_diversifies_a_bounded_head(models_dir, tmp_path, monkeypatch):
+    """The server sheds a Search's rerank under load by turning rerank off (check_rerank_query
+    set): MMR must then stay as cheap as for a rerank that scored nothing, not run over every
+    candidate of an overloaded server."""
+    n = SHED_DIVERSITY_POOL_MIN + 10
+
+    async def run() -> list[int]:
+        p = Pipeline(settings_for(models_dir, tmp_path))
+        await p.start()
+        pools: list[int] = []
+        real = p._diversify
+
+        async def spy(ranked, pool_n, diversity, top_n):
+            pools.append(pool_n)
+            return await real(ranked, pool_n, diversity, top_n)
+
+        monkeypatch.setattr(p, "_diversify", spy)
+        try:
+            await p.upsert([Document(f"d{i}", f"aspirin and colorectal cancer, cohort {i}") for i in range(n)])
+            shed = await p.search(SearchParams(query=QUERY, candidates=n, top_n=1, rerank=False,
+                                               check_rerank_query=True, diversity=0.5))
+            off = await p.search(SearchParams(query=QUERY, candidates=n, top_n=1, rerank=False, diversity=0.5))
+            assert len(shed.hits) == len(off.hits) == 1
+        finally:
+            await p.close()
+        return pools
+
+    assert asyncio.run(run()) == [SHED_DIVERSITY_POOL_MIN, n]
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])

@@ -141,3 +141,37 @@ def test_tracing_is_off_by_default_and_the_ratio_is_checked(models_dir, tmp_path
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(ConfigError, match="trace-sample-ratio"):
             check_settings(settings_for(models_dir, tmp_path, server={"trace_sample_ratio": bad}))
+
+
+def test_closing_is_bounded_when_the_exporter_hangs():
+    """Shutdown flushes buffered spans for at most its timeout, whatever the exporter does (the
+    SDK's force_flush timeout did not bound a refused collector); a healthy exporter gets every
+    span, and nothing after the close."""
+    import threading
+
+    from rerankd.tracing import close
+
+    release = threading.Event()
+    try:
+        stuck = TracerProvider(shutdown_on_exit=False)
+        stuck_flush = []  # a processor whose flush never ends (a collector that never answers)
+
+        class Blocking(SimpleSpanProcessor):
+            def force_flush(self, timeout_millis: int = 30000) -> bool:
+                stuck_flush.append(timeout_millis)
+                release.wait(60)
+                return False
+
+        stuck.add_span_processor(Blocking(InMemorySpanExporter()))
+        assert close(stuck, 0.2) is False
+        assert len(stuck_flush) == 1 and 0 < stuck_flush[0] <= 200  # the SDK passes what is left of it
+    finally:
+        release.set()
+
+    exporter = InMemorySpanExporter()
+    ok = TracerProvider(shutdown_on_exit=False)
+    ok.add_span_processor(SimpleSpanProcessor(exporter))
+    ok.get_tracer("t").start_span("kept").end()
+    assert close(ok, 5.0) is True
+    ok.get_tracer("t").start_span("after").end()  # a provider shut down exports nothing more
+    assert [s.name for s in exporter.get_finished_spans()] == ["kept"]

@@ -94,7 +94,7 @@ class ModelConfig:
     rerank_cache_entries: int = _f(
         100_000,
         "Reranker score cache: scores of this many recently scored (query, passage) pairs are kept and reused, keyed "
-        "by the exact token ids the model reads (~0.18 KB each; 0 = off)")
+        "by the exact token ids and token types the model reads (~0.18 KB each; 0 = off)")
 
 
 @dataclass(frozen=True, kw_only=True)

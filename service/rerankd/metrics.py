@@ -69,8 +69,12 @@ class Metrics:
             outcome: _LiveCounter(f"rerankd_rerank_cache_{outcome}",
                                   f"Reranker score cache lookups that {'found' if outcome == 'hits' else 'missed'} a "
                                   "(query, passage) score, since start (hits / (hits + misses): the share of pairs "
-                                  "the model did not run)")
+                                  "the cache answered)")
             for outcome in ("hits", "misses")}
+        self.rerank_cache["coalesced"] = _LiveCounter(
+            "rerankd_rerank_cache_coalesced",
+            "Missed pairs scored once for calls that asked for them at the same time (a call waited for the score "
+            "another call was computing instead of running the pair again), since start")
         for c in self.rerank_cache.values():
             r.register(c)
         self.rerank_cache_entries = Gauge(
@@ -120,6 +124,7 @@ class Metrics:
         self.bm25_refresh_failures.read = lambda: pipeline.bm25.refresh_failures_total
         self.rerank_cache["hits"].read = lambda: pipeline.reranker.cache.hits
         self.rerank_cache["misses"].read = lambda: pipeline.reranker.cache.misses
+        self.rerank_cache["coalesced"].read = lambda: pipeline.reranker.cache.coalesced
         self.rerank_cache_entries.set_function(_getter(lambda: len(pipeline.reranker.cache)))
 
     def serve(self, listen: str) -> int:

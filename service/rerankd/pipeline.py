@@ -547,7 +547,9 @@ class Pipeline:
         if collapse_max:
             ranked, collapsed = _collapse(ranked, lambda r: docs[r[0][0]].metadata.get(p.collapse_key), collapse_max)
         if diversity and ranked:
-            pool_n = _diversity_pool(ranked, bool(rerank), top_n)
+            # a shed Search (check_rerank_query: the server turned its rerank off under load) is
+            # bounded like a rerank that scored nothing, not given every candidate
+            pool_n = _diversity_pool(ranked, bool(rerank or p.check_rerank_query), top_n)
             with self.tracer.start_as_current_span("diversity", attributes={"rerankd.diversity": diversity,
                                                                             "rerankd.pool": pool_n}):
                 ranked = await self._diversify(ranked, pool_n, diversity, top_n)
@@ -1115,5 +1117,6 @@ class Pipeline:
             "rerank_cache_capacity": self.reranker.cache.capacity,
             "rerank_cache_hits": self.reranker.cache.hits,
             "rerank_cache_misses": self.reranker.cache.misses,
+            "rerank_cache_coalesced": self.reranker.cache.coalesced,
         }
 

@@ -910,10 +910,10 @@ async def shutdown(server: grpc.aio.Server, app: App, grace: float | None = None
         await app.pipeline.close()
     app.metrics.close()
     if app.tracer_provider is not None:
-        # Export what is buffered, bounded: 5 s to flush (a collector gone away must not hold the
-        # shutdown for the SDK's default 30 s), then shut the exporter down.
-        await asyncio.to_thread(app.tracer_provider.force_flush, 5000)
-        await asyncio.to_thread(app.tracer_provider.shutdown)
+        # Export what is buffered, for at most 5 s (a collector gone away must not hold the
+        # shutdown), then shut the exporter down.
+        if not await asyncio.to_thread(tracing.close, app.tracer_provider):
+            log.warning("shutdown: spans not exported within %.0f s were dropped", tracing.CLOSE_TIMEOUT_S)
 
 
 async def serve(settings: Settings, early_signal=None) -> int:

@@ -74,7 +74,7 @@ def mmr(relevance: Sequence[float], vectors: np.ndarray, diversity: float, n: in
     ``relevance`` (higher = better, any scale) is min-max scaled to [0, 1] over the items, so the
     trade-off does not depend on the reranker's logit scale or the first stage's score type;
     ``vectors`` are L2-normalized rows (a zero row: similar to nothing). The first pick is the most
-    relevant item; ties go to the earlier item (the better-ranked one). diversity 0 returns the
+    relevant item; ties (gains within 1e-6) go to the earlier item (the better-ranked one). diversity 0 returns the
     first ``n`` in order of relevance; 1 ranks by novelty alone after the first pick."""
     rel = np.asarray(relevance, dtype=np.float64)
     m = rel.size
@@ -92,7 +92,9 @@ def mmr(relevance: Sequence[float], vectors: np.ndarray, diversity: float, n: in
     for _ in range(n):
         gain = (1.0 - diversity) * rel - diversity * (nearest if out else 0.0)
         gain[taken] = -np.inf
-        j = int(np.argmax(gain))
+        # the earliest item within 1e-6 of the best gain: float32 similarities carry ~1e-7
+        # noise, so exact argmax would let it reorder near-ties between two calls
+        j = int(np.flatnonzero(gain >= gain.max() - 1e-6)[0])
         out.append(j)
         taken[j] = True
         nearest = np.maximum(nearest, v @ v[j])

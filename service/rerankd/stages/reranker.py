@@ -18,7 +18,7 @@ from ..backends import Backend
 from ..batcher import Batcher
 from ..bundle import ModelBundle
 from ..config import BatchConfig
-from ..errors import BackendError, InvalidArgument, Overloaded
+from ..errors import BackendError, DeadlineExceeded, InvalidArgument, Overloaded
 from ..tokenization import PairTokenizer
 from .score_cache import ScoreCache, pair_key
 
@@ -62,6 +62,9 @@ class Reranker:
         )
         self.backend = backend
         self.cache = ScoreCache(cache_entries)  # scores of recent pairs (0 entries: off)
+        # Pairs being scored for an unbudgeted call right now (key -> its score's future): an
+        # identical pair asked for meanwhile waits for that score instead of running again.
+        self._inflight: dict[bytes, asyncio.Future] = {}
         self._probed_at: float | None = None  # budgeted reranks: clock() of the last probe (see RATE_PROBE_S)
         self.batcher = Batcher(
             "reranker",
@@ -93,7 +96,7 @@ class Reranker:
         """(cache keys or None when the cache is off or skipped, cached score or None per pair)."""
         if not (use_cache and self.cache.enabled and pairs):
             return None, [None] * len(pairs)
-        keys = [pair_key(p.input_ids) for p in pairs]
+        keys = [pair_key(p.input_ids, p.token_type_ids) for p in pairs]
         return keys, self.cache.get_many(keys)
 
     async def score_passages(
@@ -101,22 +104,83 @@ class Reranker:
         deadline: float | None = None, use_cache: bool = True,
     ) -> Scored:
         """Scores for each passage's token ids (same order): cached pairs from the score cache,
-        the rest from the model in one submission (``use_cache`` False: all from the model, and
-        nothing is kept)."""
+        pairs another call is scoring right now from that call (``_coalesced``), the rest from
+        the model in one submission. ``use_cache`` False: all from the model, nothing kept."""
         if not passages:
             return Scored(np.zeros((0,), dtype=np.float32), 0.0)
         pairs = self.tokenizer.pairs(query, query_ids, passages, texts)
         keys, cached = self._lookup(pairs, use_cache)
         miss = [i for i, c in enumerate(cached) if c is None]
         scores = np.asarray([0.0 if c is None else c for c in cached], dtype=np.float32)
-        queued = 0.0
-        if miss:
+        queued, shared = 0.0, 0
+        if miss and keys is None:
             rows, queued = await self.batcher.submit([pairs[i] for i in miss], deadline)
-            rows = np.asarray(rows, dtype=np.float32)
-            scores[miss] = rows
-            if keys is not None:
-                self.cache.put_many([keys[i] for i in miss], rows.tolist())
-        return Scored(scores, queued, "done", len(pairs) - len(miss))
+            scores[miss] = np.asarray(rows, dtype=np.float32)
+        elif miss:
+            got, queued, shared = await self._coalesced(pairs, keys, miss, deadline)
+            scores[miss] = np.asarray([got[i] for i in miss], dtype=np.float32)
+        return Scored(scores, queued, "done", len(pairs) - len(miss) + shared)
+
+    async def _coalesced(self, pairs: list, keys: list[bytes], miss: list[int],
+                         deadline: float | None) -> tuple[dict[int, float], float, int]:
+        """Score ``pairs[i]`` for each i in ``miss`` (none of them cached), each distinct pair
+        once server-wide: a pair another call is scoring now is awaited rather than run again (a
+        burst of one popular query, a client's hedged or retried call), and this call's own
+        pairs are published for others while they run. Returns (score by index, seconds queued,
+        pairs whose score came from another call or a repeat within this one).
+
+        A call that fails or is cancelled publishes no score: the calls waiting on it then score
+        those pairs themselves, under their own deadline. Waiting is bounded by this call's
+        deadline (``DeadlineExceeded``, as a wait in the batcher)."""
+        loop = asyncio.get_running_loop()
+        lead: list[int] = []
+        follow: list[tuple[int, asyncio.Future]] = []
+        mine: dict[bytes, asyncio.Future] = {}
+        for i in miss:
+            k = keys[i]
+            fut = mine.get(k) or self._inflight.get(k)
+            if fut is not None:
+                follow.append((i, fut))
+                continue
+            mine[k] = self._inflight[k] = loop.create_future()
+            lead.append(i)
+        got: dict[int, float] = {}
+        queued = 0.0
+        try:
+            if lead:
+                rows, queued = await self.batcher.submit([pairs[i] for i in lead], deadline)
+                for i, r in zip(lead, rows):
+                    got[i] = float(r)
+                    mine[keys[i]].set_result(got[i])
+                self.cache.put_many([keys[i] for i in lead], [got[i] for i in lead])
+        finally:
+            for k, fut in mine.items():
+                if not fut.done():
+                    fut.set_result(None)  # no score: whoever waits scores it itself
+                if self._inflight.get(k) is fut:
+                    del self._inflight[k]
+        if not follow:
+            return got, queued, 0
+        waiting = {f for _, f in follow if not f.done()}
+        if waiting:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            _, pending = await asyncio.wait(waiting, timeout=left)  # never cancels the others' futures
+            if pending:
+                raise DeadlineExceeded(f"deadline exceeded waiting for {self.batcher.name} (a pair another call was scoring)")
+        retry = [i for i, f in follow if f.result() is None]
+        for i, f in follow:
+            if f.result() is not None:
+                got[i] = f.result()
+        if retry:
+            # Their call failed or was cancelled: score them here (no coalescing this time).
+            rows, q = await self.batcher.submit([pairs[i] for i in retry], deadline)
+            queued += q
+            for i, r in zip(retry, rows):
+                got[i] = float(r)
+            self.cache.put_many([keys[i] for i in retry], [got[i] for i in retry])
+        shared = len(follow) - len(retry)
+        self.cache.coalesced += shared
+        return got, queued, shared
 
     def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:
         """End (exclusive) of the next budgeted chunk from ``start``: as many pairs, in order, as
@@ -197,10 +261,11 @@ class Reranker:
             except Overloaded:
                 stop = "overloaded"
                 break
-            scores.extend(float(x) for x in rows)
+            got = [float(x) for x in rows]
+            if keys is not None:  # kept per chunk: a chunk scored stays scored if a later one fails
+                self.cache.put_many([keys[i] for i in miss[start:end]], got)
+            scores.extend(got)
             queued += q
-        if keys is not None and scores:
-            self.cache.put_many([keys[i] for i in miss[:len(scores)]], scores)
         end = miss[len(scores)] if len(scores) < len(miss) else len(pairs)  # the scored prefix
         computed = dict(zip(miss, scores))
         out = np.asarray([computed[i] if cached[i] is None else cached[i] for i in range(end)], dtype=np.float32)

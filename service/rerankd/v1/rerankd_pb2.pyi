@@ -285,7 +285,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error", "search_budget_ms", "rerank_cache_entries", "rerank_cache_capacity", "rerank_cache_hits", "rerank_cache_misses")
+    __slots__ = ("documents", "dimension", "embedder_model", "reranker_model", "deleted_not_compacted", "sequence", "snapshot_sequence", "snapshot_age_seconds", "data_dir_bytes", "backend", "precision", "reranker_trained", "ef_search", "hybrid_depth", "rrf_k", "max_candidates", "rerank_fusion_weight", "change_log_rows", "change_log_pruned_through", "max_top_n", "bm25_sequence", "bm25_failed_refreshes", "bm25_last_error", "search_budget_ms", "rerank_cache_entries", "rerank_cache_capacity", "rerank_cache_hits", "rerank_cache_misses", "rerank_cache_coalesced")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDER_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,7 @@ class StatsResponse(_message.Message):
     RERANK_CACHE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RERANK_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     RERANK_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHE_COALESCED_FIELD_NUMBER: _ClassVar[int]
     documents: int
     dimension: int
     embedder_model: str
@@ -342,7 +343,8 @@ class StatsResponse(_message.Message):
     rerank_cache_capacity: int
     rerank_cache_hits: int
     rerank_cache_misses: int
-    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ..., search_budget_ms: _Optional[int] = ..., rerank_cache_entries: _Optional[int] = ..., rerank_cache_capacity: _Optional[int] = ..., rerank_cache_hits: _Optional[int] = ..., rerank_cache_misses: _Optional[int] = ...) -> None: ...
+    rerank_cache_coalesced: int
+    def __init__(self, documents: _Optional[int] = ..., dimension: _Optional[int] = ..., embedder_model: _Optional[str] = ..., reranker_model: _Optional[str] = ..., deleted_not_compacted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., data_dir_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., reranker_trained: _Optional[bool] = ..., ef_search: _Optional[int] = ..., hybrid_depth: _Optional[int] = ..., rrf_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., rerank_fusion_weight: _Optional[float] = ..., change_log_rows: _Optional[int] = ..., change_log_pruned_through: _Optional[int] = ..., max_top_n: _Optional[int] = ..., bm25_sequence: _Optional[int] = ..., bm25_failed_refreshes: _Optional[int] = ..., bm25_last_error: _Optional[str] = ..., search_budget_ms: _Optional[int] = ..., rerank_cache_entries: _Optional[int] = ..., rerank_cache_capacity: _Optional[int] = ..., rerank_cache_hits: _Optional[int] = ..., rerank_cache_misses: _Optional[int] = ..., rerank_cache_coalesced: _Optional[int] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
     __slots__ = ()
