@@ -627,3 +627,41 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(seen) == 3  # refused before it ran
     asyncio.run(sv.Score(req, Short()))
     assert len(seen) == 4 and seen[-1] == (300, True)
+
+
+def test_calls_answered_from_the_score_cache_teach_admission_nothing():
+    """A Search or Score whose every pair came from the score cache took a first stage's time:
+    it moves none of the rerank lane's estimates (solo latency, per-size, EWMA), so a run of
+    repeats cannot talk admission into a burst of misses. A partly cached call still teaches."""
+    import types
+
+    from rerankd.pipeline import ScoredItem, ScoreResult, SearchResult, Timings
+    from rerankd.server import RERANK_LANE
+    from rerankd.v1 import rerankd_pb2 as pb
+
+    hits = {"cached": 0}
+
+    async def search(params, deadline):
+        return SearchResult([], Timings(), "e", "r", "hybrid", True, reranked_candidates=5, cache_hits=hits["cached"])
+
+    async def score(query, items, deadline, top_n, budget_ms=None, rerank=True, skip_cache=False):
+        scored = [ScoredItem(it.id, 1.0, i + 1, i) for i, it in enumerate(items)][:top_n]
+        return ScoreResult(scored, Timings(), 0, cache_hits=hits["cached"])
+
+    sv, app, metrics = _queue_wait_servicer(search=search, score=score, reranker=types.SimpleNamespace(name="r"))
+    sv._inflight[RERANK_LANE] = 0
+    sv._starts[RERANK_LANE] = {}
+    snapshot = lambda: (dict(sv._solo), dict(sv._sized), dict(sv._ewma))  # noqa: E731
+    before = snapshot()
+    items = [pb.Item(id=str(i), text="t") for i in range(4)]
+    hits["cached"] = 5
+    asyncio.run(sv.Search(pb.SearchRequest(query="q", candidates=5), _Ctx()))
+    hits["cached"] = 4  # every item of the Score, though top_n returns one
+    asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=items, top_n=1), _Ctx()))
+    assert snapshot() == before
+    hits["cached"] = 3  # a Score partly cached: learned
+    asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=items, top_n=1), _Ctx()))
+    assert snapshot() != before and sv._solo[RERANK_LANE][1] == 4
+    hits["cached"] = 4  # a Search partly cached: learned
+    asyncio.run(sv.Search(pb.SearchRequest(query="q", candidates=5), _Ctx()))
+    assert sv._solo[RERANK_LANE][1] == 5

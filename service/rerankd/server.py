@@ -252,7 +252,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self._fresh[key] = time.perf_counter()
 
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn, lane: str | None = None,
-                   size: int | None = 1, learn: bool = True, budget_s: float | None = None):
+                   size: int | None = 1, learn: bool = True, budget_s: float | None = None, all_cached=None):
         """Admission, deadline, error mapping and logging around one call.
 
         ``lane`` groups calls that share a concurrency limit and a latency estimate (default: the
@@ -264,7 +264,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         size known up front (a client stream, Compact), never refused early. ``learn`` False: the
         call's latency moves no estimate (a budgeted Search: its budget, not its work, sets it).
         ``budget_s``: the call's soft budget, if any; ``estimated_wait`` counts it in flight as
-        lasting no longer."""
+        lasting no longer. ``all_cached(result)``: whether the model scored none of the call's
+        pairs (all from the score cache); such a call moves no estimate either."""
         app = self.app
         lane = lane or method
         kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
@@ -317,6 +318,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
+            if learn and all_cached is not None and all_cached(result):
+                # Its rerank was all score-cache hits: it took a first stage's time, not a
+                # rerank's. Learning from it would let a mix rich in repeats talk admission and
+                # the early deadline check into admitting a burst of misses they cannot serve.
+                learn = False
             if learn:
                 self._observe(lane, kind, size, took)
             if learn and solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
@@ -433,7 +439,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         budget_ms = request.budget_ms if request.HasField("budget_ms") else self.app.settings.index.search_budget_ms
         return await self._run("Search", context, fn, lane="Search" if shed or not rerank else RERANK_LANE,
                                size=size, learn=not budgeted or shed,
-                               budget_s=budget_ms / 1e3 if budgeted and not shed else None)
+                               budget_s=budget_ms / 1e3 if budgeted and not shed else None,
+                               all_cached=lambda r: 0 < r.reranked_candidates <= r.cache_hits)
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def fn(p: Pipeline, deadline):
@@ -473,7 +480,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         # estimate of unbudgeted calls (size None) nor moves it (learn False).
         return await self._run("Score", context, fn, lane="Score" if shed else RERANK_LANE,
                                size=None if budgeted else len(request.items), learn=not budgeted,
-                               budget_s=request.budget_ms / 1e3 if budgeted and not shed else None)
+                               budget_s=request.budget_ms / 1e3 if budgeted and not shed else None,
+                               all_cached=lambda r: 0 < len(request.items) - r.unscored_items <= r.cache_hits)
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def fn(p: Pipeline, deadline):
