@@ -6,6 +6,12 @@ queries, sends the same hybrid Search(candidates=k) three times in a row: ``skip
 model scores every candidate: the baseline), then with the cache (the first fills it), then
 again (every pair a hit). Prints p50/p95 of each kind and the ratios, in one process and run.
 
+Then bursts (``--bursts``, 0 = none): for each of that many further queries (none scored
+before), ``--burst`` identical Searches sent at once (default 2, the default
+--max-concurrent-search), first with ``skip_cache`` (each call runs the model), then with the
+cache (the calls in flight share one scoring: in-flight coalescing). Prints the p50/p95 of each
+burst's slowest call and the pairs the model ran, from Stats.
+
     python scripts/score_cache_bench.py --dataset ../shared/datasets/scifact --models-dir models
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,10 +53,13 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--candidates", type=int, default=50)
+    ap.add_argument("--bursts", type=int, default=10, help="bursts of identical Searches (0: none)")
+    ap.add_argument("--burst", type=int, default=2, help="identical Searches per burst, sent at once")
     args = ap.parse_args()
 
     docs = _read(args.dataset / "corpus.jsonl", args.docs)
-    queries = [q["text"] for q in _read(args.dataset / "queries.jsonl", args.queries)]
+    every = [q["text"] for q in _read(args.dataset / "queries.jsonl", args.queries + args.bursts)]
+    queries, burst_queries = every[:args.queries], every[args.queries:]
     with tempfile.TemporaryDirectory(prefix="rerankd-cache-bench-") as data:
         settings = Settings().replace(server={"listen": "127.0.0.1:0"}, model={"models_dir": args.models_dir},
                                       index={"data_dir": Path(data)})
@@ -75,6 +85,35 @@ def main() -> None:
                 print(f"| {kind} | {p50:,.1f} | {_pct(xs, 0.95):,.1f} | {p50 / base:.3f}x |")
             print(f"cache hits per repeated Search: mean {statistics.mean(hits):.1f} of {args.candidates}; "
                   f"server cache: {c.stats().rerank_cache_entries} pairs held")
+            if burst_queries:
+                _bursts(c, burst_queries, args.burst, args.candidates)
+
+
+def _bursts(c: Client, queries: list[str], n: int, k: int) -> None:
+    """Each query sent ``n`` times at once, without and with the cache: the slowest call of each
+    burst, and the pairs the model ran (misses minus coalesced, from Stats; skip_cache calls are
+    not counted there, so theirs is n x k by construction)."""
+    slowest: dict[str, list[float]] = {"model (skip_cache)": [], "cache on (coalesced)": []}
+    before = c.stats()
+    with ThreadPoolExecutor(n) as pool:
+        for q in tqdm(queries, desc=f"bursts of {n}", unit="burst"):
+            for kind, skip in zip(slowest, (True, False)):
+                def one(_):
+                    t0 = time.perf_counter()
+                    c.search(q, candidates=k, top_n=10, skip_cache=skip, raw=True)
+                    return (time.perf_counter() - t0) * 1e3
+                slowest[kind].append(max(pool.map(one, range(n))))
+    after = c.stats()
+    misses = after.rerank_cache_misses - before.rerank_cache_misses
+    coalesced = after.rerank_cache_coalesced - before.rerank_cache_coalesced
+    base = statistics.median(slowest["model (skip_cache)"])
+    print(f"\n{len(queries)} bursts of {n} identical Searches sent at once (k={k}); the slowest call of each burst:")
+    print("| burst | p50 ms | p95 ms | p50 vs model | pairs the model ran |\n|---|---:|---:|---:|---:|")
+    ran = {"model (skip_cache)": n * k * len(queries), "cache on (coalesced)": misses - coalesced}
+    for kind, xs in slowest.items():
+        p50 = statistics.median(xs)
+        print(f"| {kind} | {p50:,.1f} | {_pct(xs, 0.95):,.1f} | {p50 / base:.3f}x | {ran[kind]:,} |")
+    print(f"coalesced pairs: {coalesced:,} of {misses:,} missed")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,35 @@ def test_coalesces_concurrent_calls_into_one_batch():
     assert not fake.problems
 
 
+def test_on_row_reports_each_row_when_its_batch_ends_and_a_failing_callback_is_contained():
+    fake = FakeForward()
+
+    async def body():
+        b = make(fake, batch_sizes=(1,))  # one row per batch
+        await b.start()
+        try:
+            seqs = [seq(4), seq(5), seq(6)]
+            seen: list[tuple[int, int]] = []
+            fake.hold()
+            t = asyncio.create_task(b.submit(seqs, on_row=lambda i, row: seen.append((i, int(row)))))
+            await wait_until(fake.entered.is_set, "first batch in forward")
+            fake.release()
+            rows, _ = await t
+            # every row reported once, with its own index and value
+            assert sorted(seen) == list(enumerate(expected(seqs))) and len(seen) == 3
+
+            def bad(i, row):
+                raise RuntimeError("callback bug")
+
+            rows2, _ = await b.submit(seqs, on_row=bad)  # the call still gets its rows
+            assert rows2 == expected(seqs) and rows == expected(seqs)
+        finally:
+            await finish(b, fake)
+
+    run(body)
+    assert not fake.problems
+
+
 def test_each_call_gets_its_own_results_in_order():
     fake = FakeForward()
     rng = random.Random(7)

@@ -35,6 +35,8 @@ def test_lru_units():
     c.put_many([k[2]], [3.0])  # evicts the least recently used: k1
     assert c.get_many(k) == [1.5, None, 3.0] and len(c) == 2
     assert (c.hits, c.misses) == (3, 3)
+    c.put_many([k[2]], [9.0])  # a key held keeps its first score
+    assert c.peek_many(k) == [1.5, None, 3.0] and (c.hits, c.misses) == (3, 3)  # peeks are not counted
     off = ScoreCache(0)
     off.put_many(k, [1.0, 2.0, 3.0])
     assert off.get_many(k) == [None] * 3 and len(off) == 0 and not off.enabled
@@ -192,11 +194,12 @@ def test_grpc_reports_hits_skips_on_request_and_exports_metrics(models_dir, tmp_
         assert c.score(QUERY, items, skip_cache=True, raw=True).cache_hits == 0
         st = c.stats()
         assert (st.rerank_cache_capacity, st.rerank_cache_entries) == (100, 5)
-        assert (st.rerank_cache_hits, st.rerank_cache_misses) == (5, 5)
+        assert (st.rerank_cache_hits, st.rerank_cache_misses, st.rerank_cache_coalesced) == (5, 5, 0)
         body = urllib.request.urlopen(f"http://127.0.0.1:{srv.app.metrics_port}/metrics", timeout=30).read().decode()
         assert "rerankd_rerank_cache_hits_total 5.0" in body
         assert "rerankd_rerank_cache_misses_total 5.0" in body
         assert "rerankd_rerank_cache_entries 5.0" in body
+        assert "rerankd_rerank_cache_coalesced_total 0.0" in body
 
 
 def _gate(p: Pipeline, monkeypatch) -> tuple[list[int], "threading.Event"]:
@@ -299,11 +302,128 @@ def test_a_waiting_call_keeps_its_own_deadline(models_dir, tmp_path, monkeypatch
             lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
             await _until(lambda: len(rr._inflight) == 2, "the first call's pairs in flight")
             loop = asyncio.get_running_loop()
-            with pytest.raises(DeadlineExceeded):
-                await rr.score_passages(QUERY, q_ids, passages, texts, deadline=loop.time() + 0.1)
+            with pytest.raises(DeadlineExceeded):  # (wait_for: an unbounded wait fails fast, not at the gate's 60 s)
+                await asyncio.wait_for(rr.score_passages(QUERY, q_ids, passages, texts, deadline=loop.time() + 0.1), 10)
             gate.set()
             a = await lead  # the first call is unaffected
             assert len(a.scores) == 2 and sum(ran) == 2 and not rr._inflight
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def _turnstile(p: Pipeline, monkeypatch, fail_first: bool = False):
+    """The reranker's model runs one batch per ``release()`` of the returned semaphore (batches
+    run in the batcher's worker thread); the list gets each batch's pair count. ``fail_first``:
+    the first batch raises (a backend failure)."""
+    import threading
+
+    turn = threading.Semaphore(0)
+    ran: list[int] = []
+    real = p.reranker.backend.run
+
+    def run(ids, mask, types):
+        assert turn.acquire(timeout=60), "never released"
+        ran.append(ids.shape[0])
+        if fail_first and len(ran) == 1:
+            raise RuntimeError("backend failed")
+        return real(ids, mask, types)
+
+    monkeypatch.setattr(p.reranker.backend, "run", run)
+    return ran, turn
+
+
+def test_a_waiting_call_gets_its_pair_when_that_batch_ends_not_the_whole_call(models_dir, tmp_path, monkeypatch):
+    """Scores are handed to waiting calls batch by batch: a one-pair call waiting on a pair of a
+    larger call finishes when that pair's batch has run, while the larger call goes on."""
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path, batch={"batch_sizes": (1,)})
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, turn = _turnstile(p, monkeypatch)
+            texts = [d.text for d in DOCS[:4]]
+            q_ids = rr.query_ids(QUERY)
+            passages = rr.passage_ids(texts)
+            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await _until(lambda: len(rr._inflight) == 4, "the first call's pairs in flight")
+            singles = [asyncio.create_task(rr.score_passages(QUERY, q_ids, [passages[i]])) for i in range(4)]
+            await asyncio.sleep(0.05)
+            turn.release()  # one batch: one pair
+            await _until(lambda: any(t.done() for t in singles), "the single whose pair ran")
+            assert sum(t.done() for t in singles) == 1 and not lead.done() and ran == [1]
+            turn.release(3)
+            a = await asyncio.wait_for(lead, 30)
+            b = [await asyncio.wait_for(t, 30) for t in singles]
+            assert ran == [1, 1, 1, 1]  # each pair once
+            assert [x.scores[0] for x in b] == a.scores.tolist() and all(x.cache_hits == 1 for x in b)
+            assert rr.cache.coalesced == 4 and not rr._inflight and len(rr.cache) == 4
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_when_the_first_call_fails_its_waiters_score_the_pairs_once(models_dir, tmp_path, monkeypatch):
+    """The first call's batch fails: the calls that waited on it do not each run the pairs again
+    -- one of them scores them, the others wait on it."""
+    from rerankd.errors import BackendError
+
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, turn = _turnstile(p, monkeypatch, fail_first=True)
+            texts = [d.text for d in DOCS[:2]]
+            q_ids = rr.query_ids(QUERY)
+            passages = rr.passage_ids(texts)
+            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+            await _until(lambda: len(rr._inflight) == 2, "the first call's pairs in flight")
+            waiters = [asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            turn.release()  # the first call's batch fails
+            with pytest.raises(BackendError):
+                await asyncio.wait_for(lead, 30)
+            await _until(lambda: len(rr._inflight) == 2, "one waiter scoring the pairs")
+            turn.release(5)  # room for more batches than one: only one may run
+            got = [await asyncio.wait_for(w, 30) for w in waiters]
+            assert ran == [2, 2]  # the failed batch, then the pairs once more
+            assert all(g.scores.tolist() == got[0].scores.tolist() for g in got)
+            assert sorted(g.cache_hits for g in got) == [0, 2, 2] and not rr._inflight
+        finally:
+            await p.close()
+
+    asyncio.run(run())
+
+
+def test_a_budgeted_rerank_keeps_each_chunk_scored_before_a_later_one_fails(models_dir, tmp_path, monkeypatch):
+    """score_within caches chunk by chunk: a Search whose second chunk fails still leaves the
+    first chunk's pairs cached for the next call."""
+    from rerankd.errors import BackendError
+
+    async def run() -> None:
+        # no warmup: no rate yet, so the first budgeted chunk on an idle reranker is one pair
+        p = _pipeline(models_dir, tmp_path, batch={"warmup": False})
+        await p.start()
+        try:
+            await p.upsert(DOCS[:4])
+            ran: list[int] = []
+            real = p.reranker.backend.run
+
+            def run_(ids, mask, types):
+                ran.append(ids.shape[0])
+                if len(ran) == 2:
+                    raise RuntimeError("backend failed")
+                return real(ids, mask, types)
+
+            monkeypatch.setattr(p.reranker.backend, "run", run_)
+            with pytest.raises(BackendError):
+                await p.search(SearchParams(query=QUERY, candidates=4, top_n=4, budget_ms=60_000))
+            assert ran[0] == 1 and len(p.reranker.cache) == 1
+            again = await p.search(SearchParams(query=QUERY, candidates=4, top_n=4))
+            assert again.cache_hits == 1
         finally:
             await p.close()
 

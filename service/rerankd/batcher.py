@@ -63,6 +63,7 @@ class _Call:
     released: bool = False  # its queued sequences no longer count against max_queue
     skipped: int = 0  # length order: batches formed while it was the oldest call and took none of its rows
     priority: bool = False  # queued in the priority queue (query-side work)
+    on_row: Callable[[int, object], None] | None = None  # told each row as its batch finishes
 
 
 @dataclass(eq=False)
@@ -233,12 +234,15 @@ class Batcher:
 
     # -- submit ---------------------------------------------------------------------------------
     async def submit(self, seqs: list[Encoded], deadline: float | None = None, *,
-                     priority: bool = False) -> tuple[list, float]:
+                     priority: bool = False, on_row: Callable[[int, object], None] | None = None) -> tuple[list, float]:
         """Run ``seqs`` through the model; returns (one result row per sequence, queue wait in s).
 
         ``deadline`` is an absolute ``loop.time()``; ``priority`` puts the call in the priority
         queue (interactive query-side work, see the module doc); raises ``Overloaded`` when the queue is full,
         ``DeadlineExceeded`` when the deadline passes first, ``BackendError`` when a batch fails.
+        ``on_row(index, row)`` is called (on the event loop) for each sequence as soon as its batch
+        has run, before the whole call is done (the reranker hands scores to calls waiting on
+        them); an exception it raises is logged, never the batcher's.
         """
         if not seqs:
             return [], 0.0
@@ -258,7 +262,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         call = _Call(future=loop.create_future(), results=[None] * n, remaining=n, deadline=deadline, submitted=now,
-                     queued=n, priority=priority)
+                     queued=n, priority=priority, on_row=on_row)
         longest = max(len(s) for s in seqs)
         if longest > self.max_length:
             raise ValueError(f"sequence of {longest} tokens exceeds max_length {self.max_length}")
@@ -477,6 +481,11 @@ class Batcher:
                         continue
                     call.results[it.index] = row
                     call.remaining -= 1
+                    if call.on_row is not None:
+                        try:
+                            call.on_row(it.index, row)
+                        except Exception:
+                            log.exception("%s: a row callback failed", self.name)
                     if call.remaining == 0:
                         call.future.set_result(call.results)
             except asyncio.CancelledError:  # close(): never leave this batch's callers hanging

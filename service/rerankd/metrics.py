@@ -73,8 +73,9 @@ class Metrics:
             for outcome in ("hits", "misses")}
         self.rerank_cache["coalesced"] = _LiveCounter(
             "rerankd_rerank_cache_coalesced",
-            "Missed pairs scored once for calls that asked for them at the same time (a call waited for the score "
-            "another call was computing instead of running the pair again), since start")
+            "Missed pairs a call did not score itself, since start: another call was scoring them at the same time "
+            "(the call waited for that score instead of running the pair again) or they repeated a pair earlier in "
+            "the call. Model runs: misses - coalesced")
         for c in self.rerank_cache.values():
             r.register(c)
         self.rerank_cache_entries = Gauge(

@@ -36,7 +36,7 @@ class Scored:
     scores: np.ndarray
     queued: float  # seconds its batches waited in the batcher
     stop: str = "done"  # "done" | "budget" (the next chunk would end past it) | "overloaded" (a chunk met a full queue)
-    cache_hits: int = 0  # of those scores, how many came from the score cache
+    cache_hits: int = 0  # of those scores, how many the model did not run for this call (cache, a concurrent call, a repeat)
 
 
 class Reranker:
@@ -126,12 +126,15 @@ class Reranker:
         """Score ``pairs[i]`` for each i in ``miss`` (none of them cached), each distinct pair
         once server-wide: a pair another call is scoring now is awaited rather than run again (a
         burst of one popular query, a client's hedged or retried call), and this call's own
-        pairs are published for others while they run. Returns (score by index, seconds queued,
-        pairs whose score came from another call or a repeat within this one).
+        pairs are published for others while they run -- each as soon as its batch has run, so a
+        small call waiting on one pair of a large one waits for that pair's batch, not the whole
+        call. Returns (score by index, seconds queued for this call's own batches, pairs whose
+        score came from another call, the cache, or a repeat within this call).
 
-        A call that fails or is cancelled publishes no score: the calls waiting on it then score
-        those pairs themselves, under their own deadline. Waiting is bounded by this call's
-        deadline (``DeadlineExceeded``, as a wait in the batcher)."""
+        A call that fails or is cancelled publishes no score for the pairs it had not finished:
+        the calls waiting on them then go round again (the cache, another call that took them
+        over, or scoring them themselves), under their own deadline. Waiting is bounded by this
+        call's deadline (``DeadlineExceeded``, as a wait in the batcher)."""
         loop = asyncio.get_running_loop()
         lead: list[int] = []
         follow: list[tuple[int, asyncio.Future]] = []
@@ -144,19 +147,25 @@ class Reranker:
                 continue
             mine[k] = self._inflight[k] = loop.create_future()
             lead.append(i)
+
+        def publish(j: int, row) -> None:  # the batcher's per-row callback: hand it out now
+            fut = mine[keys[lead[j]]]
+            if not fut.done():
+                fut.set_result(float(row))
+
         got: dict[int, float] = {}
         queued = 0.0
         try:
             if lead:
-                rows, queued = await self.batcher.submit([pairs[i] for i in lead], deadline)
+                rows, queued = await self.batcher.submit([pairs[i] for i in lead], deadline, on_row=publish)
                 for i, r in zip(lead, rows):
                     got[i] = float(r)
-                    mine[keys[i]].set_result(got[i])
-                self.cache.put_many([keys[i] for i in lead], [got[i] for i in lead])
         finally:
+            done = [(k, f.result()) for k, f in mine.items() if f.done() and f.result() is not None]
+            self.cache.put_many([k for k, _ in done], [v for _, v in done])  # what did finish stays scored
             for k, fut in mine.items():
                 if not fut.done():
-                    fut.set_result(None)  # no score: whoever waits scores it itself
+                    fut.set_result(None)  # no score: whoever waits goes round again
                 if self._inflight.get(k) is fut:
                     del self._inflight[k]
         if not follow:
@@ -171,15 +180,22 @@ class Reranker:
         for i, f in follow:
             if f.result() is not None:
                 got[i] = f.result()
-        if retry:
-            # Their call failed or was cancelled: score them here (no coalescing this time).
-            rows, q = await self.batcher.submit([pairs[i] for i in retry], deadline)
-            queued += q
-            for i, r in zip(retry, rows):
-                got[i] = float(r)
-            self.cache.put_many([keys[i] for i in retry], [got[i] for i in retry])
         shared = len(follow) - len(retry)
         self.cache.coalesced += shared
+        if retry:
+            # The call scoring them failed or was cancelled: another waiter may have scored them
+            # meanwhile (the cache) or be scoring them now (coalesced again); else score them here.
+            peeked = self.cache.peek_many([keys[i] for i in retry])
+            for i, v in zip(retry, peeked):
+                if v is not None:
+                    got[i] = v
+            shared += sum(v is not None for v in peeked)
+            rest = [i for i, v in zip(retry, peeked) if v is None]
+            if rest:
+                more, q, s = await self._coalesced(pairs, keys, rest, deadline)
+                got.update(more)
+                queued += q
+                shared += s
         return got, queued, shared
 
     def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:

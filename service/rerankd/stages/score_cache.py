@@ -77,13 +77,29 @@ class ScoreCache:
             self.misses += len(keys) - found
         return out
 
+    def peek_many(self, keys: Sequence[bytes]) -> list[float | None]:
+        """As ``get_many``, not counted in ``hits`` / ``misses`` (a second look within one
+        call's lookup)."""
+        if not self.capacity:
+            return [None] * len(keys)
+        with self._lock:
+            out = [self._scores.get(k) for k in keys]
+            for k, s in zip(keys, out):
+                if s is not None:
+                    self._scores.move_to_end(k)
+        return out
+
     def put_many(self, keys: Sequence[bytes], scores: Sequence[float]) -> None:
-        """Keep these scores, evicting the least recently used beyond ``capacity``."""
+        """Keep these scores, evicting the least recently used beyond ``capacity``. A key
+        already held keeps its score (made most recently used): the first scoring wins, so a
+        repeated call gets the same answer even where two calls scored a pair at once and the
+        backend's score moves a little with the batch (OpenVINO int8)."""
         if not self.capacity:
             return
         with self._lock:
             for k, s in zip(keys, scores):
-                self._scores[k] = float(s)
+                if k not in self._scores:
+                    self._scores[k] = float(s)
                 self._scores.move_to_end(k)
             while len(self._scores) > self.capacity:
                 self._scores.popitem(last=False)
