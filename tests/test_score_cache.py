@@ -5,6 +5,9 @@ the model's own batches (the backend is wrapped to count the pairs it runs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import types
 import urllib.request
 
 import numpy as np
@@ -202,123 +205,10 @@ def test_grpc_reports_hits_skips_on_request_and_exports_metrics(models_dir, tmp_
         assert "rerankd_rerank_cache_coalesced_total 0.0" in body
 
 
-def _gate(p: Pipeline, monkeypatch) -> tuple[list[int], "threading.Event"]:
-    """The reranker's model waits for the returned event before each batch (batches run in the
-    batcher's worker thread); the list gets each batch's pair count."""
-    import threading
-
-    gate = threading.Event()
-    ran: list[int] = []
-    real = p.reranker.backend.run
-
-    def run(ids, mask, types):
-        assert gate.wait(60), "gate never opened"
-        ran.append(ids.shape[0])
-        return real(ids, mask, types)
-
-    monkeypatch.setattr(p.reranker.backend, "run", run)
-    return ran, gate
-
-
-async def _until(cond, what: str) -> None:
-    for _ in range(2000):
-        if cond():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_identical_pairs_in_flight_are_scored_once(models_dir, tmp_path, monkeypatch):
-    async def run() -> None:
-        p = _pipeline(models_dir, tmp_path)
-        await p.start()
-        try:
-            rr = p.reranker
-            ran, gate = _gate(p, monkeypatch)
-            texts = [d.text for d in DOCS[:4]]
-            q_ids = rr.query_ids(QUERY)
-            passages = rr.passage_ids(texts)
-            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await _until(lambda: len(rr._inflight) == 4, "the first call's pairs in flight")
-            # a second call asks for two of the same pairs and one new one (plus a repeat of it)
-            extra = rr.passage_ids([DOCS[5].text])
-            follow = asyncio.create_task(rr.score_passages(QUERY, q_ids, [passages[1], passages[3], extra[0], extra[0]]))
-            await _until(lambda: len(rr._inflight) == 5, "the second call's own pair in flight")
-            gate.set()
-            a, b = await lead, await follow
-            assert sorted(ran) == [1, 4]  # four pairs once, the new one once: nothing twice
-            assert (a.cache_hits, b.cache_hits) == (0, 3)  # two from the first call, one repeat
-            assert b.scores.tolist() == [a.scores[1], a.scores[3], b.scores[2], b.scores[2]]
-            assert rr.cache.coalesced == 3 and not rr._inflight
-        finally:
-            await p.close()
-
-    asyncio.run(run())
-
-
-def test_a_waiting_call_scores_the_pairs_itself_when_the_first_one_is_cancelled(models_dir, tmp_path, monkeypatch):
-    async def run() -> None:
-        p = _pipeline(models_dir, tmp_path)
-        await p.start()
-        try:
-            rr = p.reranker
-            ran, gate = _gate(p, monkeypatch)
-            texts = [d.text for d in DOCS[:3]]
-            q_ids = rr.query_ids(QUERY)
-            passages = rr.passage_ids(texts)
-            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await _until(lambda: len(rr._inflight) == 3, "the first call's pairs in flight")
-            follow = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await asyncio.sleep(0.05)  # the second call now waits on the first one's pairs
-            assert not follow.done() and len(rr._inflight) == 3
-            lead.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await lead
-            gate.set()
-            b = await follow
-            assert b.cache_hits == 0 and len(b.scores) == 3 and np.isfinite(b.scores).all()
-            assert sum(ran) >= 3 and not rr._inflight and rr.cache.coalesced == 0
-            # and its scores were cached for the next call
-            again = await rr.score_passages(QUERY, q_ids, passages, texts)
-            assert again.cache_hits == 3 and again.scores.tolist() == b.scores.tolist()
-        finally:
-            await p.close()
-
-    asyncio.run(run())
-
-
-def test_a_waiting_call_keeps_its_own_deadline(models_dir, tmp_path, monkeypatch):
-    from rerankd.errors import DeadlineExceeded
-
-    async def run() -> None:
-        p = _pipeline(models_dir, tmp_path)
-        await p.start()
-        try:
-            rr = p.reranker
-            ran, gate = _gate(p, monkeypatch)
-            texts = [d.text for d in DOCS[:2]]
-            q_ids = rr.query_ids(QUERY)
-            passages = rr.passage_ids(texts)
-            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await _until(lambda: len(rr._inflight) == 2, "the first call's pairs in flight")
-            loop = asyncio.get_running_loop()
-            with pytest.raises(DeadlineExceeded):  # (wait_for: an unbounded wait fails fast, not at the gate's 60 s)
-                await asyncio.wait_for(rr.score_passages(QUERY, q_ids, passages, texts, deadline=loop.time() + 0.1), 10)
-            gate.set()
-            a = await lead  # the first call is unaffected
-            assert len(a.scores) == 2 and sum(ran) == 2 and not rr._inflight
-        finally:
-            await p.close()
-
-    asyncio.run(run())
-
-
 def _turnstile(p: Pipeline, monkeypatch, fail_first: bool = False):
     """The reranker's model runs one batch per ``release()`` of the returned semaphore (batches
     run in the batcher's worker thread); the list gets each batch's pair count. ``fail_first``:
     the first batch raises (a backend failure)."""
-    import threading
-
     turn = threading.Semaphore(0)
     ran: list[int] = []
     real = p.reranker.backend.run
@@ -334,33 +224,108 @@ def _turnstile(p: Pipeline, monkeypatch, fail_first: bool = False):
     return ran, turn
 
 
+async def _until(cond, what: str) -> None:
+    for _ in range(2000):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+OPEN = 1000  # releases that let every batch of a test run
+
+
+@contextlib.asynccontextmanager
+async def _leading(models_dir, tmp_path, monkeypatch, n: int, fail_first: bool = False, **sections):
+    """A started pipeline whose reranker model is held (``_turnstile``) and a first call scoring
+    the first ``n`` documents against QUERY, its pairs in flight (published for other calls)."""
+    p = _pipeline(models_dir, tmp_path, **sections)
+    await p.start()
+    try:
+        rr = p.reranker
+        ran, turn = _turnstile(p, monkeypatch, fail_first)
+        texts = [d.text for d in DOCS[:n]]
+        q_ids = rr.query_ids(QUERY)
+        passages = rr.passage_ids(texts)
+        lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
+        await _until(lambda: len(rr._inflight) == n, "the first call's pairs in flight")
+        yield types.SimpleNamespace(rr=rr, ran=ran, turn=turn, q_ids=q_ids, passages=passages, texts=texts, lead=lead)
+    finally:
+        await p.close()
+
+
+def test_identical_pairs_in_flight_are_scored_once(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 4) as t:
+            rr = t.rr
+            # a second call asks for two of the same pairs and one new one (plus a repeat of it)
+            extra = rr.passage_ids([DOCS[5].text])
+            follow = asyncio.create_task(rr.score_passages(QUERY, t.q_ids, [t.passages[1], t.passages[3], extra[0], extra[0]]))
+            await _until(lambda: len(rr._inflight) == 5, "the second call's own pair in flight")
+            t.turn.release(OPEN)
+            a, b = await asyncio.wait_for(t.lead, 30), await asyncio.wait_for(follow, 30)
+            assert sorted(t.ran) == [1, 4]  # four pairs once, the new one once: nothing twice
+            assert (a.cache_hits, b.cache_hits) == (0, 3)  # two from the first call, one repeat
+            assert b.scores.tolist() == [a.scores[1], a.scores[3], b.scores[2], b.scores[2]]
+            assert rr.cache.coalesced == 3 and not rr._inflight
+
+    asyncio.run(run())
+
+
+def test_a_waiting_call_scores_the_pairs_itself_when_the_first_one_is_cancelled(models_dir, tmp_path, monkeypatch):
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 3) as t:
+            rr = t.rr
+            follow = asyncio.create_task(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts))
+            await asyncio.sleep(0.05)  # the second call now waits on the first one's pairs
+            assert not follow.done() and len(rr._inflight) == 3
+            t.lead.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t.lead
+            t.turn.release(OPEN)
+            b = await asyncio.wait_for(follow, 30)
+            assert b.cache_hits == 0 and len(b.scores) == 3 and np.isfinite(b.scores).all()
+            assert sum(t.ran) >= 3 and not rr._inflight and rr.cache.coalesced == 0
+            # and its scores were cached for the next call
+            again = await rr.score_passages(QUERY, t.q_ids, t.passages, t.texts)
+            assert again.cache_hits == 3 and again.scores.tolist() == b.scores.tolist()
+
+    asyncio.run(run())
+
+
+def test_a_waiting_call_keeps_its_own_deadline(models_dir, tmp_path, monkeypatch):
+    from rerankd.errors import DeadlineExceeded
+
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 2) as t:
+            rr = t.rr
+            loop = asyncio.get_running_loop()
+            with pytest.raises(DeadlineExceeded):  # (wait_for: an unbounded wait fails fast, not at the turnstile's 60 s)
+                await asyncio.wait_for(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts, deadline=loop.time() + 0.1), 10)
+            t.turn.release(OPEN)
+            a = await asyncio.wait_for(t.lead, 30)  # the first call is unaffected
+            assert len(a.scores) == 2 and sum(t.ran) == 2 and not rr._inflight
+
+    asyncio.run(run())
+
+
 def test_a_waiting_call_gets_its_pair_when_that_batch_ends_not_the_whole_call(models_dir, tmp_path, monkeypatch):
     """Scores are handed to waiting calls batch by batch: a one-pair call waiting on a pair of a
     larger call finishes when that pair's batch has run, while the larger call goes on."""
     async def run() -> None:
-        p = _pipeline(models_dir, tmp_path, batch={"batch_sizes": (1,)})
-        await p.start()
-        try:
-            rr = p.reranker
-            ran, turn = _turnstile(p, monkeypatch)
-            texts = [d.text for d in DOCS[:4]]
-            q_ids = rr.query_ids(QUERY)
-            passages = rr.passage_ids(texts)
-            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await _until(lambda: len(rr._inflight) == 4, "the first call's pairs in flight")
-            singles = [asyncio.create_task(rr.score_passages(QUERY, q_ids, [passages[i]])) for i in range(4)]
+        async with _leading(models_dir, tmp_path, monkeypatch, 4, batch={"batch_sizes": (1,)}) as t:
+            rr = t.rr
+            singles = [asyncio.create_task(rr.score_passages(QUERY, t.q_ids, [t.passages[i]])) for i in range(4)]
             await asyncio.sleep(0.05)
-            turn.release()  # one batch: one pair
-            await _until(lambda: any(t.done() for t in singles), "the single whose pair ran")
-            assert sum(t.done() for t in singles) == 1 and not lead.done() and ran == [1]
-            turn.release(3)
-            a = await asyncio.wait_for(lead, 30)
-            b = [await asyncio.wait_for(t, 30) for t in singles]
-            assert ran == [1, 1, 1, 1]  # each pair once
+            t.turn.release()  # one batch: one pair
+            await _until(lambda: any(s.done() for s in singles), "the single whose pair ran")
+            assert sum(s.done() for s in singles) == 1 and not t.lead.done() and t.ran == [1]
+            t.turn.release(3)
+            a = await asyncio.wait_for(t.lead, 30)
+            b = [await asyncio.wait_for(s, 30) for s in singles]
+            assert t.ran == [1, 1, 1, 1]  # each pair once
             assert [x.scores[0] for x in b] == a.scores.tolist() and all(x.cache_hits == 1 for x in b)
             assert rr.cache.coalesced == 4 and not rr._inflight and len(rr.cache) == 4
-        finally:
-            await p.close()
 
     asyncio.run(run())
 
@@ -371,29 +336,19 @@ def test_when_the_first_call_fails_its_waiters_score_the_pairs_once(models_dir, 
     from rerankd.errors import BackendError
 
     async def run() -> None:
-        p = _pipeline(models_dir, tmp_path)
-        await p.start()
-        try:
-            rr = p.reranker
-            ran, turn = _turnstile(p, monkeypatch, fail_first=True)
-            texts = [d.text for d in DOCS[:2]]
-            q_ids = rr.query_ids(QUERY)
-            passages = rr.passage_ids(texts)
-            lead = asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts))
-            await _until(lambda: len(rr._inflight) == 2, "the first call's pairs in flight")
-            waiters = [asyncio.create_task(rr.score_passages(QUERY, q_ids, passages, texts)) for _ in range(3)]
+        async with _leading(models_dir, tmp_path, monkeypatch, 2, fail_first=True) as t:
+            rr = t.rr
+            waiters = [asyncio.create_task(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts)) for _ in range(3)]
             await asyncio.sleep(0.05)
-            turn.release()  # the first call's batch fails
+            t.turn.release()  # the first call's batch fails
             with pytest.raises(BackendError):
-                await asyncio.wait_for(lead, 30)
+                await asyncio.wait_for(t.lead, 30)
             await _until(lambda: len(rr._inflight) == 2, "one waiter scoring the pairs")
-            turn.release(5)  # room for more batches than one: only one may run
+            t.turn.release(OPEN)  # room for more batches than one: only one may run
             got = [await asyncio.wait_for(w, 30) for w in waiters]
-            assert ran == [2, 2]  # the failed batch, then the pairs once more
+            assert t.ran == [2, 2]  # the failed batch, then the pairs once more
             assert all(g.scores.tolist() == got[0].scores.tolist() for g in got)
             assert sorted(g.cache_hits for g in got) == [0, 2, 2] and not rr._inflight
-        finally:
-            await p.close()
 
     asyncio.run(run())
 
