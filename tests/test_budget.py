@@ -631,8 +631,10 @@ def test_score_handler_sheds_a_budgeted_call_on_a_queue_wait_refusal_and_learns_
 
 def test_calls_answered_from_the_score_cache_teach_admission_nothing():
     """A Search or Score whose every pair came from the score cache took a first stage's time:
-    it moves none of the rerank lane's estimates (solo latency, per-size, EWMA), so a run of
-    repeats cannot talk admission into a burst of misses. A partly cached call still teaches."""
+    it moves neither the rerank lane's solo latency nor its EWMA, so a run of repeats cannot
+    talk admission into a burst of misses; it does move the early deadline check's per-size
+    estimate (else short-deadline repeats could be refused for good). A partly cached call
+    teaches everything."""
     import types
 
     from rerankd.pipeline import ScoredItem, ScoreResult, SearchResult, Timings
@@ -651,7 +653,7 @@ def test_calls_answered_from_the_score_cache_teach_admission_nothing():
     sv, app, metrics = _queue_wait_servicer(search=search, score=score, reranker=types.SimpleNamespace(name="r"))
     sv._inflight[RERANK_LANE] = 0
     sv._starts[RERANK_LANE] = {}
-    snapshot = lambda: (dict(sv._solo), dict(sv._sized), dict(sv._ewma))  # noqa: E731
+    snapshot = lambda: (dict(sv._solo), dict(sv._ewma))  # noqa: E731
     before = snapshot()
     items = [pb.Item(id=str(i), text="t") for i in range(4)]
     hits["cached"] = 5
@@ -659,6 +661,7 @@ def test_calls_answered_from_the_score_cache_teach_admission_nothing():
     hits["cached"] = 4  # every item of the Score, though top_n returns one
     asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=items, top_n=1), _Ctx()))
     assert snapshot() == before
+    assert {k[0] for k in sv._sized} == {f"{RERANK_LANE}/Search", f"{RERANK_LANE}/Score"}  # the early check learned
     hits["cached"] = 3  # a Score partly cached: learned
     asyncio.run(sv.Score(pb.ScoreRequest(query="q", items=items, top_n=1), _Ctx()))
     assert snapshot() != before and sv._solo[RERANK_LANE][1] == 4

@@ -205,10 +205,10 @@ def test_grpc_reports_hits_skips_on_request_and_exports_metrics(models_dir, tmp_
         assert "rerankd_rerank_cache_coalesced_total 0.0" in body
 
 
-def _turnstile(p: Pipeline, monkeypatch, fail_first: bool = False):
+def _turnstile(p: Pipeline, monkeypatch, fail: tuple[int, ...] = ()):
     """The reranker's model runs one batch per ``release()`` of the returned semaphore (batches
-    run in the batcher's worker thread); the list gets each batch's pair count. ``fail_first``:
-    the first batch raises (a backend failure)."""
+    run in the batcher's worker thread); the list gets each batch's pair count. ``fail``: the
+    batches (1-based, in the order they run) that raise (a backend failure)."""
     turn = threading.Semaphore(0)
     ran: list[int] = []
     real = p.reranker.backend.run
@@ -216,7 +216,7 @@ def _turnstile(p: Pipeline, monkeypatch, fail_first: bool = False):
     def run(ids, mask, types):
         assert turn.acquire(timeout=60), "never released"
         ran.append(ids.shape[0])
-        if fail_first and len(ran) == 1:
+        if len(ran) in fail:
             raise RuntimeError("backend failed")
         return real(ids, mask, types)
 
@@ -236,14 +236,14 @@ OPEN = 1000  # releases that let every batch of a test run
 
 
 @contextlib.asynccontextmanager
-async def _leading(models_dir, tmp_path, monkeypatch, n: int, fail_first: bool = False, **sections):
+async def _leading(models_dir, tmp_path, monkeypatch, n: int, fail: tuple[int, ...] = (), **sections):
     """A started pipeline whose reranker model is held (``_turnstile``) and a first call scoring
     the first ``n`` documents against QUERY, its pairs in flight (published for other calls)."""
     p = _pipeline(models_dir, tmp_path, **sections)
     await p.start()
     try:
         rr = p.reranker
-        ran, turn = _turnstile(p, monkeypatch, fail_first)
+        ran, turn = _turnstile(p, monkeypatch, fail)
         texts = [d.text for d in DOCS[:n]]
         q_ids = rr.query_ids(QUERY)
         passages = rr.passage_ids(texts)
@@ -336,7 +336,7 @@ def test_when_the_first_call_fails_its_waiters_score_the_pairs_once(models_dir, 
     from rerankd.errors import BackendError
 
     async def run() -> None:
-        async with _leading(models_dir, tmp_path, monkeypatch, 2, fail_first=True) as t:
+        async with _leading(models_dir, tmp_path, monkeypatch, 2, fail=(1,)) as t:
             rr = t.rr
             waiters = [asyncio.create_task(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts)) for _ in range(3)]
             await asyncio.sleep(0.05)
@@ -349,6 +349,63 @@ def test_when_the_first_call_fails_its_waiters_score_the_pairs_once(models_dir, 
             assert t.ran == [2, 2]  # the failed batch, then the pairs once more
             assert all(g.scores.tolist() == got[0].scores.tolist() for g in got)
             assert sorted(g.cache_hits for g in got) == [0, 2, 2] and not rr._inflight
+            # misses - coalesced: the pairs calls sent to the model themselves (the failed batch too)
+            assert rr.cache.misses - rr.cache.coalesced == sum(t.ran) == 4
+
+    asyncio.run(run())
+
+
+def test_a_score_finished_before_the_first_call_fails_is_handed_out_and_cached(models_dir, tmp_path, monkeypatch):
+    """The first call's first batch runs, its second fails: the call waiting on the first
+    batch's pair gets that score (and the cache keeps it); the one waiting on the failed pair
+    scores it itself."""
+    from rerankd.errors import BackendError
+
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 2, fail=(2,), batch={"batch_sizes": (1,)}) as t:
+            rr = t.rr
+            singles = [asyncio.create_task(rr.score_passages(QUERY, t.q_ids, [t.passages[i]])) for i in range(2)]
+            await asyncio.sleep(0.05)
+            t.turn.release()  # batch 1: one pair scored
+            await _until(lambda: any(s.done() for s in singles), "the single whose pair ran")
+            assert len(rr.cache) == 1
+            t.turn.release()  # batch 2 fails
+            with pytest.raises(BackendError):
+                await asyncio.wait_for(t.lead, 30)
+            t.turn.release(OPEN)
+            got = [await asyncio.wait_for(x, 30) for x in singles]
+            assert t.ran == [1, 1, 1] and len(rr.cache) == 2 and not rr._inflight
+            assert sorted(g.cache_hits for g in got) == [0, 1]
+            again = await rr.score_passages(QUERY, t.q_ids, t.passages, t.texts)
+            assert again.cache_hits == 2 and sum(t.ran) == 3
+
+    asyncio.run(run())
+
+
+def test_after_its_leader_fails_a_waiter_scores_the_pair_itself_and_newcomers_follow_it(models_dir, tmp_path, monkeypatch):
+    """After the call it waited on fails, a waiter scores the pair itself (round 1: it follows
+    only other waiters of that call, never a call that arrived since, so it cannot trail a chain
+    of failures); a newcomer follows it, and when it fails too, the newcomer scores the pair."""
+    from rerankd.errors import BackendError
+
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 1, fail=(1, 2)) as t:
+            rr = t.rr
+            waiter = asyncio.create_task(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts))
+            await asyncio.sleep(0.05)
+            t.turn.release()  # the first call fails...
+            with pytest.raises(BackendError):
+                await asyncio.wait_for(t.lead, 30)
+            # ...and the waiter took the pair over itself (round 1): a newcomer follows it
+            await _until(lambda: rr._inflight and next(iter(rr._inflight.values()))[1] == 1, "the waiter leading")
+            newcomer = asyncio.create_task(rr.score_passages(QUERY, t.q_ids, t.passages, t.texts))
+            await asyncio.sleep(0.05)
+            t.turn.release()  # the waiter's own batch fails too: it reports that failure
+            with pytest.raises(BackendError):
+                await asyncio.wait_for(waiter, 30)
+            t.turn.release(OPEN)
+            n = await asyncio.wait_for(newcomer, 30)  # goes round: scores it itself
+            assert len(n.scores) == 1 and t.ran == [1, 1, 1] and not rr._inflight
 
     asyncio.run(run())
 

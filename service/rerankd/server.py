@@ -242,9 +242,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return None
         return est
 
-    def _observe(self, lane: str, kind: str, size: int | None, seconds: float) -> None:
-        est, n = self._ewma.get(lane, (seconds, 0))
-        self._ewma[lane] = (0.9 * est + 0.1 * seconds, n + 1)
+    def _observe(self, lane: str, kind: str, size: int | None, seconds: float, lane_wide: bool = True) -> None:
+        if lane_wide:
+            est, n = self._ewma.get(lane, (seconds, 0))
+            self._ewma[lane] = (0.9 * est + 0.1 * seconds, n + 1)
         if size is not None:
             key = (kind, size.bit_length())
             est, n = self._sized.get(key, (seconds, 0))
@@ -265,7 +266,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         call's latency moves no estimate (a budgeted Search: its budget, not its work, sets it).
         ``budget_s``: the call's soft budget, if any; ``estimated_wait`` counts it in flight as
         lasting no longer. ``all_cached(result)``: whether the model scored none of the call's
-        pairs (all from the score cache); such a call moves no estimate either."""
+        pairs (the score cache or another call in flight); such a call moves only the early
+        deadline check's per-size estimate."""
         app = self.app
         lane = lane or method
         kind = f"{lane}/{method}"  # the early deadline check's estimate: per method within its lane
@@ -318,14 +320,15 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             ran = True
             result = await fn(app.pipeline, deadline)
             took = time.perf_counter() - t0
-            if learn and all_cached is not None and all_cached(result):
-                # Its rerank was all score-cache hits: it took a first stage's time, not a
-                # rerank's. Learning from it would let a mix rich in repeats talk admission and
-                # the early deadline check into admitting a burst of misses they cannot serve.
-                learn = False
+            # A call the model ran for none of (every pair from the score cache or another call
+            # in flight) says nothing about the lane's cost: learning from it would let a mix
+            # rich in repeats talk admission into a burst of misses it cannot serve. It still
+            # teaches the early deadline check's per-size estimate, which otherwise could refuse
+            # short-deadline repeats for good after a spell of misses (its probes never land).
+            cached = all_cached is not None and all_cached(result)
             if learn:
-                self._observe(lane, kind, size, took)
-            if learn and solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
+                self._observe(lane, kind, size, took, lane_wide=not cached)
+            if learn and not cached and solo_start and self._inflight.get(lane, 0) == 1:  # ran alone from start to end
                 est, n = self._solo.get(lane, (took, 0))
                 self._solo[lane] = (0.8 * est + 0.2 * took, n + 1)
             return result

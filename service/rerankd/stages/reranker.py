@@ -62,9 +62,10 @@ class Reranker:
         )
         self.backend = backend
         self.cache = ScoreCache(cache_entries)  # scores of recent pairs (0 entries: off)
-        # Pairs being scored for an unbudgeted call right now (key -> its score's future): an
-        # identical pair asked for meanwhile waits for that score instead of running again.
-        self._inflight: dict[bytes, asyncio.Future] = {}
+        # Pairs being scored for an unbudgeted call right now (key -> (its score's future, the
+        # scoring call's round, see _coalesced)): an identical pair asked for meanwhile waits for
+        # that score instead of running again.
+        self._inflight: dict[bytes, tuple[asyncio.Future, int]] = {}
         self._probed_at: float | None = None  # budgeted reranks: clock() of the last probe (see RATE_PROBE_S)
         self.batcher = Batcher(
             "reranker",
@@ -122,36 +123,47 @@ class Reranker:
         return Scored(scores, queued, "done", len(pairs) - len(miss) + shared)
 
     async def _coalesced(self, pairs: list, keys: list[bytes], miss: list[int],
-                         deadline: float | None) -> tuple[dict[int, float], float, int]:
+                         deadline: float | None, round_: int = 0) -> tuple[dict[int, float], float, int]:
         """Score ``pairs[i]`` for each i in ``miss`` (none of them cached), each distinct pair
         once server-wide: a pair another call is scoring now is awaited rather than run again (a
         burst of one popular query, a client's hedged or retried call), and this call's own
-        pairs are published for others while they run -- each as soon as its batch has run, so a
-        small call waiting on one pair of a large one waits for that pair's batch, not the whole
-        call. Returns (score by index, seconds queued for this call's own batches, pairs whose
-        score came from another call, the cache, or a repeat within this call).
+        pairs are published for others while they run -- each as soon as its batch has run (and
+        cached then), so a small call waiting on one pair of a large one waits for that pair's
+        batch, not the whole call. Returns (score by index, seconds queued for this call's own
+        batches, pairs whose score came from another call, the cache, or a repeat within this
+        call).
 
         A call that fails or is cancelled publishes no score for the pairs it had not finished:
-        the calls waiting on them then go round again (the cache, another call that took them
-        over, or scoring them themselves), under their own deadline. Waiting is bounded by this
-        call's deadline (``DeadlineExceeded``, as a wait in the batcher)."""
+        the calls waiting on them go round again (``round_``), first to the cache (another
+        waiter may have scored them meanwhile). On round 1 a waiter follows only another waiter
+        of that failed call (so they score each pair once between them, not once each), never a
+        new call; on round 2 it follows nobody. So no call trails a chain of failing ones: at
+        most two waits, then its own scoring. Waiting is bounded by this call's deadline
+        (``DeadlineExceeded``, as a wait in the batcher)."""
         loop = asyncio.get_running_loop()
         lead: list[int] = []
         follow: list[tuple[int, asyncio.Future]] = []
         mine: dict[bytes, asyncio.Future] = {}
         for i in miss:
             k = keys[i]
-            fut = mine.get(k) or self._inflight.get(k)
+            fut = mine.get(k)
+            if fut is None and round_ < 2 and k in self._inflight:
+                theirs, their_round = self._inflight[k]
+                if round_ == 0 or their_round >= 1:
+                    fut = theirs
             if fut is not None:
                 follow.append((i, fut))
                 continue
-            mine[k] = self._inflight[k] = loop.create_future()
+            fut = mine[k] = loop.create_future()
+            self._inflight[k] = (fut, round_)
             lead.append(i)
 
         def publish(j: int, row) -> None:  # the batcher's per-row callback: hand it out now
-            fut = mine[keys[lead[j]]]
+            k = keys[lead[j]]
+            fut = mine[k]
             if not fut.done():
                 fut.set_result(float(row))
+                self.cache.put_many([k], [float(row)])
 
         got: dict[int, float] = {}
         queued = 0.0
@@ -161,12 +173,10 @@ class Reranker:
                 for i, r in zip(lead, rows):
                     got[i] = float(r)
         finally:
-            done = [(k, f.result()) for k, f in mine.items() if f.done() and f.result() is not None]
-            self.cache.put_many([k for k, _ in done], [v for _, v in done])  # what did finish stays scored
             for k, fut in mine.items():
                 if not fut.done():
                     fut.set_result(None)  # no score: whoever waits goes round again
-                if self._inflight.get(k) is fut:
+                if self._inflight.get(k, (None,))[0] is fut:
                     del self._inflight[k]
         if not follow:
             return got, queued, 0
@@ -176,26 +186,25 @@ class Reranker:
             _, pending = await asyncio.wait(waiting, timeout=left)  # never cancels the others' futures
             if pending:
                 raise DeadlineExceeded(f"deadline exceeded waiting for {self.batcher.name} (a pair another call was scoring)")
-        retry = [i for i, f in follow if f.result() is None]
         for i, f in follow:
             if f.result() is not None:
                 got[i] = f.result()
-        shared = len(follow) - len(retry)
-        self.cache.coalesced += shared
+        retry = [i for i, f in follow if f.result() is None]
         if retry:
-            # The call scoring them failed or was cancelled: another waiter may have scored them
-            # meanwhile (the cache) or be scoring them now (coalesced again); else score them here.
+            # The call scoring them failed or was cancelled: another waiter may have scored
+            # them meanwhile (the cache); the rest go round again.
             peeked = self.cache.peek_many([keys[i] for i in retry])
             for i, v in zip(retry, peeked):
                 if v is not None:
                     got[i] = v
-            shared += sum(v is not None for v in peeked)
-            rest = [i for i, v in zip(retry, peeked) if v is None]
-            if rest:
-                more, q, s = await self._coalesced(pairs, keys, rest, deadline)
-                got.update(more)
-                queued += q
-                shared += s
+            retry = [i for i, v in zip(retry, peeked) if v is None]
+        shared = len(follow) - len(retry)
+        self.cache.coalesced += shared
+        if retry:
+            more, q, s = await self._coalesced(pairs, keys, retry, deadline, round_ + 1)
+            got.update(more)
+            queued += q
+            shared += s
         return got, queued, shared
 
     def chunk_ends(self, lengths: list[int], start: int, seconds_left: float, rate: float | None) -> int:
