@@ -440,3 +440,62 @@ def test_a_budgeted_rerank_keeps_each_chunk_scored_before_a_later_one_fails(mode
             await p.close()
 
     asyncio.run(run())
+
+
+def test_misses_less_coalesced_counts_what_calls_sent_to_the_model_even_when_they_fail(models_dir, tmp_path, monkeypatch):
+    """A call that leads one pair and waits on another, and fails: the pair it only waited on
+    counts as coalesced, so misses - coalesced stays the pairs calls sent to the model."""
+    from rerankd.errors import BackendError
+
+    async def run() -> None:
+        async with _leading(models_dir, tmp_path, monkeypatch, 1, fail=tuple(range(1, 10))) as t:
+            rr = t.rr
+            other = rr.passage_ids([DOCS[1].text])[0]
+            a = asyncio.create_task(rr.score_passages(QUERY, t.q_ids, [other, t.passages[0]]))
+            await _until(lambda: len(rr._inflight) == 2, "the second call's own pair in flight")
+            t.turn.release(OPEN)
+            for call in (t.lead, a):
+                with pytest.raises(BackendError):
+                    await asyncio.wait_for(call, 30)
+            assert (rr.cache.misses, rr.cache.coalesced) == (3, 1)
+            assert rr.cache.misses - rr.cache.coalesced == sum(t.ran) == 2 and not rr._inflight
+
+    asyncio.run(run())
+
+
+def test_the_follow_rule_by_round_and_an_overridden_entry_restored(models_dir, tmp_path, monkeypatch):
+    """A retrying call (round 1) does not follow a call on round 0 (one that arrived since the
+    failure) but scores the pair itself, and afterwards that call's entry is in flight again;
+    it does follow a call on round 1 (another waiter of the failed call)."""
+    async def run() -> None:
+        p = _pipeline(models_dir, tmp_path)
+        await p.start()
+        try:
+            rr = p.reranker
+            ran, turn = _turnstile(p, monkeypatch)
+            turn.release(OPEN)
+            q_ids = rr.query_ids(QUERY)
+            texts = [DOCS[0].text]
+            pairs = rr.tokenizer.pairs(QUERY, q_ids, rr.passage_ids(texts), texts)
+            k = pair_key(pairs[0].input_ids, pairs[0].token_type_ids)
+            loop = asyncio.get_running_loop()
+            newcomer = loop.create_future()
+            rr._inflight[k] = (newcomer, 0)
+            sent = [0]
+            got, _, shared = await asyncio.wait_for(rr._coalesced(pairs, [k], [0], None, sent, round_=1), 30)
+            assert sent == [1] and shared == 0 and ran == [1] and np.isfinite(got[0])
+            assert rr._inflight[k] == (newcomer, 0)  # restored: that call is still scoring it
+            newcomer.set_result(None)
+            del rr._inflight[k]
+            waiter = loop.create_future()
+            rr._inflight[k] = (waiter, 1)
+            task = asyncio.create_task(rr._coalesced(pairs, [k], [0], None, [0], round_=1))
+            await asyncio.sleep(0.05)
+            assert not task.done()  # following the other waiter
+            waiter.set_result(3.5)
+            got, _, shared = await asyncio.wait_for(task, 30)
+            assert got == {0: 3.5} and shared == 1 and ran == [1]
+        finally:
+            await p.close()
+
+    asyncio.run(run())

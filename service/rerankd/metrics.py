@@ -75,7 +75,7 @@ class Metrics:
             "rerankd_rerank_cache_coalesced",
             "Missed pairs a call did not score itself, since start: another call was scoring them at the same time "
             "(the call waited for that score instead of running the pair again) or they repeated a pair earlier in "
-            "the call. misses - coalesced: the pairs calls sent to the model themselves")
+            "the call (whatever its outcome). misses - coalesced: the pairs calls sent to the model themselves")
         for c in self.rerank_cache.values():
             r.register(c)
         self.rerank_cache_entries = Gauge(

@@ -39,6 +39,11 @@ class Scored:
     cache_hits: int = 0  # of those scores, how many the model did not run for this call (cache, a concurrent call, a repeat)
 
 
+# In-flight coalescing (Reranker._coalesced): after the call a waiter followed failed, it may
+# follow other retrying waiters this many times; then it scores the pair itself.
+MAX_FOLLOW_ROUNDS = 3
+
+
 class Reranker:
     def __init__(
         self,
@@ -118,12 +123,16 @@ class Reranker:
             rows, queued = await self.batcher.submit([pairs[i] for i in miss], deadline)
             scores[miss] = np.asarray(rows, dtype=np.float32)
         elif miss:
-            got, queued, shared = await self._coalesced(pairs, keys, miss, deadline)
+            sent = [0]
+            try:
+                got, queued, shared = await self._coalesced(pairs, keys, miss, deadline, sent)
+            finally:  # whatever the outcome: misses - coalesced = pairs calls sent to the model
+                self.cache.coalesced += len(miss) - sent[0]
             scores[miss] = np.asarray([got[i] for i in miss], dtype=np.float32)
         return Scored(scores, queued, "done", len(pairs) - len(miss) + shared)
 
-    async def _coalesced(self, pairs: list, keys: list[bytes], miss: list[int],
-                         deadline: float | None, round_: int = 0) -> tuple[dict[int, float], float, int]:
+    async def _coalesced(self, pairs: list, keys: list[bytes], miss: list[int], deadline: float | None,
+                         sent: list[int], round_: int = 0) -> tuple[dict[int, float], float, int]:
         """Score ``pairs[i]`` for each i in ``miss`` (none of them cached), each distinct pair
         once server-wide: a pair another call is scoring now is awaited rather than run again (a
         burst of one popular query, a client's hedged or retried call), and this call's own
@@ -131,26 +140,31 @@ class Reranker:
         cached then), so a small call waiting on one pair of a large one waits for that pair's
         batch, not the whole call. Returns (score by index, seconds queued for this call's own
         batches, pairs whose score came from another call, the cache, or a repeat within this
-        call).
+        call); ``sent[0]`` grows by the pairs this call submits to the model itself.
 
-        A call that fails or is cancelled publishes no score for the pairs it had not finished:
-        the calls waiting on them go round again (``round_``), first to the cache (another
-        waiter may have scored them meanwhile). On round 1 a waiter follows only another waiter
-        of that failed call (so they score each pair once between them, not once each), never a
-        new call; on round 2 it follows nobody. So no call trails a chain of failing ones: at
-        most two waits, then its own scoring. Waiting is bounded by this call's deadline
-        (``DeadlineExceeded``, as a wait in the batcher)."""
+        A call that fails or is cancelled (a client gone away included) publishes no score for
+        the pairs it had not finished: the calls waiting on them go round again (``round_``),
+        first to the cache (another waiter may have scored them meanwhile). On round r a waiter
+        follows only a call that is itself on round r or later -- another waiter of a failed
+        call, never a call that arrived since -- so the waiters of a failed call score each pair
+        once between them, not once each, and none trails a chain of newcomers. From round
+        ``MAX_FOLLOW_ROUNDS`` on it follows nobody (at most that many waits, then its own
+        scoring). Waiting is bounded by this call's deadline (``DeadlineExceeded``, as a wait in
+        the batcher)."""
         loop = asyncio.get_running_loop()
         lead: list[int] = []
         follow: list[tuple[int, asyncio.Future]] = []
         mine: dict[bytes, asyncio.Future] = {}
+        displaced: dict[bytes, tuple[asyncio.Future, int]] = {}  # entries of calls we did not follow
         for i in miss:
             k = keys[i]
             fut = mine.get(k)
-            if fut is None and round_ < 2 and k in self._inflight:
+            if fut is None and k in self._inflight:
                 theirs, their_round = self._inflight[k]
-                if round_ == 0 or their_round >= 1:
+                if round_ == 0 or (round_ < MAX_FOLLOW_ROUNDS and their_round >= round_):
                     fut = theirs
+                else:
+                    displaced[k] = (theirs, their_round)
             if fut is not None:
                 follow.append((i, fut))
                 continue
@@ -169,6 +183,7 @@ class Reranker:
         queued = 0.0
         try:
             if lead:
+                sent[0] += len(lead)
                 rows, queued = await self.batcher.submit([pairs[i] for i in lead], deadline, on_row=publish)
                 for i, r in zip(lead, rows):
                     got[i] = float(r)
@@ -177,7 +192,12 @@ class Reranker:
                 if not fut.done():
                     fut.set_result(None)  # no score: whoever waits goes round again
                 if self._inflight.get(k, (None,))[0] is fut:
-                    del self._inflight[k]
+                    # a call we overrode may still be scoring the pair: it is in flight again
+                    back = displaced.get(k)
+                    if back is not None and not back[0].done():
+                        self._inflight[k] = back
+                    else:
+                        del self._inflight[k]
         if not follow:
             return got, queued, 0
         waiting = {f for _, f in follow if not f.done()}
@@ -199,9 +219,8 @@ class Reranker:
                     got[i] = v
             retry = [i for i, v in zip(retry, peeked) if v is None]
         shared = len(follow) - len(retry)
-        self.cache.coalesced += shared
         if retry:
-            more, q, s = await self._coalesced(pairs, keys, retry, deadline, round_ + 1)
+            more, q, s = await self._coalesced(pairs, keys, retry, deadline, sent, round_ + 1)
             got.update(more)
             queued += q
             shared += s
