@@ -39,7 +39,7 @@ def test_lru_units():
     assert c.get_many(k) == [1.5, None, 3.0] and len(c) == 2
     assert (c.hits, c.misses) == (3, 3)
     c.put_many([k[2]], [9.0])  # a key held keeps its first score
-    assert c.peek_many(k) == [1.5, None, 3.0] and (c.hits, c.misses) == (3, 3)  # peeks are not counted
+    assert c.get_many(k, count=False) == [1.5, None, 3.0] and (c.hits, c.misses) == (3, 3)  # uncounted looks
     off = ScoreCache(0)
     off.put_many(k, [1.0, 2.0, 3.0])
     assert off.get_many(k) == [None] * 3 and len(off) == 0 and not off.enabled

@@ -213,7 +213,7 @@ class Reranker:
         if retry:
             # The call scoring them failed or was cancelled: another waiter may have scored
             # them meanwhile (the cache); the rest go round again.
-            peeked = self.cache.peek_many([keys[i] for i in retry])
+            peeked = self.cache.get_many([keys[i] for i in retry], count=False)
             for i, v in zip(retry, peeked):
                 if v is not None:
                     got[i] = v

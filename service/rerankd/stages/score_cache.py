@@ -51,7 +51,9 @@ class ScoreCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self.coalesced = 0  # missed pairs whose score came from a call scoring them at the time (Reranker._coalesced)
+        # missed pairs a call did not send to the model itself: another call scored them, or a
+        # repeat within the call (Reranker.score_passages; counted whatever the call's outcome)
+        self.coalesced = 0
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -60,9 +62,10 @@ class ScoreCache:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    def get_many(self, keys: Sequence[bytes]) -> list[float | None]:
+    def get_many(self, keys: Sequence[bytes], count: bool = True) -> list[float | None]:
         """The cached score of each key (None: not cached), each hit made most recently used;
-        counted in ``hits`` / ``misses``."""
+        counted in ``hits`` / ``misses`` unless ``count`` is False (a second look within one
+        call's lookup)."""
         if not self.capacity:
             return [None] * len(keys)
         out: list[float | None] = []
@@ -72,21 +75,10 @@ class ScoreCache:
                 if s is not None:
                     self._scores.move_to_end(k)
                 out.append(s)
-            found = sum(s is not None for s in out)
-            self.hits += found
-            self.misses += len(keys) - found
-        return out
-
-    def peek_many(self, keys: Sequence[bytes]) -> list[float | None]:
-        """As ``get_many``, not counted in ``hits`` / ``misses`` (a second look within one
-        call's lookup)."""
-        if not self.capacity:
-            return [None] * len(keys)
-        with self._lock:
-            out = [self._scores.get(k) for k in keys]
-            for k, s in zip(keys, out):
-                if s is not None:
-                    self._scores.move_to_end(k)
+            if count:
+                found = sum(s is not None for s in out)
+                self.hits += found
+                self.misses += len(keys) - found
         return out
 
     def put_many(self, keys: Sequence[bytes], scores: Sequence[float]) -> None:
